@@ -1,0 +1,320 @@
+"""Pipeline configuration: a typed schema, YAML loading and ``--set`` overrides.
+
+Every value is validated at load time: an unknown key, a wrong type or a value
+outside its allowed set raises :class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DEMO_CONFIG = "demo.yaml"
+
+
+@dataclass
+class DataConfig:
+    """Where the cases come from and how they are split.
+
+    ``dataset`` is a ``dataset.json`` or a folder holding one (relative paths
+    are resolved against the config file's folder). Leave it empty and set
+    ``synthetic_cases`` to generate a synthetic demo dataset in the work dir.
+    """
+
+    dataset: str | None = None
+    synthetic_cases: int = 0
+    synthetic_size: list[int] = field(default_factory=lambda: [48, 48, 48])
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    """Spatial and intensity preprocessing applied before training and inference."""
+
+    target_spacing: list[float] | None = None
+    orientation: str = "RAS"
+    normalization: Literal["auto", "zscore", "ct", "none"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    """U-Net architecture (see :class:`models.unet.UNet`)."""
+
+    spatial_dims: Literal[2, 3] = 3
+    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    norm: Literal["batch", "instance"] = "instance"
+    deep_supervision: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule."""
+
+    epochs: int = 100
+    iterations_per_epoch: int = 0
+    time_budget_minutes: float | None = None
+    batch_size: int = 2
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    foreground_ratio: float = 0.5
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    learning_rate: float = 1e-2
+    weight_decay: float = 3e-5
+    augment: bool = True
+    val_every: int = 5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    """Sliding-window inference settings used for validation, evaluation and prediction."""
+
+    overlap: float = 0.5
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = 4
+
+
+@dataclass
+class MlflowConfig:
+    """Tracking and registry. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else SQLite in the work dir."""
+
+    tracking_uri: str | None = None
+    experiment: str = "unet-pipeline"
+    model_name: str = "unet"
+
+
+@dataclass
+class PipelineConfig:
+    """The whole configuration; one section per stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (what is logged to MLflow)."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` pairs, for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp``, or raise ``TypeError``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(PipelineConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineConfig) if not f.metadata.get("internal")}
+
+
+def _build_section(section: str, cls: type, values: Any, source: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{source}: unknown key '{section}.{key}' (known keys in '{section}': {', '.join(sorted(hints))})"
+            )
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except TypeError:
+            raise ConfigError(
+                f"{source}: '{section}.{key}' must be {_type_name(hints[key])}, got {value!r}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _check_values(cfg: PipelineConfig) -> None:
+    """Range checks that the type system cannot express."""
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{cfg.source}: '{key}' {why}")
+
+    positive_ints = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.val_every": cfg.train.val_every,
+        "evaluate.sw_batch_size": cfg.evaluate.sw_batch_size,
+    }
+    for key, value in positive_ints.items():
+        if value < 1:
+            fail(key, f"must be >= 1, got {value}")
+    if cfg.train.iterations_per_epoch < 0:
+        fail("train.iterations_per_epoch", "must be >= 0 (0: one pass over the training cases)")
+    if cfg.data.synthetic_cases < 0:
+        fail("data.synthetic_cases", "must be >= 0")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        fail("data.val_fraction", f"must be between 0 and 1, got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.train.foreground_ratio <= 1.0:
+        fail("train.foreground_ratio", f"must be between 0 and 1, got {cfg.train.foreground_ratio}")
+    if not 0.0 <= cfg.evaluate.overlap < 1.0:
+        fail("evaluate.overlap", f"must be in [0, 1), got {cfg.evaluate.overlap}")
+    if cfg.train.learning_rate < 0:
+        fail("train.learning_rate", "must be >= 0")
+    if cfg.train.time_budget_minutes is not None and cfg.train.time_budget_minutes <= 0:
+        fail("train.time_budget_minutes", "must be > 0 or null")
+    dims = cfg.model.spatial_dims
+    for key, seq in (("train.patch_size", cfg.train.patch_size), ("data.synthetic_size", cfg.data.synthetic_size)):
+        if len(seq) != 3 and not (key == "train.patch_size" and len(seq) == dims):
+            fail(key, f"must have {dims} entries for model.spatial_dims={dims}, got {seq}")
+    if cfg.preprocess.target_spacing is not None and len(cfg.preprocess.target_spacing) != 3:
+        fail("preprocess.target_spacing", f"must have 3 entries (mm), got {cfg.preprocess.target_spacing}")
+    if len(cfg.model.features) < 2 or min(cfg.model.features) < 1:
+        fail("model.features", f"must list at least two positive widths, got {cfg.model.features}")
+    min_patch = 2 ** (len(cfg.model.features) - 1)
+    if min(cfg.train.patch_size) < min_patch:
+        fail("train.patch_size", f"must be >= {min_patch} along every axis for {len(cfg.model.features)} levels")
+    if cfg.data.dataset is None and cfg.data.synthetic_cases == 0:
+        fail("data.dataset", "is empty and data.synthetic_cases is 0: there is nothing to train on")
+
+
+def parse_overrides(overrides: list[str], source: str = "--set") -> dict[str, dict[str, Any]]:
+    """Turn ``["section.key=value", ...]`` into nested dicts; values are parsed as YAML.
+
+    Args:
+        overrides: the ``--set`` arguments.
+        source: how to name their origin in error messages.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"{source}: '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def build_config(raw: dict[str, Any], source: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate a raw mapping (plus overrides) into a :class:`PipelineConfig`.
+
+    Args:
+        raw: the parsed YAML mapping.
+        source: the file name used in error messages.
+        overrides: ``section.key=value`` strings applied on top.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    set_values = parse_overrides(overrides or [])
+    sections = _sections()
+    for section, values in set_values.items():
+        if section not in sections:
+            raise ConfigError(f"--set: unknown section '{section}' (known: {', '.join(sections)})")
+        base = merged.get(section) or {}
+        merged[section] = {**base, **values}
+    kwargs = {}
+    for section, values in merged.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(sections)})")
+        where = f"{source} (with --set)" if section in set_values else source
+        kwargs[section] = _build_section(section, sections[section], values, where)
+    cfg = PipelineConfig(**kwargs, source=source)
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and validate a YAML config; ``None`` loads the packaged demo config.
+
+    Relative ``data.dataset`` paths are resolved against the config file's folder.
+
+    Args:
+        path: a YAML file, or ``None`` for ``configs/demo.yaml`` shipped in the package.
+        overrides: ``section.key=value`` strings applied on top of the file.
+    """
+    if path is None:
+        resource = importlib.resources.files("configs") / DEMO_CONFIG
+        text, source, base = resource.read_text(), f"configs/{DEMO_CONFIG} (packaged)", Path.cwd()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        text, source, base = p.read_text(), str(p), p.resolve().parent
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    cfg = build_config(raw, source, overrides)
+    if cfg.data.dataset is not None and not Path(cfg.data.dataset).is_absolute():
+        cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+    return cfg

@@ -1,0 +1,72 @@
+"""The evaluate stage: Dice per label against reference labels, on the input's own grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.transforms import LoadImage
+from tqdm import tqdm
+from transforms.readers import MedicalImageReader
+
+from pipeline.dataset import Case
+from pipeline.errors import InputDataError
+from pipeline.inference import Predictor
+from pipeline.training import dice_per_label
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -> dict[str, Any]:
+    """Segment each case, score it against its label, and write ``cases.csv`` and ``summary.json``.
+
+    Dice is NaN for a label absent from both prediction and reference, and such
+    cases are left out of that label's mean (as nnU-Net does).
+
+    Args:
+        predictor: the model(s) to evaluate.
+        cases: labelled cases.
+        out_dir: the output folder (created).
+
+    Returns:
+        The summary: ``mean_dice``, ``dice_per_label`` (by label name) and ``num_cases``.
+    """
+    labels = {v: n for v, n in predictor.models[0].labels.items() if v != 0}
+    read_label = LoadImage(reader=MedicalImageReader(), image_only=True)
+    rows = []
+    for case in tqdm(cases, desc="evaluate", unit="case", leave=False):
+        if case.label is None:
+            raise InputDataError(case.images[0], "has no label to evaluate against")
+        pred, _ = predictor(case.images)
+        truth = np.asarray(read_label(str(case.label))).astype(np.int64)
+        if truth.shape != pred.shape:
+            raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.shape}")
+        scores = dice_per_label(pred, truth, list(labels))
+        rows.append({"case": case.case_id, **{labels[v]: d for v, d in scores.items()}})
+    per_label = {name: _mean([r[name] for r in rows]) for name in labels.values()}
+    summary = {
+        "mean_dice": _mean(list(per_label.values())),
+        "dice_per_label": per_label,
+        "num_cases": len(rows),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_csv = out_dir / ".cases.csv.tmp"
+    with tmp_csv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", *labels.values()])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp_json = out_dir / ".summary.json.tmp"
+    tmp_json.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp_csv, out_dir / "cases.csv")
+    os.replace(tmp_json, out_dir / "summary.json")
+    return summary

@@ -1,0 +1,7 @@
+"""MLflow "model from code" entry: loading the registered model runs this file, never unpickles an object."""
+
+import mlflow.models
+
+from pipeline.mlflow_model import UNetPyfunc
+
+mlflow.models.set_model(UNetPyfunc())

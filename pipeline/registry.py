@@ -1,0 +1,179 @@
+"""MLflow tracking and the model registry: where runs go, how models are registered and found."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import InputDataError, PipelineError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+SELECTION_METRIC = "val_mean_dice"
+MODEL_ARTIFACT = "model"
+
+
+def quiet_mlflow() -> None:
+    """MLflow and its database migrations log at INFO on every start; keep the console for our summary."""
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # We pass a signature without an input example on purpose (volumes are too big to store).
+    warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+
+
+def tracking_uri(configured: str | None, work_dir: Path) -> str:
+    """The tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else SQLite in the work dir.
+
+    Args:
+        configured: ``mlflow.tracking_uri`` from the config (may be empty).
+        work_dir: the run's work directory.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
+
+
+def setup(configured_uri: str | None, work_dir: Path, experiment: str | None = None) -> str:
+    """Point MLflow at the tracking store and select (or create) the experiment.
+
+    With a local SQLite store the experiment's artifacts go to ``work_dir/mlartifacts``,
+    never to the current directory.
+
+    Args:
+        configured_uri: ``mlflow.tracking_uri`` from the config (may be empty).
+        work_dir: the run's work directory.
+        experiment: experiment name, or ``None`` to only set the URI.
+
+    Returns:
+        The tracking URI in use.
+    """
+    quiet_mlflow()
+    import mlflow
+
+    uri = tracking_uri(configured_uri, work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if experiment:
+        client = mlflow.MlflowClient()
+        if client.get_experiment_by_name(experiment) is None:
+            location = (work_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+            client.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
+    return uri
+
+
+def log_model(checkpoint: Path, in_channels: int, spatial_dims: int, registered_name: str | None = None) -> str | None:
+    """Log the checkpoint as a pyfunc model in the active run, optionally registering it.
+
+    Args:
+        checkpoint: the weights-only checkpoint.
+        in_channels: input channels (for the signature).
+        spatial_dims: 2 or 3 (for the signature).
+        registered_name: registry name; ``None`` logs without registering.
+
+    Returns:
+        The new registered version (as a string), or ``None``.
+    """
+    import mlflow
+
+    from pipeline import mlflow_model_code
+    from pipeline.mlflow_model import signature
+
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=mlflow_model_code.__file__,
+        artifacts={"checkpoint": str(checkpoint)},
+        signature=signature(in_channels, spatial_dims),
+        pip_requirements=["torch", "monai", "numpy", "mlflow"],
+        registered_model_name=registered_name,
+    )
+    version = getattr(info, "registered_model_version", None)
+    return str(version) if version is not None else None
+
+
+@dataclass
+class Promotion:
+    """Outcome of the champion comparison.
+
+    Args:
+        version: the new version.
+        promoted: whether it took the ``champion`` alias.
+        previous_version: the champion before, if any.
+        previous_score: that champion's selection metric, if any.
+        score: the new version's selection metric.
+    """
+
+    version: str
+    promoted: bool
+    previous_version: str | None
+    previous_score: float | None
+    score: float
+
+
+def promote(name: str, version: str, score: float) -> Promotion:
+    """Give ``version`` the ``candidate`` alias, and ``champion`` when there is none or it scores higher.
+
+    The comparison is recorded as tags on the active run.
+
+    Args:
+        name: registered model name.
+        version: the new version.
+        score: its validation Dice (``val_mean_dice``).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    previous_score = None
+    if current is not None:
+        metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
+        previous_score = metrics.get(SELECTION_METRIC)
+    promoted = current is None or previous_score is None or score > previous_score
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    result = Promotion(version, promoted, str(current.version) if current else None, previous_score, score)
+    mlflow.set_tags({
+        "registry.model_name": name,
+        "registry.version": version,
+        "registry.champion_before": str(result.previous_version),
+        "registry.champion_before_val_mean_dice": str(previous_score),
+        "registry.decision": "promoted to champion" if promoted else f"champion stays version {current.version}",
+    })
+    return result
+
+
+def resolve_model(ref: str, work_dir: Path, download_dir: Path) -> Path:
+    """A local checkpoint path for any model reference.
+
+    Args:
+        ref: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a ``.pt`` file.
+        work_dir: work directory whose SQLite store is used when no tracking URI is set.
+        download_dir: where registry artifacts are downloaded (the caller removes it).
+    """
+    if not ref.startswith(("models:/", "runs:/")):
+        path = Path(ref)
+        if not path.is_file():
+            raise InputDataError(path, "model checkpoint not found")
+        return path
+    setup(None, work_dir)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_dir)))
+    except (MlflowException, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise PipelineError(f"{ref}: model not found in {mlflow.get_tracking_uri()} ({message})") from None
+    candidates = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
+    if not candidates:
+        raise PipelineError(f"{ref}: the model's artifacts hold no checkpoint")
+    return candidates[0]

@@ -1,0 +1,287 @@
+"""The train stage: patch sampling, augmentation, Dice+CE, validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    SpatialPadd,
+)
+from monai.utils import set_determinism
+from tqdm import tqdm
+
+from models.unet import UNet
+from pipeline.checkpoints import save_checkpoint
+from pipeline.config import PipelineConfig
+from pipeline.inference import predict_logits, resolve_device, window_size
+from pipeline.preprocess import PreprocessedCase
+
+MetricLogger = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Args:
+        best_checkpoint: weights with the best validation Dice.
+        last_checkpoint: the final weights.
+        best_val_dice: mean foreground Dice of the best checkpoint on the validation cases.
+        epochs: epochs completed.
+        stopped_by_budget: training ended at ``train.time_budget_minutes``.
+    """
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val_dice: float
+    epochs: int
+    stopped_by_budget: bool
+
+
+def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the U-Net for a config and plan (stored in every checkpoint).
+
+    Args:
+        cfg: the pipeline configuration.
+        plan: the preprocessing plan (channels and labels).
+    """
+    return {
+        "spatial_dims": cfg.model.spatial_dims,
+        "in_channels": len(plan["modalities"]),
+        "out_channels": max(2, max(int(k) for k in plan["labels"]) + 1),
+        "features": list(cfg.model.features),
+        "norm": cfg.model.norm,
+        "deep_supervision": cfg.model.deep_supervision,
+    }
+
+
+def train_transforms(cfg: PipelineConfig) -> Compose:
+    """Foreground-oversampled patch crops and on-the-fly augmentation.
+
+    Args:
+        cfg: the pipeline configuration (``train`` section).
+    """
+    t = cfg.train
+    roi = window_size(t.patch_size, cfg.model.spatial_dims)
+    keys = ["image", "label"]
+    steps: list = [
+        SpatialPadd(keys=keys, spatial_size=roi),
+        RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=roi, pos=t.foreground_ratio, neg=1.0 - t.foreground_ratio,
+            num_samples=1, allow_smaller=False,
+        ),
+    ]
+    if t.augment:
+        in_plane = cfg.model.spatial_dims == 2
+        rotate = (0.0, 0.0, math.pi / 6) if in_plane else (math.pi / 6,) * 3
+        steps += [
+            RandAffined(
+                keys=keys, prob=0.2, rotate_range=rotate, scale_range=(0.15, 0.15, 0.0 if in_plane else 0.15),
+                mode=("bilinear", "nearest"), padding_mode="zeros",
+            ),
+            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(cfg.model.spatial_dims)],
+            RandGaussianNoised(keys="image", prob=0.1, std=0.1),
+            RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
+            RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5)),
+        ]
+    return Compose(steps)
+
+
+def _collate_patches(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [s for sample in batch for s in (sample if isinstance(sample, list) else [sample])]
+    image = torch.stack([torch.as_tensor(s["image"]) for s in items])
+    label = torch.stack([torch.as_tensor(s["label"]) for s in items])
+    return image, label
+
+
+class DeepSupervisionLoss(torch.nn.Module):
+    """Dice + cross-entropy, summed over deep-supervision outputs with weights halving per level.
+
+    Args:
+        loss: the per-output loss.
+    """
+
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, label)
+        weights = [0.5**i for i in range(len(outputs))]
+        total = 0.0
+        for w, out in zip(weights, outputs):
+            target = label if out.shape[2:] == label.shape[2:] else F.interpolate(
+                label.float(), size=out.shape[2:], mode="nearest"
+            )
+            total = total + w * self.loss(out, target)
+        return total / sum(weights)
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of each label value; NaN where the label is absent from both maps.
+
+    Args:
+        pred: predicted label map.
+        truth: reference label map of the same shape.
+        labels: the label values to score.
+    """
+    out = {}
+    for v in labels:
+        p, t = pred == v, truth == v
+        denom = int(p.sum()) + int(t.sum())
+        out[v] = float("nan") if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+    return out
+
+
+def _lr_factor(progress: float) -> float:
+    """nnU-Net's polynomial decay."""
+    return (1.0 - min(progress, 1.0)) ** 0.9
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+
+
+def validate(
+    network: UNet, cases: Sequence[dict[str, torch.Tensor]], cfg: PipelineConfig, labels: Sequence[int],
+    device: torch.device,
+) -> dict[int, float]:
+    """Mean Dice per label over the validation cases, by sliding window in the plan's voxel space.
+
+    Args:
+        network: the network (put in evaluation mode here).
+        cases: preprocessed ``image``/``label`` tensors.
+        cfg: the pipeline configuration (patch size, window settings).
+        labels: foreground label values.
+        device: where the network runs.
+    """
+    network.eval()
+    scores: dict[int, list[float]] = {v: [] for v in labels}
+    for case in cases:
+        logits = predict_logits(network, case["image"], cfg.train.patch_size, cfg.evaluate, device)
+        pred = torch.argmax(logits, 0).numpy()
+        for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
+            scores[v].append(d)
+    return {v: float(np.nanmean(s)) if not all(np.isnan(s)) else 0.0 for v, s in scores.items()}
+
+
+def train(
+    cfg: PipelineConfig,
+    plan: dict[str, Any],
+    train_cases: Sequence[PreprocessedCase],
+    val_cases: Sequence[PreprocessedCase],
+    checkpoint_dir: Path,
+    log_metrics: MetricLogger | None = None,
+) -> TrainResult:
+    """Train a U-Net on preprocessed cases.
+
+    Args:
+        cfg: the pipeline configuration.
+        plan: the preprocessing plan (stored in the checkpoints for inference).
+        train_cases: cases to sample patches from.
+        val_cases: cases scored by sliding window every ``train.val_every`` epochs.
+        checkpoint_dir: where ``best.pt`` and ``last.pt`` go.
+        log_metrics: called with ``({name: value}, epoch)`` after each epoch.
+    """
+    t = cfg.train
+    _seed_everything(t.seed)
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
+    kwargs = model_kwargs(cfg, plan)
+    network = UNet(**kwargs).to(device)
+    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            network.parameters(), lr=t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    use_amp = t.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    train_data = [dict(zip(("image", "label"), c.load())) for c in train_cases]
+    val_data = [dict(zip(("image", "label"), c.load())) for c in val_cases]
+    transforms = train_transforms(cfg)
+    transforms.set_random_state(seed=t.seed)
+    iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / t.batch_size))
+    rng = np.random.RandomState(t.seed)
+    budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
+
+    base = {"model": kwargs, "plan": plan, "patch_size": list(t.patch_size)}
+    best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
+    best_dice, epoch, stopped = -1.0, 0, False
+    start = time.monotonic()
+    bar = tqdm(range(t.epochs), desc="train", unit="epoch")
+    for epoch in bar:
+        elapsed = time.monotonic() - start
+        progress = max(epoch / t.epochs, elapsed / budget_s if budget_s else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = t.learning_rate * _lr_factor(progress)
+        picks = rng.randint(0, len(train_data), size=iterations * t.batch_size)
+        loader = DataLoader(
+            Dataset([train_data[i] for i in picks], transforms), batch_size=t.batch_size, shuffle=False,
+            num_workers=0, collate_fn=_collate_patches,
+        )
+        network.train()
+        losses = []
+        for image, label in loader:
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            if cfg.model.spatial_dims == 2:
+                image, label = image[..., 0], label[..., 0]
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(network(image), label)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if budget_s and time.monotonic() - start > budget_s:
+                stopped = True
+                break
+        metrics = {"train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
+        last_epoch = epoch + 1 == t.epochs or stopped
+        if val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
+            per_label = validate(network, val_data, cfg, labels, device)
+            metrics["val_dice"] = float(np.mean(list(per_label.values())))
+            metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
+            if metrics["val_dice"] > best_dice:
+                best_dice = metrics["val_dice"]
+                save_checkpoint({**base, "state_dict": network.state_dict(), "val_dice": best_dice,
+                                 "epoch": epoch + 1}, best_path)
+        save_checkpoint({**base, "state_dict": network.state_dict(), "epoch": epoch + 1}, last_path)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
+        if log_metrics:
+            log_metrics(metrics, epoch + 1)
+        if stopped:
+            break
+    bar.close()
+    if not best_path.is_file():
+        save_checkpoint({**base, "state_dict": network.state_dict(), "val_dice": best_dice, "epoch": epoch + 1},
+                        best_path)
+    return TrainResult(best_path, last_path, best_dice, epoch + 1, stopped)

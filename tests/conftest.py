@@ -1,0 +1,83 @@
+"""Shared fixtures: real data locations and a tiny, fast pipeline config."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HIPPOCAMPUS = SHARED_DATA / "hippocampus"
+DICOM = SHARED_DATA / "dicom"
+
+warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test picks its own SQLite store in its work dir unless it sets one."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def hippocampus() -> Path:
+    """The shared real hippocampus MRI (MSD Task04) folder."""
+    if not (HIPPOCAMPUS / "dataset.json").is_file():
+        pytest.skip(f"real hippocampus data not found at {HIPPOCAMPUS} (see ../shared/data/README.md)")
+    return HIPPOCAMPUS
+
+
+def copy_hippocampus_subset(dst: Path, n: int) -> Path:
+    """Copy the first ``n`` real hippocampus cases with a dataset.json into ``dst`` (never write into shared/)."""
+    import json
+
+    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    meta["training"] = meta["training"][:n]
+    meta["numTraining"] = n
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    for entry in meta["training"]:
+        for key in ("image", "label"):
+            shutil.copy(HIPPOCAMPUS / entry[key], dst / entry[key])
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return dst / "dataset.json"
+
+
+TINY = {
+    "data": {"synthetic_cases": 8, "synthetic_size": [32, 32, 32], "val_fraction": 0.25},
+    "model": {"spatial_dims": 3, "features": [8, 16], "norm": "instance"},
+    "train": {
+        "epochs": 12, "iterations_per_epoch": 4, "batch_size": 2, "patch_size": [24, 24, 24],
+        "optimizer": "adamw", "learning_rate": 0.01, "val_every": 4, "augment": False, "num_threads": 2,
+    },
+    "evaluate": {"overlap": 0.25, "sw_batch_size": 2},
+    "mlflow": {"experiment": "tests", "model_name": "tiny-unet"},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """A config that trains a tiny 3D U-Net on 8 synthetic 32^3 cases in well under a minute."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """An untrained but valid checkpoint (architecture + plan + weights), for error-path tests."""
+    from models.unet import UNet
+    from pipeline.checkpoints import save_checkpoint
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",
+              "deep_supervision": False}
+    plan = {"orientation": "RAS", "target_spacing": [1.0, 1.0, 1.0], "normalization": ["zscore"],
+            "ct_stats": [None], "modalities": {"0": "MRI"}, "labels": {"0": "bg", "1": "a", "2": "b"}}
+    path = tmp_path / "tiny.pt"
+    save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [16, 16, 16],
+                     "state_dict": UNet(**kwargs).state_dict()}, path)
+    return path

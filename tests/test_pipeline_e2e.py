@@ -1,0 +1,160 @@
+"""End to end: real runs, the registry's champion logic, predict/evaluate from the registry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _client(work_dir: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{(work_dir / 'mlflow.db').resolve()}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two real runs on the tiny config in one work dir: a trained one, then a worse one (learning rate 0)."""
+    import yaml
+
+    from tests.conftest import TINY
+
+    root = tmp_path_factory.mktemp("e2e")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    work = root / "work"
+    assert main(["run", str(config), "--work-dir", str(work)]) == 0
+    first = json.loads((work / "evaluation" / "summary.json").read_text())
+    assert main(["run", str(config), "--work-dir", str(work), "--set", "train.learning_rate=0"]) == 0
+    second = json.loads((work / "evaluation" / "summary.json").read_text())
+    return {"config": config, "work": work, "first": first, "second": second}
+
+
+def test_run_registers_a_champion_that_resolves(trained: dict) -> None:
+    client = _client(trained["work"])
+    champion = client.get_model_version_by_alias("tiny-unet", "champion")
+    assert str(champion.version) == "1"
+    run = client.get_run(champion.run_id)
+    assert run.data.metrics["val_mean_dice"] == pytest.approx(trained["first"]["mean_dice"])
+    assert trained["first"]["mean_dice"] > 0.5  # it learned something
+    # The whole resolved config is logged as params, per-epoch curves as metrics.
+    assert run.data.params["train.epochs"] == "12" and run.data.params["mlflow.model_name"] == "tiny-unet"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) == 12 and history[-1].value < history[0].value
+    assert len(client.get_metric_history(run.info.run_id, "val_dice")) >= 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert artifacts == {"evaluation/cases.csv", "evaluation/summary.json"}
+    assert (trained["work"] / "checkpoints" / "best.pt").is_file()
+
+
+def test_worse_run_does_not_take_champion(trained: dict) -> None:
+    client = _client(trained["work"])
+    assert trained["second"]["mean_dice"] < trained["first"]["mean_dice"]
+    assert str(client.get_model_version_by_alias("tiny-unet", "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias("tiny-unet", "champion").version) == "1"
+    second_run = client.get_run(client.get_model_version("tiny-unet", "2").run_id)
+    assert second_run.data.tags["registry.decision"] == "champion stays version 1"
+
+
+def test_predict_from_champion_keeps_input_geometry(trained: dict, tmp_path: Path, hippocampus: Path) -> None:
+    work = trained["work"]
+    synthetic = work / "demo_data" / "imagesTr" / "demo_000.nii.gz"
+    real = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "pred"
+    code = main(["predict", "--model", "models:/tiny-unet@champion", str(synthetic), str(real),
+                 "--out", str(out), "--work-dir", str(work)])
+    assert code == 0
+    for source in (synthetic, real):
+        src, pred = nib.load(source), nib.load(out / source.name)
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    # The synthetic case was seen in training or validation: the mask must overlap its label.
+    label = np.asarray(nib.load(work / "demo_data" / "labelsTr" / "demo_000.nii.gz").dataobj)
+    mask = np.asarray(nib.load(out / synthetic.name).dataobj)
+    assert 2 * np.sum((mask > 0) & (label > 0)) / (np.sum(mask > 0) + np.sum(label > 0)) > 0.5
+    assert not [p for p in out.iterdir() if not p.name.endswith(".nii.gz")]
+
+
+def test_predict_on_dicom_series_matches_simpleitk_geometry(trained: dict, tmp_path: Path) -> None:
+    from tests.conftest import DICOM
+
+    series = DICOM / "hippocrop_pgbm002"
+    if not series.is_dir():
+        pytest.skip(f"DICOM series not found at {series}")
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", "models:/tiny-unet/1", str(series), "--out", str(out),
+                 "--work-dir", str(trained["work"])]) == 0
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    ref = reader.Execute()
+    pred = sitk.ReadImage(str(out / "hippocrop_pgbm002.nii.gz"))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), ref.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4)
+
+
+def test_evaluate_writes_csv_and_summary(trained: dict, tmp_path: Path) -> None:
+    work = trained["work"]
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(work / "checkpoints" / "best.pt"), "--data", str(work / "demo_data"),
+                 "--out", str(out), "--work-dir", str(work)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    lines = (out / "cases.csv").read_text().splitlines()
+    assert lines[0] == "case,dim sphere,bright sphere" and len(lines) == 1 + summary["num_cases"] == 9
+    per_case = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    np.testing.assert_allclose(list(summary["dice_per_label"].values()), np.nanmean(per_case, 0), atol=1e-5)
+    assert summary["mean_dice"] == pytest.approx(np.mean(list(summary["dice_per_label"].values())))
+
+
+def test_run_ids_and_runs_uri(trained: dict, tmp_path: Path) -> None:
+    client = _client(trained["work"])
+    run_id = client.get_model_version("tiny-unet", "1").run_id
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", f"runs:/{run_id}/model", "--data", str(trained["work"] / "demo_data"),
+                 "--out", str(out), "--work-dir", str(trained["work"])]) == 0
+    assert json.loads((out / "summary.json").read_text())["mean_dice"] > 0.5
+
+
+def test_two_dimensional_model_end_to_end(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import TINY
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"]["spatial_dims"] = 2
+    cfg["train"]["patch_size"] = [32, 32]
+    cfg["train"]["epochs"] = 4
+    cfg["mlflow"]["model_name"] = "tiny-2d"
+    path = tmp_path / "tiny2d.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    assert main(["run", str(path), "--work-dir", str(work)]) == 0
+    image = work / "demo_data" / "imagesTr" / "demo_001.nii.gz"
+    assert main(["predict", "--model", "models:/tiny-2d@champion", str(image), "--out", str(tmp_path / "p"),
+                 "--work-dir", str(work)]) == 0
+    assert nib.load(tmp_path / "p" / image.name).shape == nib.load(image).shape
+
+
+def test_console_script_demo_help() -> None:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("unet-pipeline")
+    if not exe.exists():
+        shutil.which("unet-pipeline") or pytest.skip("console script not installed")
+    for cmd in ("run", "preprocess", "train", "evaluate", "predict"):
+        res = subprocess.run([str(exe), cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and f"usage: unet-pipeline {cmd}" in res.stdout
