@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file or DICOM series folder")
     p.add_argument("--out", type=Path, required=True, help="output folder for the NIfTI masks")
+    p.add_argument("--series-uid", default=None,
+                   help="SeriesInstanceUID to read from DICOM folders holding several series")
     _add_common(p)
     return parser
 
@@ -166,7 +168,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name}: {value:.4f}")
         print(f"mean Dice: {summary['mean_dice']:.4f} over {summary['num_cases']} case(s); results in {out}")
         return 0
-    written = stages.predict_stage(args.model, args.inputs, args.out, work_dir, settings, args.device)
+    written = stages.predict_stage(args.model, args.inputs, args.out, work_dir, settings, args.device,
+                                   args.series_uid)
     for path in written:
         print(path)
     return 0

@@ -133,14 +133,18 @@ class Predictor:
         models: loaded models sharing one preprocessing plan (e.g. the folds of a run).
         settings: sliding-window settings.
         device: where the networks run.
+        series_uid: the DICOM series to read from folders holding several.
     """
 
-    def __init__(self, models: Sequence[LoadedModel], settings: EvaluateConfig, device: torch.device) -> None:
+    def __init__(
+        self, models: Sequence[LoadedModel], settings: EvaluateConfig, device: torch.device,
+        series_uid: str | None = None,
+    ) -> None:
         self.models = list(models)
         self.plan = self.models[0].plan
         self.settings = settings
         self.device = device
-        self.chain = preprocessing(self.plan, with_label=False)
+        self.chain = preprocessing(self.plan, with_label=False, series_uid=series_uid)
         self.invert = Invertd(keys="pred", transform=self.chain, orig_keys="image", nearest_interp=False)
 
     def __call__(self, images: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -203,13 +203,14 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", label).replace(" ", "_")
 
 
-def _load_predictor(model_ref: str, work_dir: Path, settings: EvaluateConfig, device_name: str):
+def _load_predictor(model_ref: str, work_dir: Path, settings: EvaluateConfig, device_name: str,
+                    series_uid: str | None = None):
     from pipeline.inference import Predictor, load_model, resolve_device
 
     device = resolve_device(device_name)
     with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
         model = load_model(registry.resolve_model(model_ref, work_dir, Path(tmp)), device)
-    return Predictor([model], settings, device)
+    return Predictor([model], settings, device, series_uid)
 
 
 def evaluate_stage(model_ref: str, data: str, out_dir: Path, work_dir: Path, settings: EvaluateConfig,
@@ -252,7 +253,7 @@ def _group_inputs(inputs: Sequence[str], channels: int) -> list[tuple[str, list[
 
 
 def predict_stage(model_ref: str, inputs: Sequence[str], out_dir: Path, work_dir: Path, settings: EvaluateConfig,
-                  device: str = "auto") -> list[Path]:
+                  device: str = "auto", series_uid: str | None = None) -> list[Path]:
     """Write one NIfTI label map per input case, on the input's grid and with its affine.
 
     Each file is written under a temporary name and renamed, so an interrupted
@@ -265,11 +266,13 @@ def predict_stage(model_ref: str, inputs: Sequence[str], out_dir: Path, work_dir
         work_dir: work directory (its SQLite store is the default registry).
         settings: sliding-window settings.
         device: ``auto``, ``cpu`` or ``cuda``.
+        series_uid: the DICOM series to read from input folders holding several.
     """
     from tqdm import tqdm
+
     from transforms.readers import write_nifti_atomic
 
-    predictor = _load_predictor(model_ref, work_dir, settings, device)
+    predictor = _load_predictor(model_ref, work_dir, settings, device, series_uid)
     cases = _group_inputs(inputs, len(predictor.plan["modalities"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

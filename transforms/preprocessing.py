@@ -20,16 +20,17 @@ from transforms.readers import MedicalImageReader
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def load_transforms(with_label: bool) -> Compose:
+def load_transforms(with_label: bool, series_uid: str | None = None) -> Compose:
     """Load an image (one file or DICOM folder per channel) and optionally its label, channel first.
 
     Args:
         with_label: also load the ``label`` key.
+        series_uid: the DICOM series to read from folders holding several.
     """
     keys = ["image", "label"] if with_label else ["image"]
     return Compose(
         [
-            LoadImaged(keys=keys, reader=MedicalImageReader(), image_only=True),
+            LoadImaged(keys=keys, reader=MedicalImageReader(series_uid=series_uid), image_only=True),
             EnsureChannelFirstd(keys=keys),
             EnsureTyped(keys=keys, track_meta=True),
         ]
@@ -54,16 +55,17 @@ def spatial_transforms(plan: dict[str, Any], with_label: bool) -> list:
     ]
 
 
-def preprocessing(plan: dict[str, Any], with_label: bool) -> Compose:
+def preprocessing(plan: dict[str, Any], with_label: bool, series_uid: str | None = None) -> Compose:
     """Load, reorient, resample and normalise: the full chain of a plan.
 
     Args:
         plan: the preprocessing plan written by the preprocess stage.
         with_label: also load and resample the ``label`` key.
+        series_uid: the DICOM series to read from folders holding several.
     """
     return Compose(
         [
-            *load_transforms(with_label).transforms,
+            *load_transforms(with_label, series_uid).transforms,
             *spatial_transforms(plan, with_label),
             NormalizeChannelsd(keys="image", schemes=plan["normalization"], ct_stats=plan.get("ct_stats")),
         ]
