@@ -21,6 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool) -> None:
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), validated like the file")
+    p.add_argument("--fold", type=int, default=None, help="cross-validation fold (same as --set data.fold=K)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -29,8 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a .pt checkpoint")
+    p.add_argument("--model", required=True, action="append", dest="models",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a .pt checkpoint, or a folder "
+                        "of fold_*/best.pt; repeat to ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -45,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="preprocess -> train -> evaluate -> register (no CONFIG: the embedded demo)")
     _add_config_args(p, optional=True)
     _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same --work-dir)")
     p = sub.add_parser("preprocess", help="fingerprint, plan and preprocess a dataset (cached)")
     _add_config_args(p, optional=True)
     _add_common(p)
     p = sub.add_parser("train", help="preprocess and train; logs the model to MLflow")
     _add_config_args(p, optional=True)
     _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training (same --work-dir)")
     p = sub.add_parser("evaluate", help="Dice per label of a model on a labelled dataset")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="dataset.json or a folder holding one")
@@ -148,27 +152,29 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     work_dir = args.work_dir
     if args.command in ("run", "preprocess", "train"):
-        cfg = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *([f"data.fold={args.fold}"] if args.fold is not None else [])]
+        cfg = load_config(args.config, overrides)
         if args.command == "preprocess":
             prepared = stages.prepare(cfg, work_dir)
             print(f"Preprocessed {len(prepared.cases)} case(s) into {prepared.out_dir}")
             print(f"Plan: spacing {prepared.plan['target_spacing']}, normalisation {prepared.plan['normalization']}")
             print(f"Split: {len(prepared.split['train'])} train / {len(prepared.split['val'])} validation")
         else:
-            summary = (stages.run_stage if args.command == "run" else stages.train_stage)(cfg, work_dir)
-            _print_run_summary(summary)
+            summary = (stages.run_stage if args.command == "run" else stages.train_stage)(cfg, work_dir, args.resume)
+            if summary is not None:  # None on torchrun ranks other than 0
+                _print_run_summary(summary)
         return 0
     settings = EvaluateConfig(overlap=args.overlap, sw_batch_size=args.sw_batch_size)
     if not 0 <= settings.overlap < 1 or settings.sw_batch_size < 1:
         raise PipelineError("--overlap must be in [0, 1) and --sw-batch-size >= 1")
     if args.command == "evaluate":
         out = args.out or work_dir / "evaluation"
-        summary = stages.evaluate_stage(args.model, args.data, out, work_dir, settings, args.device)
+        summary = stages.evaluate_stage(args.models, args.data, out, work_dir, settings, args.device)
         for name, value in summary["dice_per_label"].items():
             print(f"{name}: {value:.4f}")
         print(f"mean Dice: {summary['mean_dice']:.4f} over {summary['num_cases']} case(s); results in {out}")
         return 0
-    written = stages.predict_stage(args.model, args.inputs, args.out, work_dir, settings, args.device,
+    written = stages.predict_stage(args.models, args.inputs, args.out, work_dir, settings, args.device,
                                    args.series_uid)
     for path in written:
         print(path)

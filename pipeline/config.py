@@ -33,7 +33,8 @@ class DataConfig:
     dataset: str | None = None
     synthetic_cases: int = 0
     synthetic_size: list[int] = field(default_factory=lambda: [48, 48, 48])
-    val_fraction: float = 0.2
+    num_folds: int = 5
+    fold: int = 0
     split_seed: int = 0
 
 
@@ -48,23 +49,23 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    """U-Net architecture (see :class:`models.unet.UNet`)."""
+    """U-Net architecture (see :class:`models.unet.UNet`). ``features: null`` takes the plan's."""
 
     spatial_dims: Literal[2, 3] = 3
-    features: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    features: list[int] | None = None
     norm: Literal["batch", "instance"] = "instance"
     deep_supervision: bool = False
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation schedule."""
+    """Optimisation schedule. ``patch_size``/``batch_size: null`` take the plan's."""
 
     epochs: int = 100
     iterations_per_epoch: int = 0
     time_budget_minutes: float | None = None
-    batch_size: int = 2
-    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    batch_size: int | None = None
+    patch_size: list[int] | None = None
     foreground_ratio: float = 0.5
     optimizer: Literal["sgd", "adamw"] = "sgd"
     learning_rate: float = 1e-2
@@ -75,6 +76,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     num_threads: int = 0
+    num_workers: int | None = None
+    memory_budget_gb: float | None = None
 
 
 @dataclass
@@ -205,9 +208,10 @@ def _check_values(cfg: PipelineConfig) -> None:
 
     positive_ints = {
         "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
+        "train.batch_size": cfg.train.batch_size or 1,
         "train.val_every": cfg.train.val_every,
         "evaluate.sw_batch_size": cfg.evaluate.sw_batch_size,
+        "data.num_folds": cfg.data.num_folds - 1,
     }
     for key, value in positive_ints.items():
         if value < 1:
@@ -216,8 +220,10 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("train.iterations_per_epoch", "must be >= 0 (0: one pass over the training cases)")
     if cfg.data.synthetic_cases < 0:
         fail("data.synthetic_cases", "must be >= 0")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        fail("data.val_fraction", f"must be between 0 and 1, got {cfg.data.val_fraction}")
+    if not 0 <= cfg.data.fold < cfg.data.num_folds:
+        fail("data.fold", f"must be in 0..{cfg.data.num_folds - 1} for data.num_folds={cfg.data.num_folds}")
+    if cfg.train.num_workers is not None and cfg.train.num_workers < 0:
+        fail("train.num_workers", "must be >= 0 or null (automatic)")
     if not 0.0 <= cfg.train.foreground_ratio <= 1.0:
         fail("train.foreground_ratio", f"must be between 0 and 1, got {cfg.train.foreground_ratio}")
     if not 0.0 <= cfg.evaluate.overlap < 1.0:
@@ -227,16 +233,19 @@ def _check_values(cfg: PipelineConfig) -> None:
     if cfg.train.time_budget_minutes is not None and cfg.train.time_budget_minutes <= 0:
         fail("train.time_budget_minutes", "must be > 0 or null")
     dims = cfg.model.spatial_dims
-    for key, seq in (("train.patch_size", cfg.train.patch_size), ("data.synthetic_size", cfg.data.synthetic_size)):
-        if len(seq) != 3 and not (key == "train.patch_size" and len(seq) == dims):
-            fail(key, f"must have {dims} entries for model.spatial_dims={dims}, got {seq}")
+    if len(cfg.data.synthetic_size) != 3 or min(cfg.data.synthetic_size) < 25:
+        fail("data.synthetic_size", f"must be three sizes of at least 25 voxels, got {cfg.data.synthetic_size}")
+    if cfg.train.patch_size is not None and len(cfg.train.patch_size) != dims:
+        fail("train.patch_size", f"must have {dims} entries for model.spatial_dims={dims}, got {cfg.train.patch_size}")
     if cfg.preprocess.target_spacing is not None and len(cfg.preprocess.target_spacing) != 3:
         fail("preprocess.target_spacing", f"must have 3 entries (mm), got {cfg.preprocess.target_spacing}")
-    if len(cfg.model.features) < 2 or min(cfg.model.features) < 1:
-        fail("model.features", f"must list at least two positive widths, got {cfg.model.features}")
-    min_patch = 2 ** (len(cfg.model.features) - 1)
-    if min(cfg.train.patch_size) < min_patch:
-        fail("train.patch_size", f"must be >= {min_patch} along every axis for {len(cfg.model.features)} levels")
+    features = cfg.model.features
+    if features is not None and (len(features) < 2 or min(features) < 1):
+        fail("model.features", f"must list at least two positive widths, got {features}")
+    if features is not None and cfg.train.patch_size is not None:
+        min_patch = 2 ** (len(features) - 1)
+        if min(cfg.train.patch_size) < min_patch:
+            fail("train.patch_size", f"must be >= {min_patch} along every axis for {len(features)} levels")
     if cfg.data.dataset is None and cfg.data.synthetic_cases == 0:
         fail("data.dataset", "is empty and data.synthetic_cases is 0: there is nothing to train on")
 

@@ -16,6 +16,8 @@ from tqdm import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.dataset import Case, Dataset
 from pipeline.errors import InputDataError
+from pipeline.inference import resolve_device
+from pipeline.planning import plan_network
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
 
 FOREGROUND_SAMPLES_PER_CASE = 10_000
@@ -118,7 +120,7 @@ def compute_fingerprint(dataset: Dataset, orientation: str) -> dict[str, Any]:
 
 
 def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Preprocessing plan: orientation, target spacing, per-channel normalisation.
+    """The plan: orientation, target spacing, per-channel normalisation, and the network/patch/batch plan.
 
     Config values override what the fingerprint suggests.
 
@@ -137,13 +139,25 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
         {"low": s["percentile_00_5"], "high": s["percentile_99_5"], "mean": s["mean"], "std": s["std"]}
         for s in fingerprint["foreground_intensity"]
     ]
+    target_spacing = cfg.preprocess.target_spacing or fingerprint["median_spacing"]
+    device = resolve_device(cfg.train.device)
+    memory = cfg.train.memory_budget_gb
+    if memory is None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+    network = plan_network(fingerprint, target_spacing, cfg.model.spatial_dims, device.type, memory)
+    # Values set in the config win over the planner's.
+    for key, value in (("patch_size", cfg.train.patch_size), ("batch_size", cfg.train.batch_size),
+                       ("features", cfg.model.features)):
+        if value is not None:
+            network[key] = value
     return {
         "orientation": cfg.preprocess.orientation,
-        "target_spacing": cfg.preprocess.target_spacing or fingerprint["median_spacing"],
+        "target_spacing": target_spacing,
         "normalization": schemes,
         "ct_stats": ct_stats,
         "modalities": {str(k): v for k, v in dataset.modalities.items()},
         "labels": {str(k): v for k, v in sorted(dataset.labels.items())},
+        "network": network,
     }
 
 
@@ -156,7 +170,7 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
     Args:
         cfg: the pipeline configuration.
         dataset: the discovered dataset.
-        out_dir: where ``fingerprint.json``, ``plan.json`` and ``<case>.npz`` go.
+        out_dir: where ``fingerprint.json``, ``plans.json`` and ``<case>.npz`` go.
 
     Returns:
         The plan and the preprocessed cases.
@@ -169,8 +183,10 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
         fingerprint = {**compute_fingerprint(dataset, cfg.preprocess.orientation), "inputs_key": inputs_key}
         _atomic_write_text(fp_path, json.dumps(fingerprint, indent=1))
     plan = make_plan(cfg, dataset, fingerprint)
-    _atomic_write_text(out_dir / "plan.json", json.dumps(plan, indent=1))
-    plan_key = hashlib.sha256((json.dumps(plan, sort_keys=True) + inputs_key).encode()).hexdigest()
+    _atomic_write_text(out_dir / "plans.json", json.dumps(plan, indent=1))
+    # The network part of the plan does not change the preprocessed voxels.
+    voxel_plan = {k: v for k, v in plan.items() if k != "network"}
+    plan_key = hashlib.sha256((json.dumps(voxel_plan, sort_keys=True) + inputs_key).encode()).hexdigest()
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     chain = preprocessing(plan, with_label=True)

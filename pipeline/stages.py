@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -12,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from pipeline import registry
@@ -20,7 +17,9 @@ from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
 from pipeline.demo_data import make_demo_dataset
 from pipeline.errors import InputDataError, PipelineError
+from pipeline.inference import resolve_device
 from pipeline.preprocess import PreprocessedCase, preprocess_dataset
+from pipeline.splits import stored_splits
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Prepared:
         dataset: the discovered dataset.
         plan: the preprocessing plan.
         cases: preprocessed cases by id.
-        split: ``{"train": [...ids], "val": [...ids]}``.
+        split: this fold's ``{"train": [...ids], "val": [...ids]}``.
         out_dir: the preprocessed folder.
     """
 
@@ -89,34 +88,8 @@ def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
     return load_dataset(cfg.data.dataset)
 
 
-def make_split(case_ids: Sequence[str], val_fraction: float, seed: int, path: Path) -> dict[str, list[str]]:
-    """A reproducible train/validation split, stored in ``path`` and reused while the cases are the same.
-
-    Args:
-        case_ids: all case ids.
-        val_fraction: share of cases held out for validation.
-        seed: shuffling seed.
-        path: the ``split.json`` to reuse or write.
-    """
-    key = {"cases": sorted(case_ids), "val_fraction": val_fraction, "seed": seed}
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return {"train": stored["train"], "val": stored["val"]}
-    if len(case_ids) < 2:
-        raise PipelineError(f"need at least 2 labelled cases to split into training and validation, got {len(case_ids)}")
-    order = sorted(case_ids)
-    np.random.RandomState(seed).shuffle(order)
-    n_val = min(len(order) - 1, max(1, math.ceil(len(order) * val_fraction)))
-    split = {"train": sorted(order[n_val:]), "val": sorted(order[:n_val])}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, **split}, indent=1))
-    os.replace(tmp, path)
-    return split
-
-
 def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
-    """The preprocess stage: discover, fingerprint, plan, preprocess (cached) and split.
+    """The preprocess stage: discover, fingerprint, plan, preprocess (cached) and the k-fold split.
 
     Args:
         cfg: the pipeline configuration.
@@ -125,64 +98,151 @@ def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
     dataset = discover(cfg, work_dir)
     out_dir = work_dir / "preprocessed"
     plan, cases = preprocess_dataset(cfg, dataset, out_dir)
-    split = make_split([c.case_id for c in cases], cfg.data.val_fraction, cfg.data.split_seed, work_dir / "split.json")
-    return Prepared(dataset, plan, {c.case_id: c for c in cases}, split, out_dir)
+    folds = stored_splits([c.case_id for c in cases], cfg.data.num_folds, cfg.data.split_seed, work_dir / "splits.json")
+    return Prepared(dataset, plan, {c.case_id: c for c in cases}, folds[cfg.data.fold], out_dir)
 
 
-def _train_in_run(cfg: PipelineConfig, work_dir: Path, prepared: Prepared):
-    import mlflow
+def prepare_distributed(cfg: PipelineConfig, work_dir: Path) -> Prepared:
+    """:func:`prepare` on rank 0 first; the other ``torchrun`` processes then read its cache.
 
+    Args:
+        cfg: the pipeline configuration.
+        work_dir: the work directory.
+    """
+    from pipeline import distributed
+
+    env = distributed.init(resolve_device(cfg.train.device).type)
+    if env.is_main:
+        prepared = prepare(cfg, work_dir)
+    distributed.barrier()
+    if not env.is_main:
+        prepared = prepare(cfg, work_dir)
+    return prepared
+
+
+def checkpoint_dir(work_dir: Path, fold: int) -> Path:
+    """Where a fold's ``best.pt`` and ``last.pt`` live.
+
+    Args:
+        work_dir: the work directory.
+        fold: the cross-validation fold.
+    """
+    return work_dir / "checkpoints" / f"fold_{fold}"
+
+
+def _resumable_run_id(cfg: PipelineConfig, work_dir: Path, resume: bool) -> str | None:
+    """The MLflow run of an interrupted training, when resuming and its ``last.pt`` names one."""
+    from pipeline.checkpoints import load_checkpoint
+
+    last = checkpoint_dir(work_dir, cfg.data.fold) / "last.pt"
+    if not resume or not last.is_file():
+        return None
+    return load_checkpoint(last).get("mlflow_run_id")
+
+
+def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, run_id: str | None):
+    """Train this fold; on rank 0 log params, plans and per-epoch metrics to the active MLflow run."""
+    from pipeline import distributed
     from pipeline.training import train
 
-    mlflow.log_params(cfg.flat())
-    mlflow.log_params({"data.num_cases": len(prepared.cases), "data.num_train": len(prepared.split["train"]),
-                       "data.num_val": len(prepared.split["val"])})
-    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/resolved.yaml")
-    mlflow.log_artifact(str(prepared.out_dir / "plan.json"), "preprocess")
-    mlflow.log_artifact(str(prepared.out_dir / "fingerprint.json"), "preprocess")
-    mlflow.log_artifact(str(work_dir / "split.json"), "preprocess")
+    env = distributed.current()
+    log = None
+    if env.is_main:
+        import mlflow
+
+        params = {**cfg.flat(), "data.num_cases": len(prepared.cases), "data.num_train": len(prepared.split["train"]),
+                  "data.num_val": len(prepared.split["val"]), "ddp.world_size": env.world_size,
+                  **{f"plan.{k}": v for k, v in prepared.plan["network"].items()}}
+        logged = mlflow.get_run(run_id).data.params if run_id else {}
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+        if not run_id:
+            mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/resolved.yaml")
+            for name in ("plans.json", "fingerprint.json"):
+                mlflow.log_artifact(str(prepared.out_dir / name), "preprocess")
+            mlflow.log_artifact(str(work_dir / "splits.json"), "preprocess")
+        log = lambda metrics, step: mlflow.log_metrics(metrics, step=step)  # noqa: E731
     result = train(
-        cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), work_dir / "checkpoints",
-        log_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+        cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), checkpoint_dir(work_dir, cfg.data.fold),
+        log_metrics=log, resume=resume, extra_state={"mlflow_run_id": run_id or _active_run_id()},
     )
-    mlflow.log_metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs})
-    mlflow.set_tag("train.stopped_by_time_budget", str(result.stopped_by_budget))
+    if env.is_main:
+        import mlflow
+
+        mlflow.log_metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
+                            "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second})
+        mlflow.set_tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
+                         "ddp.param_checksums": json.dumps(result.param_checksums)})
     return result
 
 
-def train_stage(cfg: PipelineConfig, work_dir: Path) -> RunSummary:
-    """Preprocess and train in one MLflow run, logging the model (unregistered).
+def _active_run_id() -> str | None:
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def _start_run(cfg: PipelineConfig, work_dir: Path, resume: bool):
+    """Set up MLflow and start (or, when resuming, reopen) the run; ``None`` on ranks other than 0."""
+    from contextlib import nullcontext
+
+    from pipeline import distributed
+
+    if not distributed.current().is_main:
+        return nullcontext(None), None, None
+    import mlflow
+
+    uri = registry.setup(cfg.mlflow.tracking_uri, work_dir, cfg.mlflow.experiment)
+    run_id = _resumable_run_id(cfg, work_dir, resume)
+    tags = {"data.fold": str(cfg.data.fold)}
+    return mlflow.start_run(run_id=run_id, tags=None if run_id else tags), uri, run_id
+
+
+def train_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunSummary | None:
+    """Preprocess and train one fold in one MLflow run, logging the model (unregistered).
+
+    Under ``torchrun`` every process trains; only rank 0 logs, and only it returns a summary.
 
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory.
+        resume: continue an interrupted training from its ``last.pt`` and MLflow run.
     """
-    uri = registry.setup(cfg.mlflow.tracking_uri, work_dir, cfg.mlflow.experiment)
-    prepared = prepare(cfg, work_dir)
-    import mlflow
+    from pipeline import distributed
 
-    with mlflow.start_run() as run:
-        result = _train_in_run(cfg, work_dir, prepared)
-        registry.log_model(result.best_checkpoint, len(prepared.plan["modalities"]), cfg.model.spatial_dims)
+    prepared = prepare_distributed(cfg, work_dir)
+    context, uri, run_id = _start_run(cfg, work_dir, resume)
+    with context as run:
+        result = _train(cfg, work_dir, prepared, resume, run_id)
+        if run is not None:
+            registry.log_model(result.best_checkpoint, len(prepared.plan["modalities"]), cfg.model.spatial_dims)
+    distributed.shutdown()
+    if run is None:
+        return None
     return RunSummary(run.info.run_id, uri, epochs=result.epochs, checkpoint=result.best_checkpoint)
 
 
-def run_stage(cfg: PipelineConfig, work_dir: Path) -> RunSummary:
-    """The whole job: preprocess -> train -> evaluate on the held-out cases -> register.
+def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunSummary | None:
+    """The whole job: preprocess -> train -> evaluate on the fold's held-out cases -> register.
 
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory.
+        resume: continue an interrupted run from its ``last.pt`` and MLflow run.
     """
+    from pipeline import distributed
     from pipeline.evaluation import evaluate_cases
-    from pipeline.inference import Predictor, load_model, resolve_device
+    from pipeline.inference import Predictor, load_model
 
-    uri = registry.setup(cfg.mlflow.tracking_uri, work_dir, cfg.mlflow.experiment)
-    prepared = prepare(cfg, work_dir)
-    import mlflow
+    prepared = prepare_distributed(cfg, work_dir)
+    context, uri, run_id = _start_run(cfg, work_dir, resume)
+    with context as run:
+        result = _train(cfg, work_dir, prepared, resume, run_id)
+        distributed.shutdown()
+        if run is None:
+            return None
+        import mlflow
 
-    with mlflow.start_run() as run:
-        result = _train_in_run(cfg, work_dir, prepared)
         device = resolve_device(cfg.train.device)
         predictor = Predictor([load_model(result.best_checkpoint, device)], cfg.evaluate, device)
         out_dir = work_dir / "evaluation"
@@ -203,22 +263,41 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", label).replace(" ", "_")
 
 
-def _load_predictor(model_ref: str, work_dir: Path, settings: EvaluateConfig, device_name: str,
+def _checkpoints_of(ref: str) -> list[str]:
+    """A folder reference means every fold's ``best.pt`` under it (a cross-validation ensemble)."""
+    path = Path(ref)
+    if not path.is_dir():
+        return [ref]
+    found = sorted(path.glob("fold_*/best.pt")) or sorted(path.glob("best.pt"))
+    if not found:
+        raise InputDataError(path, "holds no fold_*/best.pt checkpoints to ensemble")
+    return [str(p) for p in found]
+
+
+def _load_predictor(model_refs: Sequence[str], work_dir: Path, settings: EvaluateConfig, device_name: str,
                     series_uid: str | None = None):
-    from pipeline.inference import Predictor, load_model, resolve_device
+    """One predictor averaging every referenced model (all must share one preprocessing plan)."""
+    from pipeline.inference import Predictor, load_model
 
     device = resolve_device(device_name)
-    with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
-        model = load_model(registry.resolve_model(model_ref, work_dir, Path(tmp)), device)
-    return Predictor([model], settings, device, series_uid)
+    models = []
+    for ref in [r for refs in model_refs for r in _checkpoints_of(refs)]:
+        with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
+            models.append(load_model(registry.resolve_model(ref, work_dir, Path(tmp)), device))
+    voxel_plan = {k: v for k, v in models[0].plan.items() if k != "network"}
+    for ref, m in zip(model_refs, models):
+        if {k: v for k, v in m.plan.items() if k != "network"} != voxel_plan:
+            raise PipelineError(f"{ref}: its preprocessing plan differs from the first model's; cannot ensemble")
+    return Predictor(models, settings, device, series_uid)
 
 
-def evaluate_stage(model_ref: str, data: str, out_dir: Path, work_dir: Path, settings: EvaluateConfig,
+def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, settings: EvaluateConfig,
                    device: str = "auto") -> dict[str, Any]:
     """Evaluate a model on every labelled case of a dataset.
 
     Args:
-        model_ref: any model reference accepted by :func:`registry.resolve_model`.
+        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
+            ``fold_*/best.pt``; several are ensembled (softmax averaged).
         data: a ``dataset.json`` or a folder holding one.
         out_dir: where ``cases.csv`` and ``summary.json`` go.
         work_dir: work directory (its SQLite store is the default registry).
@@ -228,7 +307,7 @@ def evaluate_stage(model_ref: str, data: str, out_dir: Path, work_dir: Path, set
     from pipeline.evaluation import evaluate_cases
 
     dataset = load_dataset(data)
-    predictor = _load_predictor(model_ref, work_dir, settings, device)
+    predictor = _load_predictor(model_refs, work_dir, settings, device)
     return evaluate_cases(predictor, dataset.cases, out_dir)
 
 
@@ -252,7 +331,7 @@ def _group_inputs(inputs: Sequence[str], channels: int) -> list[tuple[str, list[
     return list(groups.items())
 
 
-def predict_stage(model_ref: str, inputs: Sequence[str], out_dir: Path, work_dir: Path, settings: EvaluateConfig,
+def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, settings: EvaluateConfig,
                   device: str = "auto", series_uid: str | None = None) -> list[Path]:
     """Write one NIfTI label map per input case, on the input's grid and with its affine.
 
@@ -260,7 +339,8 @@ def predict_stage(model_ref: str, inputs: Sequence[str], out_dir: Path, work_dir
     run never leaves a partial mask.
 
     Args:
-        model_ref: any model reference accepted by :func:`registry.resolve_model`.
+        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
+            ``fold_*/best.pt``; several are ensembled (softmax averaged).
         inputs: NIfTI files or DICOM series folders.
         out_dir: output folder (created).
         work_dir: work directory (its SQLite store is the default registry).
@@ -272,7 +352,7 @@ def predict_stage(model_ref: str, inputs: Sequence[str], out_dir: Path, work_dir
 
     from transforms.readers import write_nifti_atomic
 
-    predictor = _load_predictor(model_ref, work_dir, settings, device, series_uid)
+    predictor = _load_predictor(model_refs, work_dir, settings, device, series_uid)
     cases = _group_inputs(inputs, len(predictor.plan["modalities"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

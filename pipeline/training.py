@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
@@ -26,10 +28,14 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from models.unet import UNet
-from pipeline.checkpoints import save_checkpoint
+from pipeline import distributed
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.inference import predict_logits, resolve_device, window_size
 from pipeline.preprocess import PreprocessedCase
@@ -43,10 +49,13 @@ class TrainResult:
 
     Args:
         best_checkpoint: weights with the best validation Dice.
-        last_checkpoint: the final weights.
+        last_checkpoint: the final weights and the full training state (for ``--resume``).
         best_val_dice: mean foreground Dice of the best checkpoint on the validation cases.
         epochs: epochs completed.
         stopped_by_budget: training ended at ``train.time_budget_minutes``.
+        train_seconds: wall time spent training (summed over resumes).
+        patches_per_second: training throughput over all processes.
+        param_checksums: per process, a checksum of the final weights (identical under DDP).
     """
 
     best_checkpoint: Path
@@ -54,6 +63,9 @@ class TrainResult:
     best_val_dice: float
     epochs: int
     stopped_by_budget: bool
+    train_seconds: float = 0.0
+    patches_per_second: float = 0.0
+    param_checksums: list[float] = field(default_factory=list)
 
 
 def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
@@ -61,26 +73,27 @@ def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
 
     Args:
         cfg: the pipeline configuration.
-        plan: the preprocessing plan (channels and labels).
+        plan: the plan (channels, labels, and the network section with ``features``).
     """
     return {
         "spatial_dims": cfg.model.spatial_dims,
         "in_channels": len(plan["modalities"]),
         "out_channels": max(2, max(int(k) for k in plan["labels"]) + 1),
-        "features": list(cfg.model.features),
+        "features": list(plan["network"]["features"]),
         "norm": cfg.model.norm,
         "deep_supervision": cfg.model.deep_supervision,
     }
 
 
-def train_transforms(cfg: PipelineConfig) -> Compose:
+def train_transforms(cfg: PipelineConfig, patch_size: Sequence[int]) -> Compose:
     """Foreground-oversampled patch crops and on-the-fly augmentation.
 
     Args:
         cfg: the pipeline configuration (``train`` section).
+        patch_size: the patch size (2 or 3 entries, by ``model.spatial_dims``).
     """
     t = cfg.train
-    roi = window_size(t.patch_size, cfg.model.spatial_dims)
+    roi = window_size(patch_size, cfg.model.spatial_dims)
     keys = ["image", "label"]
     steps: list = [
         SpatialPadd(keys=keys, spatial_size=roi),
@@ -152,6 +165,30 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -
     return out
 
 
+def validate(
+    network: UNet, cases: Sequence[dict[str, torch.Tensor]], cfg: PipelineConfig, patch_size: Sequence[int],
+    labels: Sequence[int], device: torch.device,
+) -> dict[int, float]:
+    """Mean Dice per label over the validation cases, by sliding window in the plan's voxel space.
+
+    Args:
+        network: the network (put in evaluation mode here).
+        cases: preprocessed ``image``/``label`` tensors.
+        cfg: the pipeline configuration (window settings).
+        patch_size: the training patch size (window size).
+        labels: foreground label values.
+        device: where the network runs.
+    """
+    network.eval()
+    scores: dict[int, list[float]] = {v: [] for v in labels}
+    for case in cases:
+        logits = predict_logits(network, case["image"], patch_size, cfg.evaluate, device)
+        pred = torch.argmax(logits, 0).numpy()
+        for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
+            scores[v].append(d)
+    return {v: float(np.nanmean(s)) if not all(np.isnan(s)) else 0.0 for v, s in scores.items()}
+
+
 def _lr_factor(progress: float) -> float:
     """nnU-Net's polynomial decay."""
     return (1.0 - min(progress, 1.0)) ** 0.9
@@ -164,27 +201,48 @@ def _seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-def validate(
-    network: UNet, cases: Sequence[dict[str, torch.Tensor]], cfg: PipelineConfig, labels: Sequence[int],
-    device: torch.device,
-) -> dict[int, float]:
-    """Mean Dice per label over the validation cases, by sliding window in the plan's voxel space.
+class PatchDataset(TorchDataset):
+    """One epoch of training patches; sample ``i`` is augmented with its own seed.
+
+    Seeding per sample (not per process) makes an epoch's patches independent of
+    worker scheduling, which is what lets a resumed run repeat exactly the
+    epochs an uninterrupted run would have done.
 
     Args:
-        network: the network (put in evaluation mode here).
         cases: preprocessed ``image``/``label`` tensors.
-        cfg: the pipeline configuration (patch size, window settings).
-        labels: foreground label values.
-        device: where the network runs.
+        picks: case index of each sample.
+        transforms: crop and augmentation chain.
+        seed: this epoch's base seed.
     """
-    network.eval()
-    scores: dict[int, list[float]] = {v: [] for v in labels}
-    for case in cases:
-        logits = predict_logits(network, case["image"], cfg.train.patch_size, cfg.evaluate, device)
-        pred = torch.argmax(logits, 0).numpy()
-        for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
-            scores[v].append(d)
-    return {v: float(np.nanmean(s)) if not all(np.isnan(s)) else 0.0 for v, s in scores.items()}
+
+    def __init__(self, cases: Sequence[dict], picks: Sequence[int], transforms: Compose, seed: int) -> None:
+        self.cases, self.picks, self.transforms, self.seed = cases, list(picks), transforms, seed
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, i: int) -> Any:
+        if not hasattr(self._local, "transforms"):
+            self._local.transforms = copy.deepcopy(self.transforms)
+        tf = self._local.transforms
+        tf.set_random_state(seed=(self.seed + i) % 2**32)
+        return tf(self.cases[self.picks[i]])
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**31
+
+
+def _num_workers(configured: int | None, device: torch.device) -> int:
+    if configured is not None:
+        return configured
+    # On a CPU the network needs every core; on a GPU, augmentation must keep up with it.
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if isinstance(network, DistributedDataParallel) else network
 
 
 def train(
@@ -194,25 +252,41 @@ def train(
     val_cases: Sequence[PreprocessedCase],
     checkpoint_dir: Path,
     log_metrics: MetricLogger | None = None,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a U-Net on preprocessed cases.
+    """Train a U-Net on preprocessed cases; under ``torchrun``, with DistributedDataParallel.
+
+    Every epoch writes ``last.pt`` atomically with the whole training state
+    (weights, optimiser, AMP scaler, torch RNG, epoch, best score, elapsed time
+    and ``extra_state``); ``resume=True`` continues from it. Only rank 0 validates,
+    logs and writes checkpoints.
 
     Args:
         cfg: the pipeline configuration.
-        plan: the preprocessing plan (stored in the checkpoints for inference).
+        plan: the plan (preprocessing, and ``network`` with patch/batch/features).
         train_cases: cases to sample patches from.
         val_cases: cases scored by sliding window every ``train.val_every`` epochs.
         checkpoint_dir: where ``best.pt`` and ``last.pt`` go.
-        log_metrics: called with ``({name: value}, epoch)`` after each epoch.
+        log_metrics: called with ``({name: value}, epoch)`` after each epoch (rank 0).
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        extra_state: stored in ``last.pt`` (e.g. the MLflow run id).
     """
     t = cfg.train
+    device = resolve_device(t.device)
+    env = distributed.init(device.type)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
     _seed_everything(t.seed)
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
+    elif env.enabled and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    net_plan = plan["network"]
+    patch_size, batch_size = list(net_plan["patch_size"]), int(net_plan["batch_size"])
     labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
     kwargs = model_kwargs(cfg, plan)
-    network = UNet(**kwargs).to(device)
+    network: torch.nn.Module = UNet(**kwargs).to(device)
     loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -223,28 +297,46 @@ def train(
     use_amp = t.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
-    train_data = [dict(zip(("image", "label"), c.load())) for c in train_cases]
-    val_data = [dict(zip(("image", "label"), c.load())) for c in val_cases]
-    transforms = train_transforms(cfg)
-    transforms.set_random_state(seed=t.seed)
-    iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / t.batch_size))
-    rng = np.random.RandomState(t.seed)
-    budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
-
-    base = {"model": kwargs, "plan": plan, "patch_size": list(t.patch_size)}
     best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
-    best_dice, epoch, stopped = -1.0, 0, False
+    start_epoch, best_dice, elapsed_before = 0, -1.0, 0.0
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        network.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_dice = int(state["epoch"]), float(state["best_val_dice"])
+        elapsed_before = float(state["elapsed_s"])
+        if state.get("stopped_by_budget"):
+            start_epoch = t.epochs  # the budget was spent: nothing left to train
+    if env.enabled:
+        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_data = [dict(zip(("image", "label"), c.load())) for c in train_cases]
+    val_data = [dict(zip(("image", "label"), c.load())) for c in val_cases] if env.is_main else []
+    transforms = train_transforms(cfg, patch_size)
+    iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / (batch_size * env.world_size)))
+    budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
+    workers = _num_workers(t.num_workers, device)
+
+    base = {"model": kwargs, "plan": plan, "patch_size": patch_size}
+    epoch, stopped, patches = start_epoch, False, 0
     start = time.monotonic()
-    bar = tqdm(range(t.epochs), desc="train", unit="epoch")
+    bar = tqdm(range(start_epoch, t.epochs), desc="train", unit="epoch", disable=not env.is_main,
+               initial=start_epoch, total=t.epochs)
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - start
+
     for epoch in bar:
-        elapsed = time.monotonic() - start
-        progress = max(epoch / t.epochs, elapsed / budget_s if budget_s else 0.0)
+        progress = max(epoch / t.epochs, elapsed() / budget_s if budget_s else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = t.learning_rate * _lr_factor(progress)
-        picks = rng.randint(0, len(train_data), size=iterations * t.batch_size)
+        seed = _epoch_seed(t.seed, epoch, env.rank)
+        picks = np.random.RandomState(seed).randint(0, len(train_data), size=iterations * batch_size)
         loader = DataLoader(
-            Dataset([train_data[i] for i in picks], transforms), batch_size=t.batch_size, shuffle=False,
-            num_workers=0, collate_fn=_collate_patches,
+            PatchDataset(train_data, picks, transforms, seed), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=_collate_patches, pin_memory=device.type == "cuda",
         )
         network.train()
         losses = []
@@ -261,27 +353,41 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(loss.detach()))
-            if budget_s and time.monotonic() - start > budget_s:
+            patches += image.shape[0] * env.world_size
+            if budget_s and distributed.any_true(elapsed() > budget_s):
                 stopped = True
                 break
         metrics = {"train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
         last_epoch = epoch + 1 == t.epochs or stopped
-        if val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
-            per_label = validate(network, val_data, cfg, labels, device)
-            metrics["val_dice"] = float(np.mean(list(per_label.values())))
-            metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
-            if metrics["val_dice"] > best_dice:
-                best_dice = metrics["val_dice"]
-                save_checkpoint({**base, "state_dict": network.state_dict(), "val_dice": best_dice,
-                                 "epoch": epoch + 1}, best_path)
-        save_checkpoint({**base, "state_dict": network.state_dict(), "epoch": epoch + 1}, last_path)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
-        if log_metrics:
-            log_metrics(metrics, epoch + 1)
+        if env.is_main:
+            model = _unwrap(network)
+            if val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
+                per_label = validate(model, val_data, cfg, patch_size, labels, device)
+                metrics["val_dice"] = float(np.mean(list(per_label.values())))
+                metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
+                if metrics["val_dice"] > best_dice:
+                    best_dice = metrics["val_dice"]
+                    save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice,
+                                     "epoch": epoch + 1}, best_path)
+            save_checkpoint({
+                **base, "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": best_dice,
+                "elapsed_s": elapsed(), "stopped_by_budget": stopped, **(extra_state or {}),
+            }, last_path)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
+            if log_metrics:
+                log_metrics(metrics, epoch + 1)
+        distributed.barrier()
         if stopped:
             break
     bar.close()
-    if not best_path.is_file():
-        save_checkpoint({**base, "state_dict": network.state_dict(), "val_dice": best_dice, "epoch": epoch + 1},
+    completed = epoch + 1 if t.epochs > start_epoch else start_epoch
+    model = _unwrap(network)
+    if env.is_main and not best_path.is_file():
+        save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice, "epoch": completed},
                         best_path)
-    return TrainResult(best_path, last_path, best_dice, epoch + 1, stopped)
+    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    checksums = distributed.gather(checksum)
+    run_s = time.monotonic() - start
+    return TrainResult(best_path, last_path, best_dice, completed, stopped, elapsed(),
+                       patches / run_s if run_s > 0 else 0.0, checksums)

@@ -48,7 +48,7 @@ def copy_hippocampus_subset(dst: Path, n: int) -> Path:
 
 
 TINY = {
-    "data": {"synthetic_cases": 8, "synthetic_size": [32, 32, 32], "val_fraction": 0.25},
+    "data": {"synthetic_cases": 8, "synthetic_size": [32, 32, 32], "num_folds": 4},
     "model": {"spatial_dims": 3, "features": [8, 16], "norm": "instance"},
     "train": {
         "epochs": 12, "iterations_per_epoch": 4, "batch_size": 2, "patch_size": [24, 24, 24],

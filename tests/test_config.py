@@ -65,8 +65,8 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, section, key, value, e
 
 
 def test_out_of_range_value(tmp_path: Path) -> None:
-    path = write(tmp_path, {"data": {"synthetic_cases": 4, "val_fraction": 1.5}})
-    with pytest.raises(ConfigError, match="data.val_fraction"):
+    path = write(tmp_path, {"data": {"synthetic_cases": 4, "num_folds": 5, "fold": 5}})
+    with pytest.raises(ConfigError, match="data.fold"):
         load_config(path)
 
 

@@ -54,7 +54,7 @@ def test_run_registers_a_champion_that_resolves(trained: dict) -> None:
     assert len(client.get_metric_history(run.info.run_id, "val_dice")) >= 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/cases.csv", "evaluation/summary.json"}
-    assert (trained["work"] / "checkpoints" / "best.pt").is_file()
+    assert (trained["work"] / "checkpoints" / "fold_0" / "best.pt").is_file()
 
 
 def test_worse_run_does_not_take_champion(trained: dict) -> None:
@@ -108,7 +108,7 @@ def test_predict_on_dicom_series_matches_simpleitk_geometry(trained: dict, tmp_p
 def test_evaluate_writes_csv_and_summary(trained: dict, tmp_path: Path) -> None:
     work = trained["work"]
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", str(work / "checkpoints" / "best.pt"), "--data", str(work / "demo_data"),
+    code = main(["evaluate", "--model", str(work / "checkpoints" / "fold_0" / "best.pt"), "--data", str(work / "demo_data"),
                  "--out", str(out), "--work-dir", str(work)])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,84 @@
+"""Experiment planning from the dataset fingerprint: patch size, network depth and widths, batch size.
+
+Follows nnU-Net's rules of thumb, simplified: the patch covers the median case
+(rounded up to the pooling grid), depth pools until the coarsest map is about
+4 voxels, widths double per level from a base up to 320, and the batch fills
+a voxel budget while never exceeding 5% of the dataset's voxels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+MAX_FEATURES = 320
+# Voxels per batch that nnU-Net's reference (2 x 128^3 at 32 base features) fits in ~10 GB of GPU memory.
+GPU_REFERENCE_VOXELS = 2 * 128**3
+GPU_REFERENCE_GB = 10.0
+# On CPUs time, not memory, is the limit: smaller nets and batches train more updates per minute.
+CPU_MAX_PATCH_VOXELS = 64**3
+GPU_MAX_PATCH_VOXELS = 160**3
+
+
+def median_shape_at(fingerprint: dict[str, Any], target_spacing: list[float]) -> list[float]:
+    """The median case shape after resampling to ``target_spacing``.
+
+    Args:
+        fingerprint: with ``shapes`` and ``spacings`` per case (canonical orientation).
+        target_spacing: the plan's spacing in mm.
+    """
+    shapes = np.asarray(fingerprint["shapes"], dtype=float)
+    spacings = np.asarray(fingerprint["spacings"], dtype=float)
+    return [float(x) for x in np.median(shapes * spacings / np.asarray(target_spacing), axis=0)]
+
+
+def plan_network(
+    fingerprint: dict[str, Any],
+    target_spacing: list[float],
+    spatial_dims: int,
+    device_type: str,
+    memory_gb: float | None = None,
+) -> dict[str, Any]:
+    """Patch size, features per level and batch size for a dataset.
+
+    Args:
+        fingerprint: the dataset fingerprint.
+        target_spacing: the plan's spacing in mm.
+        spatial_dims: 2 (slices in the first two axes) or 3.
+        device_type: ``cuda`` or ``cpu``.
+        memory_gb: accelerator memory to plan for (CUDA only); ``None``: 10 GB.
+    """
+    median = median_shape_at(fingerprint, target_spacing)[: 3 if spatial_dims == 3 else 2]
+    gpu = device_type == "cuda"
+    max_patch = (GPU_MAX_PATCH_VOXELS if gpu else CPU_MAX_PATCH_VOXELS) if spatial_dims == 3 else 512**2
+    # Pool until the smallest edge reaches ~4 voxels; between 2 and 5 poolings.
+    pools = int(min(5, max(2, math.floor(math.log2(max(min(median), 8) / 4)))))
+    grid = 2**pools
+    patch = [int(math.ceil(m / grid) * grid) for m in median]
+    while math.prod(patch) > max_patch:
+        axis = int(np.argmax(patch))
+        patch[axis] = max(grid * 2, patch[axis] - grid)
+        if all(p == grid * 2 for p in patch):
+            break
+    base = 32 if gpu or spatial_dims == 2 else 16
+    features = [min(base * 2**i, MAX_FEATURES) for i in range(pools + 1)]
+    patch_voxels = math.prod(patch)
+    if gpu:
+        scale = (memory_gb or GPU_REFERENCE_GB) / GPU_REFERENCE_GB * (32 / base)
+        batch = max(2, int(GPU_REFERENCE_VOXELS * scale / patch_voxels))
+    else:
+        batch = 2
+    dataset_voxels = float(np.sum(np.prod(np.asarray(fingerprint["shapes"], dtype=float), axis=1)))
+    if spatial_dims == 2:
+        dataset_voxels /= max(1.0, median_shape_at(fingerprint, target_spacing)[2])
+    batch = int(max(2, min(batch, math.floor(0.05 * dataset_voxels / patch_voxels))))
+    return {
+        "spatial_dims": spatial_dims,
+        "patch_size": patch,
+        "features": features,
+        "batch_size": batch,
+        "median_shape": median,
+        "device_type": device_type,
+    }

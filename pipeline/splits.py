@@ -1,0 +1,58 @@
+"""Reproducible k-fold cross-validation splits, stored once and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+def kfold_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
+    """Split cases into ``num_folds`` folds; fold ``k`` validates on its own cases and trains on the rest.
+
+    The result depends only on the set of ids, ``num_folds`` and ``seed``, not on their order.
+
+    Args:
+        case_ids: all labelled case ids.
+        num_folds: number of folds (>= 2).
+        seed: shuffling seed.
+    """
+    if num_folds < 2:
+        raise PipelineError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    if len(case_ids) < num_folds:
+        raise PipelineError(f"{len(case_ids)} labelled case(s) cannot be split into {num_folds} folds")
+    order = sorted(case_ids)
+    np.random.RandomState(seed).shuffle(order)
+    chunks = np.array_split(np.array(order, dtype=object), num_folds)
+    folds = []
+    for k in range(num_folds):
+        val = sorted(str(c) for c in chunks[k])
+        folds.append({"train": sorted(set(order) - set(val)), "val": val})
+    return folds
+
+
+def stored_splits(case_ids: Sequence[str], num_folds: int, seed: int, path: Path) -> list[dict[str, list[str]]]:
+    """The folds stored at ``path``, computed and written there first when missing or stale.
+
+    Args:
+        case_ids: all labelled case ids.
+        num_folds: number of folds.
+        seed: shuffling seed.
+        path: the ``splits.json`` file.
+    """
+    key = {"cases": sorted(case_ids), "num_folds": num_folds, "seed": seed}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["folds"]
+    folds = kfold_splits(case_ids, num_folds, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "folds": folds}, indent=1))
+    os.replace(tmp, path)
+    return folds
