@@ -32,7 +32,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, action="append", dest="models",
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a .pt checkpoint, or a folder "
-                        "of fold_*/best.pt; repeat to ensemble")
+                        "of fold_*/final.pt; repeat to ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -79,7 +79,7 @@ def _print_run_summary(summary) -> None:
             print(f"  {name:<{width}}{value:.4f}")
         print(f"  {'mean':<{width}}{ev['mean_dice']:.4f}")
     print(f"\nEpochs trained:     {summary.epochs}")
-    print(f"Best checkpoint:    {summary.checkpoint}")
+    print(f"Checkpoint:         {summary.checkpoint}")
     print(f"MLflow run id:      {summary.run_id}")
     if summary.promotion:
         p = summary.promotion

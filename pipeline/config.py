@@ -82,8 +82,14 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Sliding-window inference settings used for validation, evaluation and prediction."""
+    """Sliding-window settings, and which checkpoint ``run`` evaluates and registers.
 
+    ``checkpoint: final`` (the weights at the end of training, as nnU-Net reports)
+    keeps the held-out Dice unbiased; ``best`` picks the epoch with the best
+    validation Dice on that same fold, which flatters it slightly.
+    """
+
+    checkpoint: Literal["final", "best"] = "final"
     overlap: float = 0.5
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = 4

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 from monai.transforms import LoadImage
 from tqdm import tqdm
-from transforms.readers import MedicalImageReader
 
 from pipeline.dataset import Case
 from pipeline.errors import InputDataError
 from pipeline.inference import Predictor
 from pipeline.training import dice_per_label
+from transforms.readers import MedicalImageReader
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -46,10 +46,15 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
     for case in tqdm(cases, desc="evaluate", unit="case", leave=False):
         if case.label is None:
             raise InputDataError(case.images[0], "has no label to evaluate against")
-        pred, _ = predictor(case.images)
-        truth = np.asarray(read_label(str(case.label))).astype(np.int64)
+        label = read_label(str(case.label))  # read first: a bad label file fails before the costly prediction
+        pred, affine = predictor(case.images)
+        truth = np.asarray(label).astype(np.int64)
         if truth.shape != pred.shape:
             raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.shape}")
+        # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against
+        # the wrong anatomy. Same tolerance as the preprocess stage's image/label check.
+        if not np.allclose(np.asarray(label.affine, dtype=np.float64), affine, atol=1e-3):
+            raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
         scores = dice_per_label(pred, truth, list(labels))
         rows.append({"case": case.case_id, **{labels[v]: d for v, d in scores.items()}})
     per_label = {name: _mean([r[name] for r in rows]) for name in labels.values()}

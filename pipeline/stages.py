@@ -214,12 +214,13 @@ def train_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> Ru
     context, uri, run_id = _start_run(cfg, work_dir, resume)
     with context as run:
         result = _train(cfg, work_dir, prepared, resume, run_id)
+        chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
         if run is not None:
-            registry.log_model(result.best_checkpoint, len(prepared.plan["modalities"]), cfg.model.spatial_dims)
+            registry.log_model(chosen, len(prepared.plan["modalities"]), cfg.model.spatial_dims)
     distributed.shutdown()
     if run is None:
         return None
-    return RunSummary(run.info.run_id, uri, epochs=result.epochs, checkpoint=result.best_checkpoint)
+    return RunSummary(run.info.run_id, uri, epochs=result.epochs, checkpoint=chosen)
 
 
 def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunSummary | None:
@@ -244,7 +245,9 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunS
         import mlflow
 
         device = resolve_device(cfg.train.device)
-        predictor = Predictor([load_model(result.best_checkpoint, device)], cfg.evaluate, device)
+        chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
+        mlflow.set_tag("evaluate.checkpoint", cfg.evaluate.checkpoint)
+        predictor = Predictor([load_model(chosen, device)], cfg.evaluate, device)
         out_dir = work_dir / "evaluation"
         summary = evaluate_cases(predictor, prepared.raw_cases("val"), out_dir)
         mlflow.log_metric(registry.SELECTION_METRIC, summary["mean_dice"])
@@ -252,11 +255,10 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunS
         mlflow.log_artifact(str(out_dir / "cases.csv"), "evaluation")
         mlflow.log_artifact(str(out_dir / "summary.json"), "evaluation")
         version = registry.log_model(
-            result.best_checkpoint, len(prepared.plan["modalities"]), cfg.model.spatial_dims, cfg.mlflow.model_name
+            chosen, len(prepared.plan["modalities"]), cfg.model.spatial_dims, cfg.mlflow.model_name
         )
         promotion = registry.promote(cfg.mlflow.model_name, version, summary["mean_dice"]) if version else None
-    return RunSummary(run.info.run_id, uri, summary, cfg.mlflow.model_name, promotion, result.epochs,
-                      result.best_checkpoint)
+    return RunSummary(run.info.run_id, uri, summary, cfg.mlflow.model_name, promotion, result.epochs, chosen)
 
 
 def _metric_name(label: str) -> str:
@@ -268,9 +270,9 @@ def _checkpoints_of(ref: str) -> list[str]:
     path = Path(ref)
     if not path.is_dir():
         return [ref]
-    found = sorted(path.glob("fold_*/best.pt")) or sorted(path.glob("best.pt"))
+    found = sorted(path.glob("fold_*/final.pt")) or sorted(path.glob("final.pt"))
     if not found:
-        raise InputDataError(path, "holds no fold_*/best.pt checkpoints to ensemble")
+        raise InputDataError(path, "holds no fold_*/final.pt checkpoints to ensemble")
     return [str(p) for p in found]
 
 
@@ -297,7 +299,7 @@ def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir
 
     Args:
         model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
-            ``fold_*/best.pt``; several are ensembled (softmax averaged).
+            ``fold_*/final.pt``; several are ensembled (softmax averaged).
         data: a ``dataset.json`` or a folder holding one.
         out_dir: where ``cases.csv`` and ``summary.json`` go.
         work_dir: work directory (its SQLite store is the default registry).
@@ -340,7 +342,7 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
 
     Args:
         model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
-            ``fold_*/best.pt``; several are ensembled (softmax averaged).
+            ``fold_*/final.pt``; several are ensembled (softmax averaged).
         inputs: NIfTI files or DICOM series folders.
         out_dir: output folder (created).
         work_dir: work directory (its SQLite store is the default registry).

@@ -49,7 +49,8 @@ class TrainResult:
 
     Args:
         best_checkpoint: weights with the best validation Dice.
-        last_checkpoint: the final weights and the full training state (for ``--resume``).
+        last_checkpoint: the latest weights and the full training state (for ``--resume``).
+        final_checkpoint: the weights at the end of training, without optimiser state.
         best_val_dice: mean foreground Dice of the best checkpoint on the validation cases.
         epochs: epochs completed.
         stopped_by_budget: training ended at ``train.time_budget_minutes``.
@@ -60,6 +61,7 @@ class TrainResult:
 
     best_checkpoint: Path
     last_checkpoint: Path
+    final_checkpoint: Path
     best_val_dice: float
     epochs: int
     stopped_by_budget: bool
@@ -383,11 +385,14 @@ def train(
     bar.close()
     completed = epoch + 1 if t.epochs > start_epoch else start_epoch
     model = _unwrap(network)
-    if env.is_main and not best_path.is_file():
-        save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice, "epoch": completed},
-                        best_path)
+    final_path = checkpoint_dir / "final.pt"
+    if env.is_main:
+        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": completed}, final_path)
+        if not best_path.is_file():
+            save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice, "epoch": completed},
+                            best_path)
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
     checksums = distributed.gather(checksum)
     run_s = time.monotonic() - start
-    return TrainResult(best_path, last_path, best_dice, completed, stopped, elapsed(),
+    return TrainResult(best_path, last_path, final_path, best_dice, completed, stopped, elapsed(),
                        patches / run_s if run_s > 0 else 0.0, checksums)

@@ -101,5 +101,5 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert len(checksums) == 2 and checksums[0] == pytest.approx(checksums[1], rel=0, abs=1e-9)
     # One checkpoint writer: exactly the two files of rank 0, no per-rank copies or temp files left.
     files = sorted(p.name for p in (work / "checkpoints").rglob("*") if p.is_file())
-    assert files == ["best.pt", "last.pt"]
+    assert files == ["best.pt", "final.pt", "last.pt"]
     assert res.stdout.count("MLflow run id:") == 1

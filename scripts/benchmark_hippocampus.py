@@ -1,0 +1,198 @@
+"""Our pipeline against the hand-written MONAI baseline on hippocampus MRI: one run, side by side.
+
+Runs, one after the other and each as its own subprocess (no shared state), (a) ``unet-pipeline run``
+with ``configs/hippocampus.yaml`` and (b) ``scripts/monai_baseline.py``, with the same training
+time budget, validation fold and thread count. Then prints Dice per label and mean for both, the
+difference (ours - baseline) and ratio (ours / baseline), the wall time of each subprocess and the
+exact commands, and writes ``WORK_DIR/benchmark.json``.
+
+With ``--only ours|baseline`` one side runs; the other side's result is taken from an existing
+``benchmark.json`` in the same work dir when it was run with the same budget, fold and threads.
+
+Run from anywhere (commands run in the repository root)::
+
+    .venv/bin/python scripts/benchmark_hippocampus.py --budget-minutes 20 --fold 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin when run with .venv/bin/python
+DEFAULT_DATA = "../shared/data/hippocampus"
+DEFAULT_WORK_DIR = "unet-work/benchmark"
+SIDES = ("ours", "baseline")
+
+# The two commands, as templates filled by build_commands(); edit here to adjust. Placeholders:
+# {bin} venv bin folder, {python} this interpreter, {work} work dir (absolute), {budget} minutes,
+# {fold}, {num_folds}, {seed}, {threads}, {data} the dataset folder (the baseline's; ours reads its config's).
+OURS_COMMAND = [
+    "{bin}/unet-pipeline", "run", "configs/hippocampus.yaml", "--work-dir", "{work}/ours",
+    "--set", "train.time_budget_minutes={budget}",
+    "--set", "data.fold={fold}",
+    "--set", "data.num_folds={num_folds}",
+    "--set", "data.split_seed={seed}",
+    "--set", "train.num_threads={threads}",
+]
+BASELINE_COMMAND = [
+    "{python}", "scripts/monai_baseline.py", "--data", "{data}", "--out", "{work}/baseline",
+    "--time-budget-minutes", "{budget}", "--fold", "{fold}", "--num-folds", "{num_folds}", "--seed", "{seed}",
+    "--threads", "{threads}",
+]
+# Where each side leaves its evaluation summary (mean_dice, dice_per_label, num_cases).
+SUMMARIES = {"ours": "{work}/ours/evaluation/summary.json", "baseline": "{work}/baseline/summary.json"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(description="Our pipeline vs a hand-written MONAI baseline on hippocampus MRI, "
+                                            "same time budget, fold and threads.")
+    p.add_argument("--budget-minutes", type=float, default=20.0, help="training time budget of each side (default 20)")
+    p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    p.add_argument("--num-folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of each side (default 0: all cores)")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset folder for the baseline (default {DEFAULT_DATA}; "
+                                                        "ours reads configs/hippocampus.yaml)")
+    p.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR),
+                   help=f"work directory (default {DEFAULT_WORK_DIR})")
+    p.add_argument("--only", choices=SIDES, default=None, help="run one side only")
+    return p
+
+
+def _fmt_number(x: float) -> str:
+    return f"{x:g}"
+
+
+def placeholders(args: argparse.Namespace) -> dict[str, str]:
+    """The values filled into the command templates."""
+    return {
+        "bin": str(BIN), "python": sys.executable, "work": str(args.work_dir.resolve()),
+        "budget": _fmt_number(args.budget_minutes), "fold": str(args.fold), "num_folds": str(args.num_folds),
+        "seed": str(args.seed), "threads": str(args.threads or os.cpu_count() or 1), "data": str(args.data),
+    }
+
+
+def build_commands(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The command of each side to run (only the ``--only`` one when given), in running order."""
+    values = placeholders(args)
+    templates = {"ours": OURS_COMMAND, "baseline": BASELINE_COMMAND}
+    sides = [args.only] if args.only else list(SIDES)
+    return {side: [part.format(**values) for part in templates[side]] for side in sides}
+
+
+def run_side(command: Sequence[str], log: Path) -> tuple[int, float]:
+    """Run one command in the repository root, echoing and logging its output.
+
+    Returns:
+        Its exit status and wall time in seconds.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n$ {' '.join(command)}", flush=True)
+    start = time.monotonic()
+    with log.open("w") as f, subprocess.Popen(list(command), cwd=REPO, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        rc = proc.wait()
+    return rc, time.monotonic() - start
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def compare(ours: dict[str, Any] | None, baseline: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
+    """Per label and mean: both Dice values, difference (ours - baseline) and ratio (ours / baseline).
+
+    A side without a summary gives ``None`` values (and no difference or ratio); ``{}`` when neither has one.
+    """
+    if not ours and not baseline:
+        return {}
+    a_side, b_side = ours or {"dice_per_label": {}}, baseline or {"dice_per_label": {}}
+    names = list(dict.fromkeys([*a_side["dice_per_label"], *b_side["dice_per_label"]]))
+    pairs = [(n, a_side["dice_per_label"].get(n), b_side["dice_per_label"].get(n)) for n in names]
+    rows: dict[str, dict[str, float | None]] = {}
+    for name, a, b in [*pairs, ("mean", a_side.get("mean_dice"), b_side.get("mean_dice"))]:
+        ok = a is not None and b is not None and not (math.isnan(a) or math.isnan(b))
+        rows[name] = {"ours": a, "baseline": b, "difference": a - b if ok else None,
+                      "ratio": a / b if ok and b != 0 else None}
+    return rows
+
+
+def _cell(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The side-by-side table, wall times and commands."""
+    runs = result["runs"]
+    print(f"\nHippocampus, fold {result['fold']}/{result['num_folds']}, budget {result['budget_minutes']:g} min, "
+          f"{result['threads']} thread(s)")
+    print(f"{'Dice':<12}{'ours':>10}{'baseline':>10}{'diff':>10}{'ratio':>8}")
+    for name, r in result["comparison"].items():
+        print(f"{name:<12}{_cell(r['ours']):>10}{_cell(r['baseline']):>10}{_cell(r['difference'], '+.4f'):>10}"
+              f"{_cell(r['ratio'], '.3f'):>8}")
+    for side in SIDES:
+        run = runs.get(side)
+        if run:
+            n = (run.get("summary") or {}).get("num_cases", "?")
+            print(f"{side:<9} exit {run['returncode']}, wall {run['wall_seconds']:.0f}s, {n} validation case(s)"
+                  f"{'' if run.get('this_invocation', True) else ' (from an earlier invocation)'}")
+            print(f"          $ {' '.join(run['command'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the requested side(s), compare, print and write ``benchmark.json``; non-zero if a side failed."""
+    args = build_parser().parse_args(argv)
+    commands = build_commands(args)
+    values = placeholders(args)
+    work = Path(values["work"])
+    settings = {"budget_minutes": args.budget_minutes, "fold": args.fold, "num_folds": args.num_folds,
+                "seed": args.seed, "threads": int(values["threads"]), "data": str(args.data)}
+    previous = _read_summary(work / "benchmark.json") or {}
+    same = all(previous.get(k) == v for k, v in settings.items())
+    runs: dict[str, Any] = {}
+    if same:
+        for side, run in (previous.get("runs") or {}).items():
+            if side not in commands:
+                runs[side] = {**run, "this_invocation": False}
+    failed = False
+    for side, command in commands.items():
+        started = time.time()
+        rc, wall = run_side(command, work / f"{side}.log")
+        path = Path(SUMMARIES[side].format(**values))
+        fresh = rc == 0 and path.is_file() and path.stat().st_mtime >= started - 1  # never a stale summary
+        summary = _read_summary(path) if fresh else None
+        if rc == 0 and summary is None:
+            print(f"{side}: exit 0 but no fresh summary at {path}", file=sys.stderr)
+        failed |= rc != 0 or summary is None
+        runs[side] = {"command": command, "returncode": rc, "wall_seconds": wall, "summary": summary,
+                      "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {**settings, "runs": runs,
+              "comparison": compare((runs.get("ours") or {}).get("summary"), (runs.get("baseline") or {}).get("summary"))}
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "benchmark.json").write_text(json.dumps(result, indent=1))
+    print_table(result)
+    print(f"\nwritten {work / 'benchmark.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

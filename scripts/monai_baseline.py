@@ -1,0 +1,343 @@
+"""A hand-written MONAI baseline for the hippocampus benchmark, written the way MONAI's tutorials do it.
+
+The recipe is fixed on purpose (it is the "peer" our pipeline is compared against):
+
+* ``BasicUNet(spatial_dims=3, in_channels=1, out_channels=3, features=(16, 16, 32, 64, 128, 16))``;
+* ``DiceCELoss(to_onehot_y=True, softmax=True)`` and ``AdamW`` (lr 1e-3, weight decay 1e-5);
+* whole-volume training: every volume is padded to one fixed size that holds the largest case
+  (48 x 64 x 48 for MSD Task04), batch size 4, no patches;
+* MONAI transforms (``LoadImaged``, ``EnsureChannelFirstd``, ``Orientationd(RAS)``,
+  ``NormalizeIntensityd(nonzero=True)``, light ``RandFlipd``/intensity augmentation),
+  ``CacheDataset`` + ``DataLoader``;
+* training stops at a wall-clock budget, checked after every iteration.
+
+It validates on the same fold as our pipeline (:func:`pipeline.splits.kfold_splits`, case id =
+label file name without ``.nii.gz``): each validation volume is predicted whole (padded), the
+padding and reorientation are inverted with ``Invertd``, and Dice per label is computed on the
+case's original voxel grid against its label file. Dice is NaN for a label absent from both
+prediction and reference, and such cases are left out of that label's mean.
+
+Run from the repository root::
+
+    .venv/bin/python scripts/monai_baseline.py --fold 0 --time-budget-minutes 20 --out unet-work/baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+try:
+    from pipeline.splits import kfold_splits
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipeline.splits import kfold_splits
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+DEFAULT_DATA = "../shared/data/hippocampus"
+FEATURES = (16, 16, 32, 64, 128, 16)
+DIVISOR = 16  # BasicUNet downsamples four times: padded sizes must be multiples of 16
+
+
+def strip_nifti(name: str) -> str:
+    """A file name without its ``.nii.gz``/``.nii`` suffix."""
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_dataset(data: Path) -> tuple[list[dict[str, str]], dict[int, str]]:
+    """The labelled cases and the foreground label names of an MSD-style ``dataset.json``.
+
+    Args:
+        data: a folder holding ``dataset.json`` (or the file itself).
+
+    Returns:
+        ``[{"case", "image", "label"}]`` with absolute paths, and ``{value: name}`` without background.
+    """
+    json_path = data / "dataset.json" if data.is_dir() else data
+    meta = json.loads(json_path.read_text())
+    root = json_path.parent
+    cases = []
+    for entry in meta["training"]:
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve()
+        cases.append({"case": strip_nifti(label.name), "image": str(image), "label": str(label)})
+    labels = {int(k): str(v) for k, v in meta["labels"].items() if int(k) != 0}
+    return cases, labels
+
+
+def auto_spatial_size(cases: Sequence[dict[str, str]], divisor: int = DIVISOR) -> tuple[int, int, int]:
+    """The smallest size (multiple of ``divisor``) that holds every image once reoriented to RAS.
+
+    Reads only the NIfTI headers.
+    """
+    largest = [0, 0, 0]
+    for case in cases:
+        img = nib.load(case["image"])
+        ornt = nib.orientations.io_orientation(img.affine)
+        for axis in range(3):
+            out = int(ornt[axis, 0])
+            largest[out] = max(largest[out], int(img.shape[axis]))
+    return tuple(int(math.ceil(s / divisor) * divisor) for s in largest)  # type: ignore[return-value]
+
+
+def build_transforms(spatial_size: Sequence[int], train: bool):
+    """The MONAI transform chain: load, channel first, RAS, z-score on non-zero voxels, pad; flips when training.
+
+    Args:
+        spatial_size: the fixed padded size.
+        train: training (image + label, padded or cropped to the size, augmented) or
+            validation (image only, padded; invertible).
+    """
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        ResizeWithPadOrCropd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"] if train else ["image"]
+    chain: list[Any] = [
+        LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes="RAS"),
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+    ]
+    if train:
+        chain += [
+            ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size),
+            RandFlipd(keys=keys, spatial_axis=[0], prob=0.1),
+            RandFlipd(keys=keys, spatial_axis=[1], prob=0.1),
+            RandFlipd(keys=keys, spatial_axis=[2], prob=0.1),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.1),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.1),
+            EnsureTyped(keys=keys, track_meta=False),
+        ]
+    else:
+        chain.append(SpatialPadd(keys="image", spatial_size=spatial_size))
+    return Compose(chain)
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of each label value; NaN where the label is absent from both maps."""
+    out = {}
+    for v in labels:
+        p, t = pred == v, truth == v
+        denom = int(p.sum()) + int(t.sum())
+        out[v] = float("nan") if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+    return out
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN when there are none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    return torch.device(name)
+
+
+def train(
+    network: torch.nn.Module, train_files: Sequence[dict[str, str]], spatial_size: Sequence[int],
+    args: argparse.Namespace, device: torch.device,
+) -> dict[str, float]:
+    """Train on whole padded volumes until ``--max-epochs`` or the wall-clock budget, checked every iteration.
+
+    Returns:
+        ``epochs`` (begun; the last may be cut short by the budget), ``iterations``,
+        ``train_seconds`` (the loop only) and ``cache_seconds``.
+    """
+    from monai.data import CacheDataset, DataLoader
+    from monai.losses import DiceCELoss
+
+    t0 = time.monotonic()
+    dataset = CacheDataset(train_files, build_transforms(spatial_size, train=True), cache_rate=1.0,
+                           num_workers=max(1, args.threads or 1), progress=False)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=len(dataset) > args.batch_size)
+    cache_seconds = time.monotonic() - t0
+    print(f"cached {len(dataset)} training volumes in {cache_seconds:.1f}s; {len(loader)} iterations per epoch")
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    budget = args.time_budget_minutes * 60.0 if args.time_budget_minutes else math.inf
+    network.train()
+    start = time.monotonic()
+    epochs = iterations = 0
+    out_of_time = False
+    for epoch in range(args.max_epochs):
+        epochs = epoch + 1
+        epoch_loss, steps = 0.0, 0
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(network(image), label)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += float(loss.item())
+            steps += 1
+            iterations += 1
+            if time.monotonic() - start >= budget:
+                out_of_time = True
+                break
+        elapsed = time.monotonic() - start
+        print(f"epoch {epochs}: loss {epoch_loss / max(steps, 1):.4f} ({steps} it, {elapsed:.0f}s)", flush=True)
+        if out_of_time:
+            print(f"time budget of {args.time_budget_minutes} min reached after {iterations} iterations")
+            break
+    return {"epochs": epochs, "iterations": iterations, "train_seconds": time.monotonic() - start,
+            "cache_seconds": cache_seconds}
+
+
+@torch.no_grad()
+def evaluate(
+    network: torch.nn.Module, val_files: Sequence[dict[str, str]], labels: dict[int, str],
+    spatial_size: Sequence[int], device: torch.device,
+) -> list[dict[str, Any]]:
+    """Dice per label of each validation case on its original voxel grid.
+
+    Each volume is predicted whole after padding (``sliding_window_inference`` with one window of
+    the padded size, so a larger case would still be covered), the argmax map is taken back through
+    the padding and the reorientation with ``Invertd``, and compared to the label file as stored.
+    """
+    from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import AsDiscreted, Compose, Invertd
+
+    transforms = build_transforms(spatial_size, train=False)
+    post = Compose([
+        AsDiscreted(keys="pred", argmax=True),
+        Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=True, to_tensor=True),
+    ])
+    loader = DataLoader(Dataset(list(val_files), transforms), batch_size=1, num_workers=0)
+    network.eval()
+    rows = []
+    for batch, files in zip(loader, val_files):
+        logits = sliding_window_inference(batch["image"].to(device), roi_size=spatial_size, sw_batch_size=1,
+                                          predictor=network)
+        batch["pred"] = MetaTensor(logits.cpu())  # Invertd only inverts MetaTensors (or keys with a trace)
+        item = post(decollate_batch(batch)[0])
+        pred = np.asarray(item["pred"][0]).astype(np.int64)
+        truth = np.asanyarray(nib.load(files["label"]).dataobj).astype(np.int64)
+        if pred.shape != truth.shape:
+            raise RuntimeError(f"{files['case']}: prediction shape {pred.shape} != label shape {truth.shape}")
+        scores = dice_per_label(pred, truth, list(labels))
+        rows.append({"case": files["case"], **{labels[v]: d for v, d in scores.items()}})
+    return rows
+
+
+def write_results(out: Path, rows: Sequence[dict[str, Any]], labels: dict[int, str], extra: dict[str, Any]) -> dict:
+    """Write ``cases.csv`` and ``summary.json`` (same keys as our pipeline's evaluation, plus run facts)."""
+    per_label = {name: nanmean([r[name] for r in rows]) for name in labels.values()}
+    summary = {"mean_dice": nanmean(list(per_label.values())), "dice_per_label": per_label,
+               "num_cases": len(rows), **extra}
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "cases.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", *labels.values()])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(description="Hand-written MONAI BasicUNet baseline (whole-volume training) "
+                                            "on one fold of an MSD-style dataset.")
+    p.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help=f"dataset folder (default {DEFAULT_DATA})")
+    p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
+    p.add_argument("--num-folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--time-budget-minutes", type=float, default=20.0,
+                   help="training wall-clock cap in minutes, checked after every iteration (default 20; 0: none)")
+    p.add_argument("--max-epochs", type=int, default=100000, help="epoch cap (default 100000)")
+    p.add_argument("--batch-size", type=int, default=4, help="volumes per batch (default 4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
+    p.add_argument("--spatial-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="padded volume size (default: smallest multiple of 16 holding every case; 48 64 48 here)")
+    p.add_argument("--out", type=Path, default=Path("unet-work/monai-baseline"),
+                   help="output folder for summary.json and cases.csv (default unet-work/monai-baseline)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train, validate on the fold, write and print the results."""
+    args = build_parser().parse_args(argv)
+    from monai.networks.nets import BasicUNet
+    from monai.utils import set_determinism
+
+    args.threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(args.threads)
+    set_determinism(seed=args.seed)
+    device = pick_device(args.device)
+
+    cases, labels = load_dataset(args.data)
+    folds = kfold_splits([c["case"] for c in cases], num_folds=args.num_folds, seed=args.seed)
+    if not 0 <= args.fold < args.num_folds:
+        raise SystemExit(f"--fold must be in 0..{args.num_folds - 1}")
+    val_ids = set(folds[args.fold]["val"])
+    train_files = [c for c in cases if c["case"] not in val_ids]
+    val_files = [c for c in cases if c["case"] in val_ids]
+    spatial_size = tuple(args.spatial_size) if args.spatial_size else auto_spatial_size(cases)
+    print(f"fold {args.fold}/{args.num_folds}: {len(train_files)} training, {len(val_files)} validation case(s); "
+          f"volumes padded to {'x'.join(map(str, spatial_size))}; device {device}, {args.threads} thread(s)")
+
+    network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=len(labels) + 1, features=FEATURES).to(device)
+    facts = train(network, train_files, spatial_size, args, device)
+    t0 = time.monotonic()
+    rows = evaluate(network, val_files, labels, spatial_size, device)
+    extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
+             "seed": args.seed, "spatial_size": list(spatial_size), "batch_size": args.batch_size, "lr": args.lr,
+             "device": str(device), "threads": args.threads}
+    summary = write_results(args.out, rows, labels, extra)
+
+    width = max(len(n) for n in labels.values()) + 2
+    print(f"\nDice per label on {summary['num_cases']} validation case(s) of fold {args.fold}:")
+    for name, value in summary["dice_per_label"].items():
+        print(f"  {name:<{width}}{value:.4f}")
+    print(f"  {'mean':<{width}}{summary['mean_dice']:.4f}")
+    print(f"\n{summary['iterations']} iterations in {summary['epochs']} epoch(s), {summary['train_seconds']:.0f}s "
+          f"training ({60 * summary['iterations'] / max(summary['train_seconds'], 1e-9):.1f} it/min); "
+          f"results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

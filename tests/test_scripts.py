@@ -1,0 +1,97 @@
+"""The benchmark scripts: the MONAI baseline really trains and scores a fold; the benchmark builds its commands."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipeline.splits import kfold_splits
+from tests.conftest import REPO, copy_hippocampus_subset
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_monai_baseline_trains_and_scores_the_pipeline_fold(hippocampus: Path, tmp_path: Path) -> None:
+    """Eight real cases, 4 folds, ~20 s of training: a complete, well-formed result on the pipeline's fold."""
+    data = tmp_path / "data"
+    copy_hippocampus_subset(data, 8)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "scripts/monai_baseline.py", "--data", str(data), "--num-folds", "4", "--fold", "1",
+         "--time-budget-minutes", "0.3", "--threads", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ids = [p.name.removesuffix(".nii.gz") for p in (data / "labelsTr").iterdir()]
+    val = kfold_splits(ids, num_folds=4, seed=0)[1]["val"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dice_per_label"]) == {"Anterior", "Posterior"}
+    for value in [*summary["dice_per_label"].values(), summary["mean_dice"]]:
+        assert math.isfinite(value) and 0.0 <= value <= 1.0
+    assert summary["num_cases"] == len(val)
+    assert summary["iterations"] >= 1 and summary["epochs"] >= 1 and summary["train_seconds"] > 0
+    with (out / "cases.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows) == sorted(val)
+    assert all(set(r) == {"case", "Anterior", "Posterior"} for r in rows)
+
+
+def test_benchmark_builds_both_commands_with_the_same_budget_fold_and_threads(tmp_path: Path) -> None:
+    bench = _load_script("benchmark_hippocampus")
+    args = bench.build_parser().parse_args(
+        ["--budget-minutes", "2.5", "--fold", "3", "--threads", "2", "--work-dir", str(tmp_path / "w")]
+    )
+    commands = bench.build_commands(args)
+    assert list(commands) == ["ours", "baseline"]
+    ours, baseline = commands["ours"], commands["baseline"]
+    work = str((tmp_path / "w").resolve())
+
+    assert ours[0].endswith("unet-pipeline") and ours[1:3] == ["run", "configs/hippocampus.yaml"]
+    assert ours[ours.index("--work-dir") + 1] == f"{work}/ours"
+    sets = [ours[i + 1] for i, part in enumerate(ours) if part == "--set"]
+    assert {"train.time_budget_minutes=2.5", "data.fold=3", "train.num_threads=2"} <= set(sets)
+
+    assert baseline[:2] == [sys.executable, "scripts/monai_baseline.py"]
+    opts = dict(zip(baseline[2::2], baseline[3::2]))
+    assert opts["--time-budget-minutes"] == "2.5" and opts["--fold"] == "3" and opts["--threads"] == "2"
+    assert opts["--out"] == f"{work}/baseline" and opts["--data"] == "../shared/data/hippocampus"
+
+
+def test_benchmark_defaults_and_only_one_side() -> None:
+    bench = _load_script("benchmark_hippocampus")
+    args = bench.build_parser().parse_args([])
+    assert (args.budget_minutes, args.fold, args.only) == (20.0, 0, None)
+    ours = bench.build_commands(args)["ours"]
+    assert "train.time_budget_minutes=20" in ours and "data.fold=0" in ours
+    assert list(bench.build_commands(bench.build_parser().parse_args(["--only", "baseline"]))) == ["baseline"]
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--only", "neither"])
+
+
+def test_benchmark_comparison_difference_and_ratio() -> None:
+    bench = _load_script("benchmark_hippocampus")
+    ours = {"mean_dice": 0.8, "dice_per_label": {"Anterior": 0.9, "Posterior": 0.7}}
+    base = {"mean_dice": 0.4, "dice_per_label": {"Anterior": 0.5, "Posterior": float("nan")}}
+    rows = bench.compare(ours, base)
+    assert rows["Anterior"]["difference"] == pytest.approx(0.4) and rows["Anterior"]["ratio"] == pytest.approx(1.8)
+    assert rows["Posterior"]["difference"] is None and rows["Posterior"]["ratio"] is None
+    assert rows["mean"]["ratio"] == pytest.approx(2.0)
+    one_sided = bench.compare(ours, None)
+    assert one_sided["mean"] == {"ours": 0.8, "baseline": None, "difference": None, "ratio": None}
+    assert bench.compare(None, None) == {}
