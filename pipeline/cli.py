@@ -36,6 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--mirror", action="store_true", help="test-time augmentation: average over axis flips")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             if summary is not None:  # None on torchrun ranks other than 0
                 _print_run_summary(summary)
         return 0
-    settings = EvaluateConfig(overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    settings = EvaluateConfig(overlap=args.overlap, sw_batch_size=args.sw_batch_size, mirror=args.mirror)
     if not 0 <= settings.overlap < 1 or settings.sw_batch_size < 1:
         raise PipelineError("--overlap must be in [0, 1) and --sw-batch-size >= 1")
     if args.command == "evaluate":

@@ -90,6 +90,7 @@ class EvaluateConfig:
     """
 
     checkpoint: Literal["final", "best"] = "final"
+    mirror: bool = False
     overlap: float = 0.5
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = 4

@@ -49,8 +49,8 @@ def predict_logits(
 ) -> torch.Tensor:
     """Stitch windowed logits over a whole preprocessed volume.
 
-    Windows run on ``device``; the stitched output stays there too unless the
-    volume would not fit, in which case MONAI's CPU stitching is used.
+    Windows run and are stitched on ``device``. With ``settings.mirror`` the
+    logits are averaged over all axis flips (test-time augmentation).
 
     Args:
         model: a network in evaluation mode on ``device``.
@@ -70,18 +70,24 @@ def predict_logits(
             return model(x[..., 0])[..., None]
         return model(x)
 
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = sliding_window_inference(
-            image[None].to(device),
-            roi_size=roi,
-            sw_batch_size=settings.sw_batch_size,
-            predictor=run,
-            overlap=settings.overlap,
-            mode=settings.mode,
-            sw_device=device,
-            device=device,
-        )
-    return torch.as_tensor(logits[0]).float().cpu()
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out = sliding_window_inference(
+                x, roi_size=roi, sw_batch_size=settings.sw_batch_size, predictor=run, overlap=settings.overlap,
+                mode=settings.mode, sw_device=device, device=device,
+            )
+        return torch.as_tensor(out).float()
+
+    x = image[None].to(device)
+    logits = windows(x)
+    if settings.mirror:
+        # nnU-Net's test-time mirroring: average the logits over every combination of axis flips.
+        axes = [2, 3] if spatial_dims == 2 else [2, 3, 4]
+        flips = [[a for i, a in enumerate(axes) if mask >> i & 1] for mask in range(1, 2 ** len(axes))]
+        for dims in flips:
+            logits += torch.flip(windows(torch.flip(x, dims)), dims)
+        logits /= 1 + len(flips)
+    return logits[0].cpu()
 
 
 @dataclass
