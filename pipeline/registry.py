@@ -13,6 +13,7 @@ from pipeline.errors import InputDataError, PipelineError
 CANDIDATE, CHAMPION = "candidate", "champion"
 SELECTION_METRIC = "val_mean_dice"
 MODEL_ARTIFACT = "model"
+_uri_we_set: str | None = None
 
 
 def quiet_mlflow() -> None:
@@ -30,7 +31,9 @@ def tracking_uri(configured: str | None, work_dir: Path) -> str:
         configured: ``mlflow.tracking_uri`` from the config (may be empty).
         work_dir: the run's work directory.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    # mlflow.set_tracking_uri() exports the variable too: only a value we did not set is the user's.
+    uri = configured or (env if env != _uri_we_set else None)
     if uri:
         return uri
     return f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
@@ -53,9 +56,11 @@ def setup(configured_uri: str | None, work_dir: Path, experiment: str | None = N
     quiet_mlflow()
     import mlflow
 
+    global _uri_we_set
     uri = tracking_uri(configured_uri, work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    _uri_we_set = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_registry_uri(uri)
     if experiment:
         client = mlflow.MlflowClient()

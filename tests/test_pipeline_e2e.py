@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def _client(work_dir: Path):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{(work_dir / 'mlflow.db').resolve()}")
+    uri = f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,15 @@ def test_console_script_demo_help() -> None:
     for cmd in ("run", "preprocess", "train", "evaluate", "predict"):
         res = subprocess.run([str(exe), cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and f"usage: unet-pipeline {cmd}" in res.stdout
+
+
+def test_each_work_dir_keeps_its_own_store(trained: dict, tmp_path: Path) -> None:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; a later run in the same process must not follow it."""
+    other = tmp_path / "other"
+    assert main(["run", str(trained["config"]), "--work-dir", str(other), "--set", "train.epochs=1"]) == 0
+    new_client, old_client = _client(other), _client(trained["work"])
+    version = new_client.get_model_version_by_alias("tiny-unet", "champion")
+    assert str(version.version) == "1"
+    assert new_client.get_run(version.run_id).info.run_id == version.run_id
+    old_runs = old_client.search_runs([old_client.get_experiment_by_name("tests").experiment_id])
+    assert version.run_id not in {r.info.run_id for r in old_runs} and len(old_runs) == 2

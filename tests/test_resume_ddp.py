@@ -30,7 +30,8 @@ def _config(tmp_path: Path, **train: object) -> Path:
 def _client(work: Path):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{(work / 'mlflow.db').resolve()}")
+    uri = f"sqlite:///{(work / 'mlflow.db').resolve()}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _epoch_of(path: Path) -> int:
