@@ -71,6 +71,7 @@ class TrainConfig:
     learning_rate: float = 1e-2
     weight_decay: float = 3e-5
     augment: bool = True
+    elastic: bool = False
     val_every: int = 5
     seed: int = 0
     device: str = "auto"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +13,8 @@ from tqdm import tqdm
 from pipeline.dataset import Case
 from pipeline.errors import InputDataError
 from pipeline.inference import Predictor
-from pipeline.training import dice_per_label
+from pipeline.metrics import dice_per_label, write_evaluation
 from transforms.readers import MedicalImageReader
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -> dict[str, Any]:
@@ -57,21 +48,4 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
             raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
         scores = dice_per_label(pred, truth, list(labels))
         rows.append({"case": case.case_id, **{labels[v]: d for v, d in scores.items()}})
-    per_label = {name: _mean([r[name] for r in rows]) for name in labels.values()}
-    summary = {
-        "mean_dice": _mean(list(per_label.values())),
-        "dice_per_label": per_label,
-        "num_cases": len(rows),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_csv = out_dir / ".cases.csv.tmp"
-    with tmp_csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", *labels.values()])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp_json = out_dir / ".summary.json.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp_csv, out_dir / "cases.csv")
-    os.replace(tmp_json, out_dir / "summary.json")
-    return summary
+    return write_evaluation(rows, list(labels.values()), out_dir)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
+    Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -39,6 +40,7 @@ from pipeline import distributed
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.inference import predict_logits, resolve_device, window_size
+from pipeline.metrics import dice_per_label
 from pipeline.preprocess import PreprocessedCase
 
 MetricLogger = Callable[[dict[str, float], int], None]
@@ -113,12 +115,25 @@ def train_transforms(cfg: PipelineConfig, patch_size: Sequence[int]) -> Compose:
                 keys=keys, prob=0.2, rotate_range=rotate, scale_range=(0.15, 0.15, 0.0 if in_plane else 0.15),
                 mode=("bilinear", "nearest"), padding_mode="zeros",
             ),
+            *([_elastic(cfg.model.spatial_dims, keys, roi)] if t.elastic else []),
             *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(cfg.model.spatial_dims)],
             RandGaussianNoised(keys="image", prob=0.1, std=0.1),
             RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
             RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5)),
         ]
     return Compose(steps)
+
+
+def _elastic(spatial_dims: int, keys: list[str], roi: Sequence[int]) -> Any:
+    """Elastic deformation (off by default: costly on a CPU, and nnU-Net finds it rarely helps)."""
+    if spatial_dims == 2:
+        # 2D patches are (X, Y, 1) volumes here: deform in-plane only.
+        return RandAffined(keys=keys, prob=0.2, shear_range=(0.1, 0.1), mode=("bilinear", "nearest"))
+    # MONAI's tutorial values: the random field is smoothed with sigma, then scaled by magnitude (voxels).
+    return Rand3DElasticd(
+        keys=keys, prob=0.2, sigma_range=(5.0, 8.0), magnitude_range=(100.0, 200.0), spatial_size=list(roi),
+        mode=("bilinear", "nearest"), padding_mode="zeros",
+    )
 
 
 def _collate_patches(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,22 +165,6 @@ class DeepSupervisionLoss(torch.nn.Module):
             )
             total = total + w * self.loss(out, target)
         return total / sum(weights)
-
-
-def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice of each label value; NaN where the label is absent from both maps.
-
-    Args:
-        pred: predicted label map.
-        truth: reference label map of the same shape.
-        labels: the label values to score.
-    """
-    out = {}
-    for v in labels:
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        out[v] = float("nan") if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
-    return out
 
 
 def validate(

@@ -25,7 +25,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -41,9 +40,11 @@ import numpy as np
 import torch
 
 try:
+    from pipeline.metrics import dice_per_label, write_evaluation
     from pipeline.splits import kfold_splits
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipeline.metrics import dice_per_label, write_evaluation
     from pipeline.splits import kfold_splits
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
@@ -140,22 +141,6 @@ def build_transforms(spatial_size: Sequence[int], train: bool):
     else:
         chain.append(SpatialPadd(keys="image", spatial_size=spatial_size))
     return Compose(chain)
-
-
-def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
-    """Dice of each label value; NaN where the label is absent from both maps."""
-    out = {}
-    for v in labels:
-        p, t = pred == v, truth == v
-        denom = int(p.sum()) + int(t.sum())
-        out[v] = float("nan") if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
-    return out
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the non-NaN values (NaN when there are none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def pick_device(name: str) -> torch.device:
@@ -256,23 +241,6 @@ def evaluate(
     return rows
 
 
-def write_results(out: Path, rows: Sequence[dict[str, Any]], labels: dict[int, str], extra: dict[str, Any]) -> dict:
-    """Write ``cases.csv`` and ``summary.json`` (same keys as our pipeline's evaluation, plus run facts)."""
-    per_label = {name: nanmean([r[name] for r in rows]) for name in labels.values()}
-    summary = {"mean_dice": nanmean(list(per_label.values())), "dice_per_label": per_label,
-               "num_cases": len(rows), **extra}
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "cases.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", *labels.values()])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / "summary.json")
-    return summary
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(description="Hand-written MONAI BasicUNet baseline (whole-volume training) "
@@ -326,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
              "seed": args.seed, "spatial_size": list(spatial_size), "batch_size": args.batch_size, "lr": args.lr,
              "device": str(device), "threads": args.threads}
-    summary = write_results(args.out, rows, labels, extra)
+    # Scored and written by the pipeline's own functions, so both sides of the benchmark count alike.
+    summary = write_evaluation(rows, list(labels.values()), args.out, extra)
 
     width = max(len(n) for n in labels.values()) + 2
     print(f"\nDice per label on {summary['num_cases']} validation case(s) of fold {args.fold}:")
