@@ -18,17 +18,6 @@ from pipeline.config import EvaluateConfig
 from transforms.preprocessing import preprocessing
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU.
-
-    Args:
-        name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def window_size(patch_size: Sequence[int], spatial_dims: int) -> list[int]:
     """The 3D window a model sees: a 2D model sees one slice at a time along the last axis.
 

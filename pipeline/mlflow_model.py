@@ -25,19 +25,24 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's model context holding ``artifacts["checkpoint"]``.
         """
-        from pipeline.inference import load_model, resolve_device
+        from pipeline.devices import resolve_device
+        from pipeline.inference import load_model
 
         self.device = resolve_device("auto")
         self.model = load_model(context.artifacts["checkpoint"], self.device)
 
-    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(
+        self, context: Any, model_input: np.ndarray | dict[str, np.ndarray], params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         """Label map of already preprocessed input.
 
         Args:
             context: MLflow's model context (unused).
-            model_input: ``(N, C, *spatial)`` float32 array.
+            model_input: ``(N, C, *spatial)`` float32 array (or ``{"image": array}``).
             params: unused.
         """
+        if isinstance(model_input, dict):  # MLflow passes named tensor inputs as {"image": array}
+            model_input = model_input["image"]
         with torch.no_grad():
             logits = self.model.network(torch.as_tensor(np.asarray(model_input, np.float32), device=self.device))
         return torch.argmax(logits, 1).to(torch.uint8).cpu().numpy()

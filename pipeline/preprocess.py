@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
 from pipeline.dataset import Case, Dataset
+from pipeline.devices import resolve_device
 from pipeline.errors import InputDataError
-from pipeline.inference import resolve_device
 from pipeline.planning import plan_network
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
 

@@ -16,8 +16,8 @@ from pipeline import registry
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
 from pipeline.demo_data import make_demo_dataset
+from pipeline.devices import resolve_device
 from pipeline.errors import InputDataError, PipelineError
-from pipeline.inference import resolve_device
 from pipeline.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.splits import stored_splits
 

@@ -39,7 +39,8 @@ from models.unet import UNet
 from pipeline import distributed
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
-from pipeline.inference import predict_logits, resolve_device, window_size
+from pipeline.devices import resolve_device
+from pipeline.inference import predict_logits, window_size
 from pipeline.metrics import dice_per_label
 from pipeline.preprocess import PreprocessedCase
 
@@ -373,14 +374,15 @@ def train(
                     best_dice = metrics["val_dice"]
                     save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice,
                                      "epoch": epoch + 1}, best_path)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
+            # Metrics before the checkpoint: a crash in between redoes (and re-logs) this epoch instead of losing it.
+            if log_metrics:
+                log_metrics(metrics, epoch + 1)
             save_checkpoint({
                 **base, "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": best_dice,
                 "elapsed_s": elapsed(), "stopped_by_budget": stopped, **(extra_state or {}),
             }, last_path)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
-            if log_metrics:
-                log_metrics(metrics, epoch + 1)
         distributed.barrier()
         if stopped:
             break

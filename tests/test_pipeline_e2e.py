@@ -171,3 +171,28 @@ def test_each_work_dir_keeps_its_own_store(trained: dict, tmp_path: Path) -> Non
     assert new_client.get_run(version.run_id).info.run_id == version.run_id
     old_runs = old_client.search_runs([old_client.get_experiment_by_name("tests").experiment_id])
     assert version.run_id not in {r.info.run_id for r in old_runs} and len(old_runs) == 2
+
+
+def test_registered_model_loads_as_mlflow_pyfunc(trained: dict, tmp_path: Path) -> None:
+    """A colleague's path: mlflow.pyfunc.load_model on the champion, with a preprocessed volume."""
+    import mlflow
+
+    from pipeline.inference import load_model
+
+    uri = f"sqlite:///{(trained['work'] / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-unet@champion")
+    x = np.random.RandomState(0).randn(2, 1, 24, 24, 24).astype(np.float32)
+    labels = pyfunc.predict(x)
+    assert labels.shape == (2, 24, 24, 24) and labels.dtype == np.uint8
+    # Same weights as our own CLI resolves for the champion (the work dir's final.pt is the later, worse run's).
+    import torch
+
+    from pipeline.registry import resolve_model
+
+    path = resolve_model("models:/tiny-unet@champion", trained["work"], tmp_path)
+    model = load_model(path, torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.argmax(model.network(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_array_equal(labels, expected)
