@@ -31,6 +31,18 @@ def hippocampus() -> Path:
     return HIPPOCAMPUS
 
 
+def dicom_series(name: str) -> Path:
+    """A shared real DICOM series folder; skips the test when the shared data is absent.
+
+    Args:
+        name: the series folder name under ``../shared/data/dicom``.
+    """
+    folder = DICOM / name
+    if not folder.is_dir() or not any(folder.iterdir()):
+        pytest.skip(f"shared DICOM series not found at {folder} (see ../shared/data/README.md)")
+    return folder
+
+
 def copy_hippocampus_subset(dst: Path, n: int) -> Path:
     """Copy the first ``n`` real hippocampus cases with a dataset.json into ``dst`` (never write into shared/)."""
     import json

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import DICOM, HIPPOCAMPUS, TINY, copy_hippocampus_subset
+from tests.conftest import HIPPOCAMPUS, TINY, copy_hippocampus_subset, dicom_series
 
 # Independent LPS <-> RAS flip (SimpleITK/DICOM speak LPS, nibabel/MONAI RAS).
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -29,15 +29,8 @@ FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 # ----------------------------------------------------------------------------- helpers
 
 
-def _series(name: str) -> Path:
-    folder = DICOM / name
-    if not folder.is_dir() or not any(folder.iterdir()):
-        pytest.skip(f"shared DICOM series not found at {folder} (see ../shared/data/README.md)")
-    return folder
-
-
 def _copy_series(name: str, dest: Path) -> Path:
-    return Path(shutil.copytree(_series(name), dest))
+    return Path(shutil.copytree(dicom_series(name), dest))
 
 
 def _sitk_series(folder: Path) -> sitk.Image:
@@ -133,7 +126,7 @@ def _assert_label_recovered(recovered: np.ndarray, truth: np.ndarray) -> None:
 
 
 def test_round_trip_oblique_dicom_series_with_mask() -> None:
-    image, mask = _series("pgbm003_t1post"), _series("pgbm003_tumor_mask")
+    image, mask = dicom_series("pgbm003_t1post"), dicom_series("pgbm003_tumor_mask")
     ref = _sitk_series(mask)
     truth = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)  # (z, y, x) -> (i, j, k)
     # Finer and anisotropic (0.43 x 0.43 x 6.5 mm -> 0.3 x 0.35 x 4.5 mm).
@@ -177,7 +170,7 @@ def checkpoint_2mm(tiny_checkpoint: Path) -> Path:
 
 
 def test_predict_oblique_dicom_series_keeps_series_geometry(tmp_path: Path, checkpoint_2mm: Path) -> None:
-    series = _series("pgbm003_t1post")
+    series = dicom_series("pgbm003_t1post")
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(checkpoint_2mm), str(series), "--out", str(out),
                  "--work-dir", str(tmp_path / "w"), "--overlap", "0"]) == 0
@@ -441,8 +434,8 @@ def _find(values: set[str], haystacks: list[tuple[str, bytes]]) -> list[str]:
 
 @pytest.mark.slow
 def test_no_patient_identifiers_leak(tmp_path: Path) -> None:
-    t1, mask = _series("pgbm003_t1post"), _series("pgbm003_tumor_mask")
-    hippo = _series("hippocrop_pgbm002")
+    t1, mask = dicom_series("pgbm003_t1post"), dicom_series("pgbm003_tumor_mask")
+    hippo = dicom_series("hippocrop_pgbm002")
     ds = tmp_path / "ds"
     for case in ("case_a", "case_b"):
         shutil.copytree(t1, ds / "imagesTr" / case)

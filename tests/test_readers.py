@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from monai.transforms import LoadImage, LoadImaged
 
 from pipeline.errors import InputDataError
+from tests.conftest import HIPPOCAMPUS, dicom_series
 from transforms.readers import (
     MedicalImageReader,
     SeriesInfo,
@@ -24,18 +25,9 @@ from transforms.readers import (
     write_nifti_atomic,
 )
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DICOM_ROOT = DATA_ROOT / "dicom"
 SERIES = ["hippocrop_pgbm002", "hippocrop_pgbm006", "pgbm003_t1post", "pgbm003_tumor_mask", "chest_ct"]
 # Independent LPS <-> RAS flip, written out here rather than imported from the module.
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _series_dir(name: str) -> Path:
-    folder = DICOM_ROOT / name
-    if not folder.is_dir() or not any(folder.iterdir()):
-        pytest.skip(f"shared DICOM data not available: {folder} is missing (see shared/data/README.md)")
-    return folder
 
 
 def _load(path: Path | list[Path], **kwargs: object) -> object:
@@ -61,7 +53,7 @@ def _headers_by_position(folder: Path) -> list[tuple[float, Path, pydicom.Datase
 
 
 def _copy_series(name: str, dest: Path) -> Path:
-    return Path(shutil.copytree(_series_dir(name), dest))
+    return Path(shutil.copytree(dicom_series(name), dest))
 
 
 def _expect_error(call: object, *fragments: str) -> InputDataError:
@@ -79,13 +71,13 @@ def _expect_error(call: object, *fragments: str) -> InputDataError:
 @pytest.fixture(scope="module")
 def ct_ours() -> object:
     """Load the chest CT through LoadImage + MedicalImageReader (once per module)."""
-    return _load(_series_dir("chest_ct"))
+    return _load(dicom_series("chest_ct"))
 
 
 @pytest.fixture(scope="module")
 def ct_sitk() -> sitk.Image:
     """Read the chest CT with SimpleITK alone (once per module)."""
-    return _sitk_series(_series_dir("chest_ct"))
+    return _sitk_series(dicom_series("chest_ct"))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +95,7 @@ def test_geometry_and_values_match_simpleitk(name: str, request: pytest.FixtureR
     if name == "chest_ct":
         ours, ref = request.getfixturevalue("ct_ours"), request.getfixturevalue("ct_sitk")
     else:
-        folder = _series_dir(name)
+        folder = dicom_series(name)
         ours, ref = _load(folder), _sitk_series(folder)
     assert tuple(ours.shape) == ref.GetSize()  # (i, j, k) = SimpleITK (x, y, z)
     affine_lps = FLIP @ ours.affine.numpy()
@@ -115,7 +107,7 @@ def test_geometry_and_values_match_simpleitk(name: str, request: pytest.FixtureR
     np.testing.assert_allclose(ours.meta["original_affine"], ours.affine.numpy())
     assert tuple(ours.meta["spatial_shape"]) == ref.GetSize()
     assert ours.meta["original_channel_dim"] == "no_channel"
-    assert ours.meta["filename_or_obj"] == str(_series_dir(name))
+    assert ours.meta["filename_or_obj"] == str(dicom_series(name))
     expected = sitk.GetArrayViewFromImage(ref).transpose(2, 1, 0)
     assert np.array_equal(ours.numpy(), expected)
 
@@ -123,7 +115,7 @@ def test_geometry_and_values_match_simpleitk(name: str, request: pytest.FixtureR
 @pytest.mark.parametrize("name", SERIES)
 def test_listing_and_order_agree_with_gdcm(name: str) -> None:
     """Our series listing and geometric slice order (pydicom) agree with GDCM's."""
-    folder = _series_dir(name)
+    folder = dicom_series(name)
     reader = sitk.ImageSeriesReader()
     uids = reader.GetGDCMSeriesIDs(str(folder))
     infos = list_dicom_series(folder)
@@ -135,15 +127,15 @@ def test_listing_and_order_agree_with_gdcm(name: str) -> None:
 
 def test_oblique_mask_on_same_grid_as_image() -> None:
     """The oblique T1 and its tumour mask share a grid; mask voxels sit where SimpleITK puts them."""
-    image = _load(_series_dir("pgbm003_t1post"))
-    mask = _load(_series_dir("pgbm003_tumor_mask"))
+    image = _load(dicom_series("pgbm003_t1post"))
+    mask = _load(dicom_series("pgbm003_tumor_mask"))
     assert image.shape == mask.shape == (512, 512, 24)
     np.testing.assert_allclose(image.affine.numpy(), mask.affine.numpy(), atol=1e-4)
     direction = (FLIP @ image.affine.numpy())[:3, :3] / np.asarray([0.4297, 0.4297, 6.5])
     assert abs(direction[2, 1]) > 0.05, "t1post should be oblique"
     assert set(np.unique(mask.numpy())) == {0.0, 1.0}
 
-    ref = _sitk_series(_series_dir("pgbm003_tumor_mask"))
+    ref = _sitk_series(dicom_series("pgbm003_tumor_mask"))
     ref_array = sitk.GetArrayViewFromImage(ref)
     nonzero = np.argwhere(mask.numpy() > 0)
     assert len(nonzero) > 0
@@ -161,7 +153,7 @@ def test_ct_in_hounsfield_units(ct_ours: object) -> None:
     air = array[246:266, 20:40, 60:80]  # anterior, outside the body, inside the scan circle
     assert -1030 < air.mean() < -950
     assert ct_ours.meta["modality"] == "CT"
-    rows = _headers_by_position(_series_dir("chest_ct"))
+    rows = _headers_by_position(dicom_series("chest_ct"))
     for k in (0, 70, len(rows) - 1):
         ds = pydicom.dcmread(rows[k][1])
         hu = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)  # rows x columns = (j, i)
@@ -170,7 +162,7 @@ def test_ct_in_hounsfield_units(ct_ours: object) -> None:
 
 def test_shuffled_file_names_give_identical_volume(tmp_path: Path) -> None:
     """Permuting the file names changes nothing: slices are ordered by geometry."""
-    source = _series_dir("pgbm003_t1post")
+    source = dicom_series("pgbm003_t1post")
     files = sorted(source.iterdir())
     names = [f.name for f in files]
     random.Random(1234).shuffle(names)
@@ -187,7 +179,7 @@ def test_shuffled_file_names_give_identical_volume(tmp_path: Path) -> None:
 def test_load_imaged_meta_and_nifti(tmp_path: Path) -> None:
     """LoadImaged works with DICOM and NIfTI; NIfTI round-trips through write_nifti_atomic."""
     out = LoadImaged(keys=["image"], reader=MedicalImageReader(), image_only=False)(
-        {"image": str(_series_dir("hippocrop_pgbm002"))}
+        {"image": str(dicom_series("hippocrop_pgbm002"))}
     )
     meta = out["image_meta_dict"]
     for key in ("affine", "original_affine", "spatial_shape", "filename_or_obj"):
@@ -208,7 +200,7 @@ def test_load_imaged_meta_and_nifti(tmp_path: Path) -> None:
 
 def test_multichannel_needs_same_grid() -> None:
     """A list of paths stacks channels first; channels on different grids are refused."""
-    a, b = _series_dir("hippocrop_pgbm002"), _series_dir("hippocrop_pgbm006")
+    a, b = dicom_series("hippocrop_pgbm002"), dicom_series("hippocrop_pgbm006")
     stacked = _load([a, a])
     assert tuple(stacked.shape) == (2, 35, 51, 32)
     _expect_error(lambda: _load([a, b]), str(b), "same voxel grid")
@@ -283,7 +275,7 @@ def test_truncated_dicom_file(tmp_path: Path, error_messages: list[str]) -> None
 def test_single_slice_series_refused(tmp_path: Path) -> None:
     """One 2D slice is not a 3D volume."""
     (tmp_path / "one").mkdir()
-    shutil.copyfile(_series_dir("hippocrop_pgbm002") / "1.dcm", tmp_path / "one" / "1.dcm")
+    shutil.copyfile(dicom_series("hippocrop_pgbm002") / "1.dcm", tmp_path / "one" / "1.dcm")
     _expect_error(lambda: read_dicom_series(tmp_path / "one"), str(tmp_path / "one"), "single slice")
 
 
@@ -292,7 +284,7 @@ def test_two_series_in_one_folder(tmp_path: Path, error_messages: list[str]) -> 
     folder = tmp_path / "mixed"
     folder.mkdir()
     for name in ("hippocrop_pgbm002", "hippocrop_pgbm006"):
-        for src in _series_dir(name).iterdir():
+        for src in dicom_series(name).iterdir():
             shutil.copyfile(src, folder / f"{name}_{src.name}")
     infos = {i.num_files: i for i in list_dicom_series(folder)}
     assert sorted(infos) == [32, 35] and all(isinstance(i, SeriesInfo) for i in infos.values())
@@ -326,9 +318,9 @@ def test_error_is_not_swallowed_by_load_image(tmp_path: Path) -> None:
 
 
 def _hippocampus_nifti() -> Path:
-    files = sorted((DATA_ROOT / "hippocampus" / "imagesTr").glob("*.nii.gz"))
+    files = sorted((HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
     if not files:
-        pytest.skip(f"shared NIfTI data not available under {DATA_ROOT / 'hippocampus'}")
+        pytest.skip(f"shared NIfTI data not available under {HIPPOCAMPUS}")
     return files[0]
 
 
@@ -369,7 +361,7 @@ def test_4d_nifti(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", SERIES)
 def test_no_patient_identifiers_leak(name: str, request: pytest.FixtureRequest) -> None:
     """PatientName/PatientID appear in no SeriesInfo, meta dict or error message."""
-    folder = _series_dir(name)
+    folder = dicom_series(name)
     ds = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
     secrets = {str(ds.PatientName), str(ds.PatientID)} - {""}
     assert secrets, "test data should carry (placeholder) patient identifiers"
