@@ -206,33 +206,70 @@ def _seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-class PatchDataset(TorchDataset):
-    """One epoch of training patches; sample ``i`` is augmented with its own seed.
+class PatchStream(TorchDataset):
+    """The training patches of every epoch as one indexable stream; sample ``g`` depends on ``g`` alone.
 
-    Seeding per sample (not per process) makes an epoch's patches independent of
-    worker scheduling, which is what lets a resumed run repeat exactly the
-    epochs an uninterrupted run would have done.
+    Sample ``g`` is patch ``i = g % per_epoch`` of epoch ``g // per_epoch``: its case
+    and its augmentation are drawn from seeds of the epoch and ``i``, never from
+    a process's RNG. So one ``DataLoader`` (workers started once, prefetching
+    across epoch ends) yields the same patches whatever the number of workers,
+    and a resumed run, which starts the stream at its epoch, repeats exactly
+    the patches an uninterrupted run would have seen.
 
     Args:
         cases: preprocessed ``image``/``label`` tensors.
-        picks: case index of each sample.
         transforms: crop and augmentation chain.
-        seed: this epoch's base seed.
+        seed: the run's seed (``train.seed``).
+        rank: this process's rank (each DDP process draws its own patches).
+        per_epoch: samples per epoch (iterations times batch size).
     """
 
-    def __init__(self, cases: Sequence[dict], picks: Sequence[int], transforms: Compose, seed: int) -> None:
-        self.cases, self.picks, self.transforms, self.seed = cases, list(picks), transforms, seed
+    def __init__(self, cases: Sequence[dict], transforms: Compose, seed: int, rank: int, per_epoch: int) -> None:
+        self.cases, self.transforms, self.seed, self.rank, self.per_epoch = cases, transforms, seed, rank, per_epoch
         self._local = threading.local()
+        self._picks: dict[int, np.ndarray] = {}
+
+    def epoch_picks(self, epoch: int) -> np.ndarray:
+        """The case index of each sample of ``epoch``.
+
+        Args:
+            epoch: the epoch (0-based).
+        """
+        if epoch not in self._picks:
+            self._picks = {epoch: np.random.RandomState(_epoch_seed(self.seed, epoch, self.rank)).randint(
+                0, len(self.cases), size=self.per_epoch)}
+        return self._picks[epoch]
 
     def __len__(self) -> int:
-        return len(self.picks)
+        return 2**62  # unbounded: the sampler says which epochs are drawn
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, g: int) -> Any:
         if not hasattr(self._local, "transforms"):
             self._local.transforms = copy.deepcopy(self.transforms)
+        epoch, i = divmod(int(g), self.per_epoch)
         tf = self._local.transforms
-        tf.set_random_state(seed=(self.seed + i) % 2**32)
-        return tf(self.cases[self.picks[i]])
+        tf.set_random_state(seed=(_epoch_seed(self.seed, epoch, self.rank) + i) % 2**32)
+        return tf(self.cases[self.epoch_picks(epoch)[i]])
+
+
+def patch_loader(
+    stream: PatchStream, first_epoch: int, last_epoch: int, batch_size: int, workers: int, pin_memory: bool,
+) -> DataLoader:
+    """One loader over epochs ``[first_epoch, last_epoch)`` of a patch stream.
+
+    Args:
+        stream: the patch stream.
+        first_epoch: the first epoch to draw (the resumed epoch).
+        last_epoch: one past the last epoch.
+        batch_size: patches per batch (``stream.per_epoch`` is a multiple of it).
+        workers: worker processes (0: augment in this process).
+        pin_memory: page-lock batches for a fast copy to the GPU.
+    """
+    sampler = range(first_epoch * stream.per_epoch, last_epoch * stream.per_epoch)
+    return DataLoader(
+        stream, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate_patches,
+        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+    )
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -326,6 +363,9 @@ def train(
 
     base = {"model": kwargs, "plan": plan, "patch_size": patch_size}
     epoch, stopped, patches = start_epoch, False, 0
+    stream = PatchStream(train_data, transforms, t.seed, env.rank, iterations * batch_size)
+    # One iterator for the whole run: workers start once and keep prefetching across epoch ends.
+    batches = iter(patch_loader(stream, start_epoch, t.epochs, batch_size, workers, device.type == "cuda"))
     start = time.monotonic()
     bar = tqdm(range(start_epoch, t.epochs), desc="train", unit="epoch", disable=not env.is_main,
                initial=start_epoch, total=t.epochs)
@@ -337,15 +377,10 @@ def train(
         progress = max(epoch / t.epochs, elapsed() / budget_s if budget_s else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = t.learning_rate * _lr_factor(progress)
-        seed = _epoch_seed(t.seed, epoch, env.rank)
-        picks = np.random.RandomState(seed).randint(0, len(train_data), size=iterations * batch_size)
-        loader = DataLoader(
-            PatchDataset(train_data, picks, transforms, seed), batch_size=batch_size, shuffle=False,
-            num_workers=workers, collate_fn=_collate_patches, pin_memory=device.type == "cuda",
-        )
         network.train()
         losses = []
-        for image, label in loader:
+        for _ in range(iterations):
+            image, label = next(batches)
             image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
             if cfg.model.spatial_dims == 2:
                 image, label = image[..., 0], label[..., 0]
@@ -387,6 +422,7 @@ def train(
         if stopped:
             break
     bar.close()
+    del batches  # stops the loader's workers
     completed = epoch + 1 if t.epochs > start_epoch else start_epoch
     model = _unwrap(network)
     final_path = checkpoint_dir / "final.pt"
