@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import load_config
 from pipeline.metrics import dice_per_label
 from pipeline.planning import plan_network
-from pipeline.training import DeepSupervisionLoss, train_transforms
+from pipeline.training import DeepSupervisionLoss, PatchStream, patch_loader, train_transforms
 
 
 def _cfg(tmp_path: Path, spatial_dims: int, **train: object):
@@ -42,6 +42,33 @@ def test_augmented_patches_have_patch_size_and_valid_labels(tmp_path: Path, spat
     assert seen_fg >= 2  # foreground oversampling finds the labels
 
 
+def _batches(stream: PatchStream, first: int, last: int, workers: int) -> list[torch.Tensor]:
+    return [torch.cat([img.flatten(), lab.flatten()]) for img, lab in patch_loader(stream, first, last, 2, workers, False)]
+
+
+def test_patch_stream_is_the_same_with_workers_and_from_a_resumed_epoch(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, 3)
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(3):
+        label = (torch.rand(1, 30, 28, 26, generator=gen) > 0.7).float()
+        cases.append({"image": torch.randn(1, 30, 28, 26, generator=gen) + label, "label": label})
+    stream = PatchStream(cases, train_transforms(cfg, [16, 16, 16]), seed=5, rank=0, per_epoch=6)
+    in_process = _batches(stream, 0, 3, workers=0)
+    assert len(in_process) == 9
+    # Two worker processes, prefetching across epoch ends, give the same patches (up to float
+    # rounding: workers run one thread, so interpolation sums in another order).
+    with_workers = _batches(stream, 0, 3, workers=2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(in_process, with_workers, strict=True))
+    # A loader started at epoch 1 (a resumed run) repeats the uninterrupted run's epochs 1-2.
+    resumed = _batches(stream, 1, 3, workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(in_process[3:], resumed, strict=True))
+    # Epochs and patches differ from one another (the stream is not one patch repeated).
+    assert not torch.equal(in_process[0], in_process[3]) and not torch.equal(in_process[0], in_process[1])
+    other_rank = PatchStream(cases, train_transforms(cfg, [16, 16, 16]), seed=5, rank=1, per_epoch=6)
+    assert not torch.equal(_batches(other_rank, 0, 1, workers=0)[0], in_process[0])
+
+
 def test_deep_supervision_loss_weights_and_downsamples() -> None:
     base = torch.nn.functional.mse_loss
     loss = DeepSupervisionLoss(lambda out, target: base(out, target.float().expand_as(out)))
@@ -62,13 +89,17 @@ def test_planning_covers_the_median_case_on_the_pooling_grid() -> None:
     fp = {"shapes": [[36, 50, 35], [40, 46, 31], [33, 55, 40]], "spacings": [[1.0, 1.0, 1.0]] * 3}
     plan = plan_network(fp, [1.0, 1.0, 1.0], 3, "cpu")
     grid = 2 ** (len(plan["features"]) - 1)
-    assert all(p % grid == 0 and p >= m for p, m in zip(plan["patch_size"], plan["median_shape"]))
+    # On a CPU the patch is the median rounded down to the grid (no padding to pay for)...
+    assert all(p % grid == 0 and m - grid < p <= m for p, m in zip(plan["patch_size"], plan["median_shape"]))
     assert plan["features"][0] == 16 and plan["batch_size"] == 2
     # Resampling to 2 mm halves the shapes; the patch follows.
     coarse = plan_network(fp, [2.0, 2.0, 2.0], 3, "cpu")
     assert max(coarse["patch_size"]) < max(plan["patch_size"])
     gpu = plan_network(fp, [1.0, 1.0, 1.0], 3, "cuda", 80.0)
     assert gpu["features"][0] == 32 and gpu["batch_size"] >= 2
+    # ...on a GPU rounded up, as nnU-Net does, so one patch holds the median case.
+    assert gpu["patch_size"] == [40, 56, 40]
+    assert all(p % grid == 0 and p >= m for p, m in zip(gpu["patch_size"], gpu["median_shape"]))
 
 
 def test_fold_ensemble_from_a_checkpoints_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
