@@ -38,8 +38,13 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
         if case.label is None:
             raise InputDataError(case.images[0], "has no label to evaluate against")
         label = read_label(str(case.label))  # read first: a bad label file fails before the costly prediction
-        pred, affine = predictor(case.images)
         truth = np.asarray(label).astype(np.int64)
+        # A value the model cannot predict would be silently scored as background everywhere.
+        unknown = sorted(set(np.unique(truth).tolist()) - set(predictor.models[0].labels))
+        if unknown:
+            raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
+                                             f"(its labels: {sorted(predictor.models[0].labels)})")
+        pred, affine = predictor(case.images)
         if truth.shape != pred.shape:
             raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.shape}")
         # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against

@@ -313,8 +313,9 @@ def test_cli_preprocess_bad_label(tmp_path: Path, corrupt, needle: str) -> None:
     [
         (lambda d, a: (d[:, :-2], a), "shape"),
         (lambda d, a: (d, a @ np.array([[1, 0, 0, 0], [0, 1, 0, 3.0], [0, 0, 1, 0], [0, 0, 0, 1]])), "affine"),
+        (lambda d, a: (np.where(d == 2, 7, d).astype(d.dtype), a), "[7] that the model does not predict"),
     ],
-    ids=["shape", "affine"],
+    ids=["shape", "affine", "undeclared-label"],
 )
 def test_cli_evaluate_label_off_the_image_grid(tmp_path: Path, tiny_checkpoint: Path, corrupt, needle: str) -> None:
     dataset, label, _ = _corrupt_dataset(tmp_path, corrupt, index=0)
