@@ -8,6 +8,10 @@ exact commands, and writes ``WORK_DIR/benchmark.json``.
 
 With ``--only ours|baseline`` one side runs; the other side's result is taken from an existing
 ``benchmark.json`` in the same work dir when it was run with the same budget, fold and threads.
+With ``--report`` nothing runs: the table is printed again from ``benchmark.json`` and the cases files.
+
+Both sides score the same held-out cases, so the script also compares them case by case: the
+mean of the per-case differences with a 95% bootstrap interval, and how many cases each side wins.
 
 Run from anywhere (commands run in the repository root)::
 
@@ -17,6 +21,7 @@ Run from anywhere (commands run in the repository root)::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -52,6 +57,9 @@ BASELINE_COMMAND = [
 ]
 # Where each side leaves its evaluation summary (mean_dice, dice_per_label, num_cases).
 SUMMARIES = {"ours": "{work}/ours/evaluation/summary.json", "baseline": "{work}/baseline/summary.json"}
+# ...and its per-case Dice (``case`` column, then one column per label).
+CASES = {"ours": "{work}/ours/evaluation/cases.csv", "baseline": "{work}/baseline/cases.csv"}
+BOOTSTRAP_SAMPLES = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path(DEFAULT_WORK_DIR),
                    help=f"work directory (default {DEFAULT_WORK_DIR})")
     p.add_argument("--only", choices=SIDES, default=None, help="run one side only")
+    p.add_argument("--report", action="store_true", help="run nothing: print the last benchmark.json again")
     return p
 
 
@@ -136,6 +145,53 @@ def compare(ours: dict[str, Any] | None, baseline: dict[str, Any] | None) -> dic
     return rows
 
 
+def read_case_means(path: Path) -> dict[str, float]:
+    """Per case, the mean Dice over its labels (labels absent from both masks, NaN, are skipped).
+
+    Args:
+        path: a ``cases.csv`` written by ``pipeline.metrics.write_evaluation``.
+    """
+    means: dict[str, float] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            values = [float(v) for k, v in row.items() if k != "case" and v not in ("", None)]
+            values = [v for v in values if not math.isnan(v)]
+            if values:
+                means[row["case"]] = sum(values) / len(values)
+    return means
+
+
+def paired(ours: dict[str, float], baseline: dict[str, float], seed: int = 0) -> dict[str, Any] | None:
+    """Case-by-case comparison on the cases both sides scored.
+
+    Returns the number of cases, the mean per-case difference (ours - baseline), its 95% bootstrap
+    interval (cases resampled with replacement), and the cases each side wins; ``None`` without common cases.
+
+    Args:
+        ours: per-case mean Dice of our pipeline.
+        baseline: per-case mean Dice of the baseline.
+        seed: bootstrap seed (the interval is reproducible).
+    """
+    import numpy as np
+
+    common = sorted(set(ours) & set(baseline))
+    if not common:
+        return None
+    diff = np.array([ours[c] - baseline[c] for c in common])
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, len(diff), size=(BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"cases": len(common), "mean_difference": float(diff.mean()), "ci95": [float(low), float(high)],
+            "ours_wins": int((diff > 0).sum()), "baseline_wins": int((diff < 0).sum()), "ties": int((diff == 0).sum())}
+
+
+def _paired_from_files(values: dict[str, str]) -> dict[str, Any] | None:
+    paths = {side: Path(CASES[side].format(**values)) for side in SIDES}
+    if not all(path.is_file() for path in paths.values()):
+        return None
+    return paired(read_case_means(paths["ours"]), read_case_means(paths["baseline"]))
+
+
 def _cell(x: float | None, fmt: str = ".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -149,6 +205,12 @@ def print_table(result: dict[str, Any]) -> None:
     for name, r in result["comparison"].items():
         print(f"{name:<12}{_cell(r['ours']):>10}{_cell(r['baseline']):>10}{_cell(r['difference'], '+.4f'):>10}"
               f"{_cell(r['ratio'], '.3f'):>8}")
+    pair = result.get("paired")
+    if pair:
+        low, high = pair["ci95"]
+        print(f"case by case ({pair['cases']} cases): ours - baseline {pair['mean_difference']:+.4f} mean Dice, "
+              f"95% bootstrap interval [{low:+.4f}, {high:+.4f}]; ours better on {pair['ours_wins']}, "
+              f"baseline on {pair['baseline_wins']}, tied {pair['ties']}")
     for side in SIDES:
         run = runs.get(side)
         if run:
@@ -164,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = build_commands(args)
     values = placeholders(args)
     work = Path(values["work"])
+    if args.report:
+        result = _read_summary(work / "benchmark.json")
+        if result is None:
+            print(f"error: no benchmark.json in {work}: run the benchmark first", file=sys.stderr)
+            return 2
+        print_table({**result, "paired": _paired_from_files(values)})
+        return 0
     settings = {"budget_minutes": args.budget_minutes, "fold": args.fold, "num_folds": args.num_folds,
                 "seed": args.seed, "threads": int(values["threads"]), "data": str(args.data)}
     previous = _read_summary(work / "benchmark.json") or {}
@@ -186,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs[side] = {"command": command, "returncode": rc, "wall_seconds": wall, "summary": summary,
                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result = {**settings, "runs": runs,
-              "comparison": compare((runs.get("ours") or {}).get("summary"), (runs.get("baseline") or {}).get("summary"))}
+              "comparison": compare((runs.get("ours") or {}).get("summary"), (runs.get("baseline") or {}).get("summary")),
+              # Only with both sides' fresh results: never next to a stale cases file.
+              "paired": _paired_from_files(values) if all((runs.get(s) or {}).get("summary") for s in SIDES) else None}
     work.mkdir(parents=True, exist_ok=True)
     (work / "benchmark.json").write_text(json.dumps(result, indent=1))
     print_table(result)

@@ -95,3 +95,19 @@ def test_benchmark_comparison_difference_and_ratio() -> None:
     one_sided = bench.compare(ours, None)
     assert one_sided["mean"] == {"ours": 0.8, "baseline": None, "difference": None, "ratio": None}
     assert bench.compare(None, None) == {}
+
+
+def test_benchmark_compares_the_common_cases_one_by_one(tmp_path: Path) -> None:
+    bench = _load_script("benchmark_hippocampus")
+    ours_csv, base_csv = tmp_path / "ours.csv", tmp_path / "base.csv"
+    ours_csv.write_text("case,Anterior,Posterior\nc1,0.900000,0.800000\nc2,0.800000,nan\nc3,0.700000,0.700000\n")
+    base_csv.write_text("case,Anterior,Posterior\nc1,0.800000,0.800000\nc2,0.900000,nan\nc4,0.500000,0.500000\n")
+    ours = bench.read_case_means(ours_csv)
+    assert ours == pytest.approx({"c1": 0.85, "c2": 0.8, "c3": 0.7})  # NaN (label in neither mask) skipped
+    result = bench.paired(ours, bench.read_case_means(base_csv))
+    # Only c1 (+0.05) and c2 (-0.1) are scored by both sides.
+    assert result["cases"] == 2 and result["mean_difference"] == pytest.approx(-0.025)
+    assert (result["ours_wins"], result["baseline_wins"], result["ties"]) == (1, 1, 0)
+    low, high = result["ci95"]
+    assert -0.1 - 1e-9 <= low <= result["mean_difference"] <= high <= 0.05 + 1e-9 and low < high
+    assert bench.paired(ours, {}) is None
