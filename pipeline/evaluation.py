@@ -31,6 +31,7 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
     Returns:
         The summary: ``mean_dice``, ``dice_per_label`` (by label name) and ``num_cases``.
     """
+    known = sorted(predictor.models[0].labels)
     labels = {v: n for v, n in predictor.models[0].labels.items() if v != 0}
     read_label = LoadImage(reader=MedicalImageReader(), image_only=True)
     rows = []
@@ -40,10 +41,10 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
         label = read_label(str(case.label))  # read first: a bad label file fails before the costly prediction
         truth = np.asarray(label).astype(np.int64)
         # A value the model cannot predict would be silently scored as background everywhere.
-        unknown = sorted(set(np.unique(truth).tolist()) - set(predictor.models[0].labels))
+        unknown = sorted(set(np.unique(truth).tolist()) - set(known))
         if unknown:
             raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
-                                             f"(its labels: {sorted(predictor.models[0].labels)})")
+                                             f"(its labels: {known})")
         pred, affine = predictor(case.images)
         if truth.shape != pred.shape:
             raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.shape}")
