@@ -1,17 +1,49 @@
-"""User-facing errors: the CLI prints these as one line and exits non-zero."""
+"""User-facing errors and the exit codes they map to: the CLI prints these as one line and exits non-zero.
+
+Exit codes are part of the interface (cron, systemd and Kubernetes act on them) and
+are listed in the README:
+
+====  ==========================================================================
+code  meaning
+====  ==========================================================================
+0     success (also: nothing to do, everything is up to date)
+2     bad input or configuration (the file or key is named)
+3     another call holds the work directory's lock
+4     training failed or diverged (NaN/Inf loss)
+5     the MLflow tracking server cannot be reached
+6     the new model was registered but not promoted (only with ``--fail-if-not-promoted``)
+7     the PACS cannot be reached
+8     the PACS refused the credentials
+9     the PACS rejected the stored DICOM SEG
+10    a batch finished, but some of its items failed (each one reported)
+130   interrupted (Ctrl-C / SIGINT)
+====  ==========================================================================
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3
+EXIT_TRAINING_FAILED = 4
+EXIT_TRACKING_UNAVAILABLE = 5
+EXIT_NOT_PROMOTED = 6
+EXIT_PACS_UNAVAILABLE = 7
+EXIT_PACS_AUTH = 8
+EXIT_PACS_REJECTED = 9
+EXIT_PARTIAL_FAILURE = 10
+EXIT_INTERRUPTED = 130
+
 
 class PipelineError(Exception):
-    """An error caused by the user's input or configuration, not by a bug.
+    """An error caused by the user's input, configuration or environment, not by a bug.
 
     The CLI prints ``str(error)`` as a single line and exits with ``exit_code``.
     """
 
-    exit_code: int = 2
+    exit_code: int = EXIT_BAD_INPUT
 
 
 class ConfigError(PipelineError):
@@ -30,3 +62,51 @@ class InputDataError(PipelineError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class LockHeldError(PipelineError):
+    """Another process holds the work directory's lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class TrainingFailedError(PipelineError):
+    """Training failed or diverged (a NaN/Inf loss)."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class TrackingUnavailableError(PipelineError):
+    """The MLflow tracking server cannot be reached."""
+
+    exit_code = EXIT_TRACKING_UNAVAILABLE
+
+
+class NotPromotedError(PipelineError):
+    """The candidate was registered but did not take ``champion`` (only with ``--fail-if-not-promoted``)."""
+
+    exit_code = EXIT_NOT_PROMOTED
+
+
+class PacsUnavailableError(PipelineError):
+    """The PACS (DICOMweb server) cannot be reached."""
+
+    exit_code = EXIT_PACS_UNAVAILABLE
+
+
+class PacsAuthError(PipelineError):
+    """The PACS refused the credentials (HTTP 401/403)."""
+
+    exit_code = EXIT_PACS_AUTH
+
+
+class PacsRejectedError(PipelineError):
+    """The PACS rejected the stored object (STOW-RS failure)."""
+
+    exit_code = EXIT_PACS_REJECTED
+
+
+class PartialFailureError(PipelineError):
+    """A batch finished but some items failed; each was reported on its own line."""
+
+    exit_code = EXIT_PARTIAL_FAILURE
