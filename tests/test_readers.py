@@ -345,6 +345,40 @@ def test_nan_in_nifti(tmp_path: Path) -> None:
     _expect_error(lambda: _load(path), str(path), "non-finite", "1 NaN", "1 Inf")
 
 
+def _break_nifti(source: Path, target: Path, how: str) -> Path:
+    raw = source.read_bytes()
+    if how == "truncated_gz":
+        target.write_bytes(raw[: len(raw) // 2])
+    elif how == "empty":
+        target.write_bytes(b"")
+    elif how == "garbage":
+        target.write_bytes(random.Random(5).randbytes(len(raw)))
+    elif how == "header_only":  # an uncompressed .nii holding its 348-byte header and no voxels
+        image = nib.load(source)
+        target = target.with_name(target.name.replace(".nii.gz", ".nii"))
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header), target)
+        target.write_bytes(target.read_bytes()[:352])
+    return target
+
+
+@pytest.mark.parametrize("broken_channel", [0, 1])
+@pytest.mark.parametrize("how", ["truncated_gz", "empty", "garbage", "header_only"])
+def test_multichannel_nifti_with_broken_channel(tmp_path: Path, how: str, broken_channel: int) -> None:
+    """One unreadable channel file among several is named in the error; no channel is silently dropped."""
+    source = _hippocampus_nifti()
+    good = tmp_path / "case_0000.nii.gz"
+    shutil.copyfile(source, good)
+    broken = _break_nifti(source, tmp_path / "case_0001.nii.gz", how)
+    channels = [good, broken] if broken_channel == 1 else [broken, good]
+    assert tuple(_load([good, good]).shape)[0] == 2  # the good file is fine as a channel
+    error = _expect_error(lambda: _load(channels), str(broken))
+    assert str(error).startswith(f"{broken}: ") and error.path == str(broken)
+    assert "\n" not in str(error)
+    with pytest.raises(InputDataError) as info:
+        LoadImaged(keys=["image"], reader=MedicalImageReader())({"image": [str(p) for p in channels]})
+    assert info.value.path == str(broken)
+
+
 def test_4d_nifti(tmp_path: Path) -> None:
     """A 4D NIfTI where 3D is expected is refused; a trailing singleton is squeezed."""
     path = tmp_path / "four.nii.gz"
