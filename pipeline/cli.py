@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_error
 
 DEFAULT_WORK_DIR = "unet-work"
 
@@ -34,9 +34,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a .pt checkpoint, or a folder "
                         "of fold_*/final.pt; repeat to ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
-    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--mirror", action="store_true", help="test-time augmentation: average over axis flips")
+    g = p.add_argument_group("inference settings (default: those the model was validated with, stored in it)")
+    g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time mirroring: average over axis flips")
+    g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1)")
+    g.add_argument("--mode", choices=["gaussian", "constant"], default=None, help="window blending")
+    g.add_argument("--sw-batch-size", type=int, default=None, help="windows (flips included) per forward pass")
+    g.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the model's keep-largest-component decision (--no-postprocess: raw argmax)")
+    g.add_argument("--device-memory-gb", type=float, default=None,
+                   help="cap the device memory; past it, stitching moves to host memory, then smaller window batches")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="CPU: torch.compile the network (auto: once a job is long enough to pay for it)")
+
+
+def _overrides(args: argparse.Namespace):
+    from pipeline.inference import Overrides
+
+    o = Overrides(mirror=args.mirror, overlap=args.overlap, mode=args.mode, sw_batch_size=args.sw_batch_size,
+                  postprocess=args.postprocess, memory_cap_gb=args.device_memory_gb, compile=args.compile)
+    if o.overlap is not None and not 0 <= o.overlap < 1:
+        raise PipelineError(f"--overlap must be in [0, 1), got {o.overlap}")
+    if o.sw_batch_size is not None and o.sw_batch_size < 1:
+        raise PipelineError(f"--sw-batch-size must be >= 1, got {o.sw_batch_size}")
+    if o.memory_cap_gb is not None and o.memory_cap_gb <= 0:
+        raise PipelineError(f"--device-memory-gb must be > 0, got {o.memory_cap_gb}")
+    return o
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset.json or a folder holding one")
     p.add_argument("--out", type=Path, default=None, help="output folder (default WORK_DIR/evaluation)")
     _add_common(p)
-    p = sub.add_parser("predict", help="segment NIfTI files or DICOM series folders")
+    p = sub.add_parser("predict", help="segment NIfTI files or DICOM series folders (or folders of them)")
     _add_model_args(p)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file or DICOM series folder")
-    p.add_argument("--out", type=Path, required=True, help="output folder for the NIfTI masks")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI file, DICOM series folder, or a folder holding NIfTI files and/or series folders")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: CASE.nii.gz per case (+ CASE.seg.dcm for DICOM inputs)")
     p.add_argument("--series-uid", default=None,
                    help="SeriesInstanceUID to read from DICOM folders holding several series")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write CASE_probabilities.nii.gz (X, Y, Z, classes), float32")
+    p.add_argument("--no-seg", dest="write_seg", action="store_false",
+                   help="do not write a DICOM SEG for DICOM series inputs")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     _add_common(p)
     return parser
 
@@ -106,22 +136,6 @@ def _quiet_third_party() -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
-def user_error(exc: BaseException) -> PipelineError | None:
-    """The :class:`PipelineError` behind ``exc``: MONAI's ``Compose`` re-raises transform errors wrapped.
-
-    Args:
-        exc: the exception caught.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, PipelineError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``unet-pipeline``; returns the exit code.
 
@@ -149,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from pipeline import stages
-    from pipeline.config import EvaluateConfig, load_config
+    from pipeline.config import load_config
 
     work_dir = args.work_dir
     if args.command in ("run", "preprocess", "train"):
@@ -165,21 +179,28 @@ def _dispatch(args: argparse.Namespace) -> int:
             if summary is not None:  # None on torchrun ranks other than 0
                 _print_run_summary(summary)
         return 0
-    settings = EvaluateConfig(overlap=args.overlap, sw_batch_size=args.sw_batch_size, mirror=args.mirror)
-    if not 0 <= settings.overlap < 1 or settings.sw_batch_size < 1:
-        raise PipelineError("--overlap must be in [0, 1) and --sw-batch-size >= 1")
+    overrides = _overrides(args)
     if args.command == "evaluate":
         out = args.out or work_dir / "evaluation"
-        summary = stages.evaluate_stage(args.models, args.data, out, work_dir, settings, args.device)
+        summary = stages.evaluate_stage(args.models, args.data, out, work_dir, overrides, args.device)
         for name, value in summary["dice_per_label"].items():
-            print(f"{name}: {value:.4f}")
+            print(f"{name}: Dice {value:.4f}, HD95 {summary['hd95_per_label'][name]:.2f} mm, "
+                  f"surface Dice {summary['surface_dice_per_label'][name]:.4f}")
         print(f"mean Dice: {summary['mean_dice']:.4f} over {summary['num_cases']} case(s); results in {out}")
         return 0
-    written = stages.predict_stage(args.models, args.inputs, args.out, work_dir, settings, args.device,
-                                   args.series_uid)
-    for path in written:
-        print(path)
-    return 0
+    from pipeline.predict import exit_code
+
+    report = stages.predict_stage(args.models, args.inputs, args.out, work_dir, overrides, args.device,
+                                  args.series_uid, args.save_probabilities, args.write_seg, args.overwrite)
+    for files in report.written.values():
+        for path in files:
+            print(path)
+    if report.skipped:
+        print(f"{len(report.skipped)} case(s) already complete in {args.out}, skipped (--overwrite redoes them)",
+              file=sys.stderr)
+    if report.failed and (report.written or report.skipped):
+        print(f"{len(report.failed)} case(s) failed (reported above); the others are complete", file=sys.stderr)
+    return exit_code(report)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,14 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Sliding-window settings, and which checkpoint ``run`` evaluates and registers.
+    """Inference settings the model is validated (and then used) with, and which checkpoint ``run`` registers.
+
+    ``mirror`` is nnU-Net's test-time mirroring (on by default, as in nnU-Net).
+    ``postprocess`` lets ``run`` decide keep-the-largest-component removal on the
+    validation cases (kept only where it raised Dice). Everything here is stored
+    with the model and used by ``predict``/``evaluate`` unless overridden.
+    ``surface_tolerance_mm`` is the surface Dice tolerance; ``qc_images`` logs one
+    picture per evaluated case.
 
     ``checkpoint: final`` (the weights at the end of training, as nnU-Net reports)
     keeps the held-out Dice unbiased; ``best`` picks the epoch with the best
@@ -91,10 +98,13 @@ class EvaluateConfig:
     """
 
     checkpoint: Literal["final", "best"] = "final"
-    mirror: bool = False
+    mirror: bool = True
     overlap: float = 0.5
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = 4
+    postprocess: bool = True
+    surface_tolerance_mm: float = 1.0
+    qc_images: bool = True
 
 
 @dataclass

@@ -110,3 +110,19 @@ class PartialFailureError(PipelineError):
     """A batch finished but some items failed; each was reported on its own line."""
 
     exit_code = EXIT_PARTIAL_FAILURE
+
+
+def user_error(exc: BaseException) -> PipelineError | None:
+    """The :class:`PipelineError` behind ``exc`` (MONAI's ``Compose`` re-raises transform errors wrapped), or None.
+
+    Args:
+        exc: the exception caught.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PipelineError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

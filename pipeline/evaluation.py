@@ -1,8 +1,18 @@
-"""The evaluate stage: Dice per label against reference labels, on the input's own grid."""
+"""The evaluate stage: Dice, HD95 and surface Dice per label against reference labels, on the input's grid.
+
+Two passes. The first predicts each case (raw argmax, no postprocessing), checks it
+against its label file and keeps both on disk; when asked, it also scores the four
+keep-largest-component variants, from which :func:`pipeline.postprocessing.decide`
+chooses the postprocessing. The second pass applies the postprocessing (the decided
+one, or the model's stored one), scores the final predictions, writes them as NIfTI
+and draws a QC picture per case.
+"""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +23,48 @@ from tqdm import tqdm
 from pipeline.dataset import Case
 from pipeline.errors import InputDataError
 from pipeline.inference import Predictor
-from pipeline.metrics import dice_per_label, write_evaluation
+from pipeline.metrics import dice_per_label, nanmean, surface_metrics, write_evaluation
+from pipeline.outputs import write_label_map
+from pipeline.postprocessing import Decision, Postprocessing, decide, variant_scores
 from transforms.readers import MedicalImageReader
 
+SURFACE_METRICS = ("hd95", "surface_dice")
 
-def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -> dict[str, Any]:
+
+@dataclass
+class EvaluationResult:
+    """What an evaluation produced.
+
+    Args:
+        summary: ``summary.json``'s content (means per label, postprocessing...).
+        rows: one row per case (``case`` and the metrics by label name).
+        postprocessing: the postprocessing the final predictions got.
+        decision: the validation decision, when one was made.
+        predictions: case id -> the final prediction's NIfTI file.
+        qc_images: case id -> its QC picture.
+    """
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    postprocessing: Postprocessing
+    decision: Decision | None = None
+    predictions: dict[str, Path] = field(default_factory=dict)
+    qc_images: dict[str, Path] = field(default_factory=dict)
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
+
+
+def evaluate_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    out_dir: Path,
+    decide_postprocessing: bool = False,
+    save_predictions: bool = True,
+    surface_tolerance_mm: float = 1.0,
+    qc: bool = False,
+) -> EvaluationResult:
     """Segment each case, score it against its label, and write ``cases.csv`` and ``summary.json``.
 
     Dice is NaN for a label absent from both prediction and reference, and such
@@ -26,32 +73,78 @@ def evaluate_cases(predictor: Predictor, cases: Sequence[Case], out_dir: Path) -
     Args:
         predictor: the model(s) to evaluate.
         cases: labelled cases.
-        out_dir: the output folder (created).
-
-    Returns:
-        The summary: ``mean_dice``, ``dice_per_label`` (by label name) and ``num_cases``.
+        out_dir: the output folder (created): ``cases.csv``, ``summary.json``,
+            ``predictions/<case>.nii.gz``, ``qc/<case>.png``.
+        decide_postprocessing: choose keep-largest-component removal on these cases;
+            otherwise apply the model's stored decision.
+        save_predictions: write each final prediction.
+        surface_tolerance_mm: the surface Dice tolerance.
+        qc: draw a QC picture per case.
     """
-    known = sorted(predictor.models[0].labels)
-    labels = {v: n for v, n in predictor.models[0].labels.items() if v != 0}
-    read_label = LoadImage(reader=MedicalImageReader(), image_only=True)
-    rows = []
-    for case in tqdm(cases, desc="evaluate", unit="case", leave=False):
-        if case.label is None:
-            raise InputDataError(case.images[0], "has no label to evaluate against")
-        label = read_label(str(case.label))  # read first: a bad label file fails before the costly prediction
-        truth = np.asarray(label).astype(np.int64)
-        # A value the model cannot predict would be silently scored as background everywhere.
-        unknown = sorted(set(np.unique(truth).tolist()) - set(known))
-        if unknown:
-            raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
-                                             f"(its labels: {known})")
-        pred, affine = predictor(case.images)
-        if truth.shape != pred.shape:
-            raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.shape}")
-        # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against
-        # the wrong anatomy. Same tolerance as the preprocess stage's image/label check.
-        if not np.allclose(np.asarray(label.affine, dtype=np.float64), affine, atol=1e-3):
-            raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
-        scores = dice_per_label(pred, truth, list(labels))
-        rows.append({"case": case.case_id, **{labels[v]: d for v, d in scores.items()}})
-    return write_evaluation(rows, list(labels.values()), out_dir)
+    known = sorted(predictor.labels)
+    labels = {v: n for v, n in predictor.labels.items() if v != 0}
+    values = list(labels)
+    read = LoadImage(reader=MedicalImageReader(), image_only=True)
+    work = out_dir / ".pass1"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    variants = []
+    try:
+        loaded_cases = predictor.iter_loaded([c.images for c in cases])
+        for index, (case, loaded) in enumerate(tqdm(zip(cases, loaded_cases), total=len(cases), desc="evaluate",
+                                                    unit="case", leave=False)):
+            if case.label is None:
+                raise InputDataError(case.images[0], "has no label to evaluate against")
+            label = read(str(case.label))  # a bad label file fails before the costly prediction
+            truth = np.asarray(label).astype(np.uint8 if int(np.max(label)) < 256 else np.int32)
+            # A value the model cannot predict would be silently scored as background everywhere.
+            unknown = sorted(set(np.unique(truth).tolist()) - set(known))
+            if unknown:
+                raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
+                                                 f"(its labels: {known})")
+            if isinstance(loaded, BaseException):
+                raise loaded
+            pred = predictor.predict_loaded(loaded, postprocess=False)
+            if truth.shape != pred.labels.shape:
+                raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.labels.shape}")
+            # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against
+            # the wrong anatomy. Same tolerance as the preprocess stage's image/label check.
+            if not np.allclose(np.asarray(label.affine, dtype=np.float64), pred.affine, atol=1e-3):
+                raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
+            if decide_postprocessing:
+                variants.append(variant_scores(pred.labels, truth, values))
+            image = np.asarray(read(str(case.images[0])), dtype=np.float32) if qc else np.zeros(0, np.float32)
+            np.savez(work / f"{index}.npz", raw=pred.labels, truth=truth, affine=pred.affine, image=image)
+
+        decision = decide(variants, values) if decide_postprocessing else None
+        post = decision.postprocessing if decision else predictor.postprocessing
+        rows, predictions, pictures, raw_scores = [], {}, {}, []
+        for index, case in enumerate(cases):
+            with np.load(work / f"{index}.npz") as stored:
+                raw, truth, affine, image = stored["raw"], stored["truth"], stored["affine"], stored["image"]
+            final = post.apply(raw) if post.active else raw
+            scores = dice_per_label(final, truth, values)
+            surface = surface_metrics(final, truth, values, _spacing(affine), surface_tolerance_mm)
+            raw_scores.append(dice_per_label(raw, truth, values))
+            row: dict[str, Any] = {"case": case.case_id, **{labels[v]: d for v, d in scores.items()}}
+            for metric in SURFACE_METRICS:
+                row.update({f"{metric} {labels[v]}": surface[v][metric] for v in values})
+            rows.append(row)
+            if save_predictions:
+                predictions[case.case_id] = write_label_map(final, affine, out_dir / "predictions" / f"{case.case_id}.nii.gz")
+            if qc:
+                from pipeline.qc import case_qc_image
+
+                pictures[case.case_id] = case_qc_image(image, truth, final, labels, out_dir / "qc" / f"{case.case_id}.png",
+                                                       _spacing(affine))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    extra: dict[str, Any] = {"postprocessing": post.to_dict(), "postprocessing_applied": post.describe(labels),
+                             "mean_dice_without_postprocessing": nanmean(
+                                 [nanmean([r[v] for r in raw_scores]) for v in values]),
+                             "surface_tolerance_mm": surface_tolerance_mm}
+    if decision is not None:
+        extra["postprocessing_decision"] = {"mean_dice": decision.mean_dice, "label_dice": {
+            variant: {labels[v]: d for v, d in per_label.items()} for variant, per_label in decision.label_dice.items()}}
+    summary = write_evaluation(rows, list(labels.values()), out_dir, extra, metrics=SURFACE_METRICS)
+    return EvaluationResult(summary, rows, post, decision, predictions, pictures)

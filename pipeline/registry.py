@@ -156,7 +156,22 @@ def promote(name: str, version: str, score: float) -> Promotion:
     return result
 
 
-def resolve_model(ref: str, work_dir: Path, download_dir: Path) -> Path:
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to a local checkpoint, with the identity a DICOM SEG states.
+
+    Args:
+        path: the local ``.pt`` checkpoint.
+        name: registered model name (``local`` for a file, ``run`` for a run's model).
+        version: registry version, run id or checkpoint file name.
+    """
+
+    path: Path
+    name: str
+    version: str
+
+
+def resolve_model(ref: str, work_dir: Path, download_dir: Path) -> ResolvedModel:
     """A local checkpoint path for any model reference.
 
     Args:
@@ -168,17 +183,40 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path) -> Path:
         path = Path(ref)
         if not path.is_file():
             raise InputDataError(path, "model checkpoint not found")
-        return path
+        return ResolvedModel(path, "local", path.name)
     setup(None, work_dir)
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
+        name, version = _identity(ref)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_dir)))
     except (MlflowException, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise PipelineError(f"{ref}: model not found in {mlflow.get_tracking_uri()} ({message})") from None
+        raise PipelineError(f"{ref}: model not found in {_safe_uri(mlflow.get_tracking_uri())} ({message})") from None
     candidates = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
     if not candidates:
         raise PipelineError(f"{ref}: the model's artifacts hold no checkpoint")
-    return candidates[0]
+    return ResolvedModel(candidates[0], name, version)
+
+
+def _identity(ref: str) -> tuple[str, str]:
+    """(name, version) of a ``models:/`` or ``runs:/`` reference."""
+    import mlflow
+
+    if ref.startswith("runs:/"):
+        return "run", ref[len("runs:/"):].split("/")[0]
+    body = ref[len("models:/"):]
+    client = mlflow.MlflowClient()
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = body.rpartition("/")
+    return name, str(client.get_model_version(name, version).version)
+
+
+def _safe_uri(uri: str) -> str:
+    """A tracking URI without credentials (``https://user:pass@host`` -> ``https://host``)."""
+    import re
+
+    return re.sub(r"//[^/@]*@", "//", uri)

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from pipeline import registry
-from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
+from pipeline.config import PipelineConfig
+from pipeline.dataset import Case, Dataset, load_dataset
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import InputDataError, PipelineError
@@ -232,8 +232,6 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunS
         resume: continue an interrupted run from its ``last.pt`` and MLflow run.
     """
     from pipeline import distributed
-    from pipeline.evaluation import evaluate_cases
-    from pipeline.inference import Predictor, load_model
 
     prepared = prepare_distributed(cfg, work_dir)
     context, uri, run_id = _start_run(cfg, work_dir, resume)
@@ -244,21 +242,57 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunS
             return None
         import mlflow
 
-        device = resolve_device(cfg.train.device)
         chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
         mlflow.set_tag("evaluate.checkpoint", cfg.evaluate.checkpoint)
-        predictor = Predictor([load_model(chosen, device)], cfg.evaluate, device)
-        out_dir = work_dir / "evaluation"
-        summary = evaluate_cases(predictor, prepared.raw_cases("val"), out_dir)
+        evaluation, model_path = validate_and_export(cfg, work_dir, prepared, chosen)
+        summary = evaluation.summary
         mlflow.log_metric(registry.SELECTION_METRIC, summary["mean_dice"])
         mlflow.log_metrics({f"val_dice_{_metric_name(k)}": v for k, v in summary["dice_per_label"].items()})
-        mlflow.log_artifact(str(out_dir / "cases.csv"), "evaluation")
-        mlflow.log_artifact(str(out_dir / "summary.json"), "evaluation")
+        mlflow.log_dict(evaluation.postprocessing.to_dict(), "evaluation/postprocessing.json")
+        mlflow.log_artifact(str(work_dir / "evaluation" / "cases.csv"), "evaluation")
+        mlflow.log_artifact(str(work_dir / "evaluation" / "summary.json"), "evaluation")
         version = registry.log_model(
-            chosen, len(prepared.plan["modalities"]), cfg.model.spatial_dims, cfg.mlflow.model_name
+            model_path, len(prepared.plan["modalities"]), cfg.model.spatial_dims, cfg.mlflow.model_name
         )
         promotion = registry.promote(cfg.mlflow.model_name, version, summary["mean_dice"]) if version else None
-    return RunSummary(run.info.run_id, uri, summary, cfg.mlflow.model_name, promotion, result.epochs, chosen)
+    return RunSummary(run.info.run_id, uri, summary, cfg.mlflow.model_name, promotion, result.epochs, model_path)
+
+
+def validate_and_export(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, chosen: Path):
+    """Evaluate the chosen checkpoint on the held-out cases with the configured settings, decide the
+    postprocessing there, and write ``model.pt``: the weights with the settings they were validated with.
+
+    Args:
+        cfg: the pipeline configuration.
+        work_dir: the work directory (``evaluation/`` and the fold's ``model.pt`` go there).
+        prepared: the prepared data (its validation cases are scored).
+        chosen: the checkpoint to validate (``final.pt`` or ``best.pt``).
+
+    Returns:
+        The :class:`~pipeline.evaluation.EvaluationResult` and the exported model's path.
+    """
+    import dataclasses
+
+    from pipeline.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.evaluation import evaluate_cases
+    from pipeline.inference import InferenceSettings, Predictor, inference_section, load_model
+
+    device = resolve_device(cfg.train.device)
+    e = cfg.evaluate
+    settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    model = load_model(chosen, device)
+    model.settings = settings
+    evaluation = evaluate_cases(
+        Predictor([model], device), prepared.raw_cases("val"), work_dir / "evaluation",
+        decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,
+    )
+    validated = dataclasses.replace(settings, postprocessing=evaluation.postprocessing)
+    state = load_checkpoint(chosen)
+    model_path = chosen.with_name("model.pt")
+    save_checkpoint({k: state[k] for k in ("model", "plan", "patch_size", "state_dict")}
+                    | {"inference": inference_section(validated, prepared.plan, validated=True),
+                       "epoch": state.get("epoch"), "source_checkpoint": chosen.name}, model_path)
+    return evaluation, model_path
 
 
 def _metric_name(label: str) -> str:
@@ -276,91 +310,85 @@ def _checkpoints_of(ref: str) -> list[str]:
     return [str(p) for p in found]
 
 
-def _load_predictor(model_refs: Sequence[str], work_dir: Path, settings: EvaluateConfig, device_name: str,
-                    series_uid: str | None = None):
-    """One predictor averaging every referenced model (all must share one preprocessing plan)."""
+def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides=None, device_name: str = "auto",
+                   series_uid: str | None = None):
+    """One predictor averaging every referenced model (all must share one preprocessing plan).
+
+    Args:
+        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
+            ``fold_*/final.pt``; several are ensembled (softmax averaged).
+        work_dir: work directory (its SQLite store is the default registry).
+        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
+        device_name: ``auto``, ``cpu`` or ``cuda``.
+        series_uid: the DICOM series to read from folders holding several.
+
+    Returns:
+        The predictor and the first model's identity (:class:`registry.ResolvedModel`).
+    """
     from pipeline.inference import Predictor, load_model
 
     device = resolve_device(device_name)
-    models = []
+    models, identities = [], []
     for ref in [r for refs in model_refs for r in _checkpoints_of(refs)]:
         with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
-            models.append(load_model(registry.resolve_model(ref, work_dir, Path(tmp)), device))
+            resolved = registry.resolve_model(ref, work_dir, Path(tmp))
+            models.append(load_model(resolved.path, device))
+            identities.append(resolved)
     voxel_plan = {k: v for k, v in models[0].plan.items() if k != "network"}
     for ref, m in zip(model_refs, models):
         if {k: v for k, v in m.plan.items() if k != "network"} != voxel_plan:
             raise PipelineError(f"{ref}: its preprocessing plan differs from the first model's; cannot ensemble")
-    return Predictor(models, settings, device, series_uid)
+    return Predictor(models, device, overrides, series_uid), identities[0]
 
 
-def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, settings: EvaluateConfig,
+def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, overrides=None,
                    device: str = "auto") -> dict[str, Any]:
-    """Evaluate a model on every labelled case of a dataset.
+    """Evaluate a model on every labelled case of a dataset, with its stored inference settings.
 
     Args:
         model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
             ``fold_*/final.pt``; several are ensembled (softmax averaged).
         data: a ``dataset.json`` or a folder holding one.
-        out_dir: where ``cases.csv`` and ``summary.json`` go.
+        out_dir: where ``cases.csv``, ``summary.json`` and ``predictions/`` go.
         work_dir: work directory (its SQLite store is the default registry).
-        settings: sliding-window settings.
+        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
         device: ``auto``, ``cpu`` or ``cuda``.
     """
     from pipeline.evaluation import evaluate_cases
 
     dataset = load_dataset(data)
-    predictor = _load_predictor(model_refs, work_dir, settings, device)
-    return evaluate_cases(predictor, dataset.cases, out_dir)
+    predictor, _ = load_predictor(model_refs, work_dir, overrides, device)
+    return evaluate_cases(predictor, dataset.cases, out_dir).summary
 
 
-def _group_inputs(inputs: Sequence[str], channels: int) -> list[tuple[str, list[Path]]]:
-    """One case per input; with several channels, nnU-Net's ``_0000``, ``_0001``... files form a case."""
-    paths = [Path(p) for p in inputs]
-    for p in paths:
-        if not p.exists():
-            raise InputDataError(p, "input not found")
-    if channels == 1:
-        return [(strip_nifti_suffix(p.name), [p]) for p in paths]
-    groups: dict[str, list[Path]] = {}
-    for p in sorted(paths):
-        match = re.fullmatch(r"(.+)_(\d{4})", strip_nifti_suffix(p.name))
-        if not match:
-            raise InputDataError(p, f"the model takes {channels} channels: name inputs CASE_0000, CASE_0001, ...")
-        groups.setdefault(match.group(1), []).append(p)
-    for case_id, files in groups.items():
-        if len(files) != channels:
-            raise InputDataError(files[0], f"case '{case_id}' has {len(files)} channel file(s), the model takes {channels}")
-    return list(groups.items())
-
-
-def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, settings: EvaluateConfig,
-                  device: str = "auto", series_uid: str | None = None) -> list[Path]:
-    """Write one NIfTI label map per input case, on the input's grid and with its affine.
-
-    Each file is written under a temporary name and renamed, so an interrupted
-    run never leaves a partial mask.
+def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, overrides=None,
+                  device: str = "auto", series_uid: str | None = None, save_probabilities: bool = False,
+                  write_seg: bool = True, overwrite: bool = False):
+    """Segment NIfTI files and DICOM series (or folders of them): one NIfTI label map per case on the
+    input's grid, optional probabilities, and a DICOM SEG for DICOM inputs; under ``torchrun`` the cases
+    are shared across ranks.
 
     Args:
         model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
             ``fold_*/final.pt``; several are ensembled (softmax averaged).
-        inputs: NIfTI files or DICOM series folders.
+        inputs: NIfTI files, DICOM series folders, or folders of them.
         out_dir: output folder (created).
         work_dir: work directory (its SQLite store is the default registry).
-        settings: sliding-window settings.
+        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
         device: ``auto``, ``cpu`` or ``cuda``.
         series_uid: the DICOM series to read from input folders holding several.
+        save_probabilities: also write per-class probability maps.
+        write_seg: write a DICOM SEG for DICOM series inputs.
+        overwrite: redo cases whose outputs already exist.
+
+    Returns:
+        The :class:`~pipeline.predict.PredictReport`.
     """
-    from tqdm import tqdm
+    from pipeline import predict
 
-    from transforms.readers import write_nifti_atomic
-
-    predictor = _load_predictor(model_refs, work_dir, settings, device, series_uid)
-    cases = _group_inputs(inputs, len(predictor.plan["modalities"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for case_id, files in tqdm(cases, desc="predict", unit="case", leave=False):
-        labels, affine = predictor(files)
-        target = out_dir / f"{case_id}.nii.gz"
-        write_nifti_atomic(labels, affine, target)
-        written.append(target)
-    return written
+    predictor, identity = load_predictor(model_refs, work_dir, overrides, device, series_uid)
+    found = predict.expand_inputs(inputs)
+    cases = predict.group_cases(found, len(predictor.plan["modalities"]))
+    algorithm = predict.algorithm_for(identity.name, identity.version)
+    return predict.predict_cases(predictor, predict.shard(cases), out_dir, algorithm, series_uid,
+                                 save_probabilities, write_seg, overwrite)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import random
@@ -40,9 +39,10 @@ from pipeline import distributed
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.devices import resolve_device
-from pipeline.inference import predict_logits, window_size
+from pipeline.inference import InferenceSettings, inference_section
 from pipeline.metrics import dice_per_label
 from pipeline.preprocess import PreprocessedCase
+from pipeline.sliding_window import SlidingWindowInferer, WindowSettings, window_size
 
 MetricLogger = Callable[[dict[str, float], int], None]
 
@@ -183,11 +183,14 @@ def validate(
         device: where the network runs.
     """
     network.eval()
-    # Mirroring multiplies the cost by 4 (2D) or 8 (3D): keep it for the final evaluation.
-    settings = dataclasses.replace(cfg.evaluate, mirror=False)
+    e = cfg.evaluate
+    # Mirroring multiplies the cost by 4 (2D) or 8 (3D): keep it for the final evaluation. Weights change
+    # between validations, so compiling (which freezes them) would recompile every time.
+    settings = WindowSettings(overlap=e.overlap, mode=e.mode, mirror=False, batch_size=e.sw_batch_size, compile="off")
+    inferer = SlidingWindowInferer(network, patch_size, settings, device)
     scores: dict[int, list[float]] = {v: [] for v in labels}
     for case in cases:
-        logits = predict_logits(network, case["image"], patch_size, settings, device)
+        logits = inferer(case["image"])
         pred = torch.argmax(logits, 0).numpy()
         for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
             scores[v].append(d)
@@ -361,7 +364,10 @@ def train(
     budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
     workers = _num_workers(t.num_workers, device)
 
-    base = {"model": kwargs, "plan": plan, "patch_size": patch_size}
+    e = cfg.evaluate
+    stored = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    base = {"model": kwargs, "plan": plan, "patch_size": patch_size,
+            "inference": inference_section(stored, plan, validated=False)}
     epoch, stopped, patches = start_epoch, False, 0
     stream = PatchStream(train_data, transforms, t.seed, env.rank, iterations * batch_size)
     # One iterator for the whole run: workers start once and keep prefetching across epoch ends.

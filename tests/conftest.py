@@ -93,3 +93,22 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [16, 16, 16],
                      "state_dict": UNet(**kwargs).state_dict()}, path)
     return path
+
+
+@pytest.fixture
+def checkpoint_2mm(tiny_checkpoint: Path) -> Path:
+    """``tiny_checkpoint`` with a 2 mm plan and 32^3 windows: the 512 x 512 x 24 series runs in seconds.
+
+    0.43 x 0.43 x 6.5 mm -> 2 mm is coarser in-plane and finer through-plane, so prediction must
+    undo a real, anisotropic resampling (and the RAS reorientation) to land on the series' grid.
+    Stored inference settings: no mirroring (fast), no postprocessing.
+    """
+    from pipeline.checkpoints import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
+    ckpt["patch_size"] = [32, 32, 32]
+    ckpt["inference"] = {"mirror": False, "overlap": 0.25, "mode": "gaussian", "sw_batch_size": 4}
+    path = tiny_checkpoint.with_name("tiny_2mm.pt")
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, path)
+    return path

@@ -152,23 +152,6 @@ def test_round_trip_hippocampus_nifti_with_label() -> None:
 # ---------------------------------------------- 2. predict on an oblique DICOM series
 
 
-@pytest.fixture
-def checkpoint_2mm(tiny_checkpoint: Path) -> Path:
-    """``tiny_checkpoint`` with a 2 mm plan and 32^3 windows: the 512 x 512 x 24 series runs in seconds.
-
-    0.43 x 0.43 x 6.5 mm -> 2 mm is coarser in-plane and finer through-plane, so prediction must
-    undo a real, anisotropic resampling (and the RAS reorientation) to land on the series' grid.
-    """
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(tiny_checkpoint)
-    ckpt["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
-    ckpt["patch_size"] = [32, 32, 32]
-    path = tiny_checkpoint.with_name("tiny_2mm.pt")
-    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, path)
-    return path
-
-
 def test_predict_oblique_dicom_series_keeps_series_geometry(tmp_path: Path, checkpoint_2mm: Path) -> None:
     series = dicom_series("pgbm003_t1post")
     out = tmp_path / "pred"
@@ -184,7 +167,7 @@ def test_predict_oblique_dicom_series_keeps_series_geometry(tmp_path: Path, chec
     nii = nib.load(out / "pgbm003_t1post.nii.gz")
     np.testing.assert_allclose(nii.affine, _ras_affine(ref), atol=1e-3)
     assert set(np.unique(np.asarray(nii.dataobj)).tolist()) <= {0, 1, 2}
-    assert [p.name for p in out.iterdir()] == ["pgbm003_t1post.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["pgbm003_t1post.nii.gz", "pgbm003_t1post.seg.dcm"]
 
 
 # ------------------------------------------------------------------ 3. bad inputs (CLI)
@@ -464,11 +447,14 @@ def test_no_patient_identifiers_leak(tmp_path: Path) -> None:
     runs.append(run_cli("predict", "--model", "models:/dicom-unet@champion", str(ds / "imagesTr" / "case_a"),
                         str(extra), "--out", str(run_dir / "pred"), "--work-dir", str(work), cwd=run_dir))
     assert runs[1].returncode == 0, runs[1].stderr
-    assert {p.name for p in (run_dir / "pred").iterdir()} == {"case_a.nii.gz", "series_c.nii.gz"}
+    assert {p.name for p in (run_dir / "pred").iterdir()} == {"case_a.nii.gz", "series_c.nii.gz", "case_a.seg.dcm",
+                                                              "series_c.seg.dcm"}
     for sub in ("mlflow.db", "mlartifacts", "preprocessed", "evaluation", "checkpoints"):
         assert (work / sub).exists(), sub
 
-    files = [p for p in run_dir.rglob("*") if p.is_file()]  # work dir, predictions, anything in the cwd
+    # Work dir, predictions, anything in the cwd; the DICOM SEGs are the one output that must carry the
+    # patient module (they belong in the patient's study).
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".seg.dcm")]
     assert len(files) > 10
     haystacks = [(str(p), p.read_bytes().lower()) for p in files]
     haystacks += [(f"output of {r.args[3]}", (r.stdout + r.stderr).encode().lower()) for r in runs]

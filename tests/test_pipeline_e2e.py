@@ -36,9 +36,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = root / "work"
     assert main(["run", str(config), "--work-dir", str(work)]) == 0
     first = json.loads((work / "evaluation" / "summary.json").read_text())
+    first_predictions = {p.name: np.asarray(nib.load(p).dataobj)
+                         for p in sorted((work / "evaluation" / "predictions").glob("*.nii.gz"))}
     assert main(["run", str(config), "--work-dir", str(work), "--set", "train.learning_rate=0"]) == 0
     second = json.loads((work / "evaluation" / "summary.json").read_text())
-    return {"config": config, "work": work, "first": first, "second": second}
+    return {"config": config, "work": work, "first": first, "second": second, "first_predictions": first_predictions}
 
 
 def test_run_registers_a_champion_that_resolves(trained: dict) -> None:
@@ -54,7 +56,7 @@ def test_run_registers_a_champion_that_resolves(trained: dict) -> None:
     assert len(history) == 12 and history[-1].value < history[0].value
     assert len(client.get_metric_history(run.info.run_id, "val_dice")) >= 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert artifacts == {"evaluation/cases.csv", "evaluation/summary.json"}
+    assert {"evaluation/cases.csv", "evaluation/summary.json", "evaluation/postprocessing.json"} <= artifacts
     assert (trained["work"] / "checkpoints" / "fold_0" / "best.pt").is_file()
 
 
@@ -87,6 +89,31 @@ def test_predict_from_champion_keeps_input_geometry(trained: dict, tmp_path: Pat
     assert not [p for p in out.iterdir() if not p.name.endswith(".nii.gz")]
 
 
+def test_predict_from_the_champion_equals_its_validation_predictions(trained: dict, tmp_path: Path) -> None:
+    """The champion carries the settings it was validated with (mirroring, postprocessing): same masks."""
+    import torch
+
+    from pipeline.inference import load_model
+    from pipeline.registry import resolve_model
+
+    work = trained["work"]
+    client = _client(work)
+    champion = client.get_model_version_by_alias("tiny-unet", "champion")
+    summary = json.loads(Path(client.download_artifacts(champion.run_id, "evaluation/summary.json", str(tmp_path))).read_text())
+    model = load_model(resolve_model("models:/tiny-unet@champion", work, tmp_path / "dl").path, torch.device("cpu"))
+    # What was validated is what the registered model carries.
+    assert model.settings.mirror is True and model.checkpoint["inference"]["validated"] is True
+    assert model.settings.postprocessing.to_dict() == summary["postprocessing"]
+    predictions = trained["first_predictions"]
+    assert predictions, "the first run kept no validation predictions"
+    images = [work / "demo_data" / "imagesTr" / name for name in predictions]
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", "models:/tiny-unet@champion", *map(str, images), "--out", str(out),
+                 "--work-dir", str(work)]) == 0
+    for name, expected in predictions.items():
+        np.testing.assert_array_equal(np.asarray(nib.load(out / name).dataobj), expected, err_msg=name)
+
+
 def test_predict_on_dicom_series_matches_simpleitk_geometry(trained: dict, tmp_path: Path) -> None:
     from tests.conftest import DICOM
 
@@ -114,8 +141,9 @@ def test_evaluate_writes_csv_and_summary(trained: dict, tmp_path: Path) -> None:
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     lines = (out / "cases.csv").read_text().splitlines()
-    assert lines[0] == "case,dim sphere,bright sphere" and len(lines) == 1 + summary["num_cases"] == 9
-    per_case = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    assert lines[0].startswith("case,dim sphere,bright sphere,hd95 dim sphere,hd95 bright sphere,surface_dice dim sphere")
+    assert len(lines) == 1 + summary["num_cases"] == 9
+    per_case = np.array([[float(v) for v in line.split(",")[1:3]] for line in lines[1:]])
     np.testing.assert_allclose(list(summary["dice_per_label"].values()), np.nanmean(per_case, 0), atol=1e-5)
     assert summary["mean_dice"] == pytest.approx(np.mean(list(summary["dice_per_label"].values())))
 
@@ -191,7 +219,7 @@ def test_registered_model_loads_as_mlflow_pyfunc(trained: dict, tmp_path: Path) 
 
     from pipeline.registry import resolve_model
 
-    path = resolve_model("models:/tiny-unet@champion", trained["work"], tmp_path)
+    path = resolve_model("models:/tiny-unet@champion", trained["work"], tmp_path).path
     model = load_model(path, torch.device("cpu"))
     with torch.no_grad():
         expected = torch.argmax(model.network(torch.from_numpy(x)), 1).numpy()

@@ -1,0 +1,257 @@
+"""Batch prediction: inputs to cases, sharding across ``torchrun`` ranks, skip-if-done, per-case outputs.
+
+Inputs are NIfTI files, DICOM series folders, or folders of them (one level: the
+NIfTI files and the series sub-folders inside). Multi-channel models take nnU-Net's
+``CASE_0000``, ``CASE_0001``... files. Under ``torchrun`` (``RANK``/``WORLD_SIZE``) each
+process takes every ``WORLD_SIZE``-th case, so no case is predicted twice and none is
+missed. A case whose outputs all exist is skipped unless ``overwrite``. A case that
+fails is reported on one line and the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.dataset import strip_nifti_suffix
+from pipeline.errors import InputDataError, user_error
+from pipeline.inference import Predictor, package_version
+from pipeline.outputs import Algorithm, CaseOutputs, Staged, write_dicom_seg, write_label_map, write_probabilities
+from transforms.readers import NIFTI_SUFFIXES
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to predict.
+
+    Args:
+        name: the case's name (input file name without suffix, or folder name).
+        images: one path per channel.
+        dicom: the input is a DICOM series folder (a SEG is written too).
+    """
+
+    name: str
+    images: tuple[Path, ...]
+    dicom: bool
+
+
+def _looks_like_dicom_folder(folder: Path) -> bool:
+    """A folder holding DICOM files directly (magic bytes or a DICOM ending), not sub-folders of them."""
+    for path in folder.iterdir():
+        if not path.is_file():
+            continue
+        if path.name.lower().endswith((".dcm", ".dicom", ".ima")):
+            return True
+        try:
+            with path.open("rb") as fp:
+                fp.seek(128)
+                if fp.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, bool]]:
+    """Every input image: ``(path, is_dicom_series)``, folders of inputs opened one level.
+
+    Args:
+        inputs: NIfTI files, DICOM series folders, or folders holding them.
+    """
+    found: list[tuple[Path, bool]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise InputDataError(path, "input not found")
+        if path.is_file():
+            if not _is_nifti(path):
+                raise InputDataError(path, "unsupported input: expected a .nii/.nii.gz file or a DICOM series folder")
+            found.append((path, False))
+        elif _looks_like_dicom_folder(path):
+            found.append((path, True))
+        else:
+            inside = []
+            for entry in sorted(path.iterdir()):
+                if entry.is_file() and _is_nifti(entry):
+                    inside.append((entry, False))
+                elif entry.is_dir() and _looks_like_dicom_folder(entry):
+                    inside.append((entry, True))
+            if not inside:
+                raise InputDataError(path, "holds no DICOM series, no NIfTI image and no sub-folder with a DICOM series")
+            found += inside
+    return found
+
+
+def group_cases(found: Sequence[tuple[Path, bool]], channels: int) -> list[CaseInput]:
+    """Cases from input images; with several channels, ``CASE_0000``, ``CASE_0001``... files form a case.
+
+    Args:
+        found: from :func:`expand_inputs`.
+        channels: the model's input channels.
+    """
+    if channels == 1:
+        cases = [CaseInput(strip_nifti_suffix(p.name), (p,), dicom) for p, dicom in found]
+    else:
+        groups: dict[str, list[Path]] = {}
+        for p, dicom in sorted(found):
+            match = re.fullmatch(r"(.+)_(\d{4})", strip_nifti_suffix(p.name))
+            if dicom or not match:
+                raise InputDataError(p, f"the model takes {channels} channels: name inputs CASE_0000, CASE_0001, ...")
+            groups.setdefault(match.group(1), []).append(p)
+        for case_id, files in groups.items():
+            if len(files) != channels:
+                raise InputDataError(files[0], f"case '{case_id}' has {len(files)} channel file(s), the model takes {channels}")
+        cases = [CaseInput(name, tuple(files), False) for name, files in groups.items()]
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.name in seen:
+            raise InputDataError(case.images[0], f"has the same case name as {seen[case.name]}: their outputs would collide")
+        seen[case.name] = case.images[0]
+    return cases
+
+
+def shard(cases: Sequence[CaseInput]) -> list[CaseInput]:
+    """This process's share of the cases under ``torchrun`` (every case otherwise).
+
+    Args:
+        cases: all cases, in the same order on every process.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return list(cases[rank::world]) if world > 1 else list(cases)
+
+
+@dataclass
+class PredictReport:
+    """What a batch prediction did.
+
+    Args:
+        written: the output files written, per case name.
+        skipped: cases whose outputs were already complete.
+        failed: ``(case input, one-line reason)`` per failed case.
+    """
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[CaseInput],
+    out_dir: Path,
+    algorithm: Algorithm,
+    series_uid: str | None = None,
+    save_probabilities: bool = False,
+    write_seg: bool = True,
+    overwrite: bool = False,
+    on_error: Callable[[Path, str], None] | None = None,
+) -> PredictReport:
+    """Predict each case and write its outputs (skipping complete ones unless ``overwrite``).
+
+    Args:
+        predictor: the model(s).
+        cases: the cases (already sharded).
+        out_dir: the output folder (created).
+        algorithm: the model's identity for DICOM SEG.
+        series_uid: the series to read from DICOM folders holding several.
+        save_probabilities: also write per-class probabilities.
+        write_seg: write a DICOM SEG for DICOM series inputs.
+        overwrite: redo cases whose outputs exist.
+        on_error: called with (input, reason) for each failed case (default: print ``error: ...``).
+    """
+    report = PredictReport()
+    todo = []
+    for case in cases:
+        outputs = CaseOutputs.for_case(out_dir, case.name, save_probabilities, write_seg and case.dicom)
+        if outputs.complete() and not overwrite:
+            report.skipped.append(case.name)
+        else:
+            todo.append((case, outputs))
+    if not todo:
+        return report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0))
+    bar = tqdm(total=len(todo), desc=f"predict{f' rank {rank}' if rank else ''}", unit="case", position=rank,
+               leave=False, file=sys.stderr)
+    try:
+        loaded_cases = predictor.iter_loaded([case.images for case, _ in todo])
+        for (case, outputs), loaded in zip(todo, loaded_cases):
+            bar.set_postfix_str(f"case {len(report.written) + len(report.failed) + 1}/{len(todo)}")
+            try:
+                if isinstance(loaded, BaseException):
+                    raise loaded
+                result = predictor.predict_loaded(loaded, probabilities=save_probabilities)
+                # All of a case's files appear together or not at all.
+                with Staged() as staged:
+                    files = [write_label_map(result.labels, result.affine, outputs.labels, staged)]
+                    if outputs.probabilities is not None:
+                        files.append(write_probabilities(result.probabilities, result.affine, outputs.probabilities,
+                                                         staged))
+                    if outputs.seg is not None:
+                        files.append(_write_seg(case, result.labels, predictor, algorithm, outputs.seg, series_uid,
+                                                staged))
+                report.written[case.name] = files
+            except Exception as error:
+                cause = user_error(error)
+                if cause is None:
+                    raise
+                reason = str(cause)
+                report.failed.append((case.images[0], reason))
+                if on_error is not None:
+                    on_error(case.images[0], reason)
+                else:
+                    bar.clear()  # the error must start its own line, not follow the bar's
+                    print(f"error: {reason}", file=sys.stderr, flush=True)
+                    bar.refresh()
+            bar.update()
+    finally:
+        bar.close()
+    return report
+
+
+def _write_seg(case: CaseInput, labels, predictor: Predictor, algorithm: Algorithm, path: Path,
+               series_uid: str | None, staged: Staged) -> Path:
+    from transforms.dicom import series_files
+
+    names = {v: n for v, n in predictor.labels.items() if v != 0}
+    sources = series_files(case.images[0], series_uid)
+    try:
+        return write_dicom_seg(labels, sources, names, algorithm, path, staged)
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        # highdicom refuses sources it cannot reference (e.g. slices whose orientations differ in the last digit).
+        # Its message may quote header values (patient data): only the kind of error is shown.
+        raise InputDataError(case.images[0], f"cannot be referenced by a DICOM SEG (highdicom raised "
+                                             f"{type(error).__name__}); use --no-seg for the NIfTI mask alone") from None
+
+
+def algorithm_for(name: str, version: str) -> Algorithm:
+    """The SEG identity of a model.
+
+    Args:
+        name: registered model name.
+        version: registered version (or run id / checkpoint name).
+    """
+    return Algorithm(name=name, version=version, software_version=f"unet-pipeline {package_version()}")
+
+
+def exit_code(report: PredictReport) -> int:
+    """0 when every case was written or skipped, 2 when all failed (bad inputs), 10 when some did.
+
+    Args:
+        report: the batch's report.
+    """
+    from pipeline.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARTIAL_FAILURE
+
+    if not report.failed:
+        return EXIT_OK
+    return EXIT_PARTIAL_FAILURE if report.written or report.skipped else EXIT_BAD_INPUT
