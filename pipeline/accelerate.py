@@ -7,7 +7,8 @@ roughly doubles the windows per second again on this project's 2-core machine, a
 one-off compile cost of several seconds per window-batch shape (cached on disk by
 Inductor across processes). So the engine compiles only when a job is long enough
 to pay for it: ``compile="auto"`` switches a network to its compiled copy once this
-process has more than :data:`COMPILE_AFTER_WINDOWS` windows to evaluate with it.
+process has more than :data:`COMPILE_AFTER_WINDOWS` windows to evaluate with it (the
+batch still ahead, or what it has already evaluated).
 Compilation needs a C++ compiler; where it fails, inference goes on with the
 pre-packed network (logged once).
 
@@ -107,19 +108,21 @@ def compile_failed(network: torch.nn.Module, error: BaseException) -> None:
     logger.warning("torch.compile failed (%s); using the pre-packed network", str(error).splitlines()[0][:120])
 
 
-def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode) -> bool:
-    """Whether a CPU job of ``windows`` more windows should run the compiled network.
+def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode, volumes_left: int = 1) -> bool:
+    """Whether the next volume (``windows`` windows) should run on the compiled network.
 
-    Counts the windows this process has evaluated with ``network``, so a batch of small
-    volumes switches to the compiled copy once the compile cost is worth paying.
+    ``auto`` compiles when the job still ahead (this volume's windows times the volumes
+    left in the batch) or the windows this process has already evaluated with ``network``
+    exceed :data:`COMPILE_AFTER_WINDOWS`: then the compile cost is paid back.
 
     Args:
         network: the original network.
         windows: the windows the next volume needs.
         mode: ``auto``, ``on`` or ``off``.
+        volumes_left: volumes of this size still to predict, the next one included.
     """
     if mode == "off" or str(type(network)) in _COMPILE_FAILED:
         return False
     seen = _WINDOWS_SEEN.get(network, 0) + windows
     _WINDOWS_SEEN[network] = seen
-    return mode == "on" or seen > COMPILE_AFTER_WINDOWS
+    return mode == "on" or max(seen, windows * max(1, volumes_left)) > COMPILE_AFTER_WINDOWS

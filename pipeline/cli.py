@@ -29,6 +29,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"work directory: data, checkpoints, evaluation, MLflow store (default ./{DEFAULT_WORK_DIR})")
 
 
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="train again even when data, config and code are unchanged since the last completed run")
+    p.add_argument("--resume", action="store_true",
+                   help="(kept for old scripts) an interrupted run is resumed automatically by the next plain call")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, action="append", dest="models",
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a .pt checkpoint, or a folder "
@@ -68,17 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unet-pipeline", description="Train, evaluate and run 2D/3D U-Nets on MRI and CT, tracked in MLflow."
     )
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("run", help="preprocess -> train -> evaluate -> register (no CONFIG: the embedded demo)")
+    p = sub.add_parser("run", help="preprocess -> train -> evaluate -> gate -> register (no CONFIG: the embedded demo)")
     _add_config_args(p, optional=True)
     _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same --work-dir)")
+    _add_schedule_args(p)
+    p.add_argument("--fail-if-not-promoted", action="store_true",
+                   help="exit 6 when the new version does not take the champion alias")
     p = sub.add_parser("preprocess", help="fingerprint, plan and preprocess a dataset (cached)")
     _add_config_args(p, optional=True)
     _add_common(p)
     p = sub.add_parser("train", help="preprocess and train; logs the model to MLflow")
     _add_config_args(p, optional=True)
     _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted training (same --work-dir)")
+    _add_schedule_args(p)
     p = sub.add_parser("evaluate", help="Dice per label of a model on a labelled dataset")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="dataset.json or a folder holding one")
@@ -98,10 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not write a DICOM SEG for DICOM series inputs")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     _add_common(p)
+    _add_pacs_parsers(sub)
     return parser
 
 
+def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
+    pacs = sub.add_parser("pacs", help="segment series from a PACS over DICOMweb and store the DICOM SEG back")
+    psub = pacs.add_subparsers(dest="pacs_command")
+    for name, text in (("predict", "segment one study's series and store the SEG into the study"),
+                       ("watch", "one scheduled pass: every study with a matching series and no SEG of this model yet")):
+        p = psub.add_parser(name, help=text, description=text + ". Credentials come from DICOMWEB_USER/"
+                            "DICOMWEB_PASSWORD or DICOMWEB_TOKEN, never from the command line.")
+        p.add_argument("--url", default=None, help="DICOMweb root, e.g. https://pacs.example.org/dicom-web (or pacs.url)")
+        p.add_argument("--config", default=None, help="YAML config whose 'pacs' section holds url and series rules")
+        p.add_argument("--modality", default=None, help="series rule: Modality (e.g. MR)")
+        p.add_argument("--series-description", default=None, help="series rule: regex searched in SeriesDescription")
+        p.add_argument("--min-slices", type=int, default=None, help="series rule: fewest instances (default 10)")
+        _add_model_args(p)
+        _add_common(p)
+        if name == "predict":
+            p.add_argument("--study", required=True, help="StudyInstanceUID")
+            p.add_argument("--series", default=None, help="SeriesInstanceUID (default: chosen by the series rules)")
+            p.add_argument("--out", type=Path, default=None,
+                           help="also keep the NIfTI mask and the SEG here (named by the series UID)")
+        else:
+            p.add_argument("--since", default=None, help="only studies from this date on (YYYY-MM-DD)")
+
+
 def _print_run_summary(summary) -> None:
+    if summary.up_to_date:
+        print(f"Up to date: data, config and code are unchanged since run {summary.run_id} completed "
+              f"({summary.finished}); nothing to do (--force trains again).")
+        return
     ev = summary.evaluation
     if ev:
         print(f"\nDice per label on {ev['num_cases']} held-out case(s):")
@@ -116,9 +153,7 @@ def _print_run_summary(summary) -> None:
         p = summary.promotion
         aliases = "candidate, champion" if p.promoted else "candidate"
         print(f"Registered model:   {summary.model_name} version {p.version} (aliases: {aliases})")
-        if not p.promoted:
-            print(f"                    champion stays version {p.previous_version} "
-                  f"(val Dice {p.previous_score:.4f} >= {p.score:.4f})")
+        print(f"Champion gate:      {p.decision}")
         print(f"Use it:             unet-pipeline predict --model models:/{summary.model_name}@champion IMAGE --out DIR")
     uri = summary.tracking_uri
     if uri.startswith("sqlite:"):
@@ -136,6 +171,20 @@ def _quiet_third_party() -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
+def _sigterm_as_interrupt() -> None:
+    """Kubernetes and systemd stop with SIGTERM: end like Ctrl-C (exit 130, nothing half-written, resumable)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``unet-pipeline``; returns the exit code.
 
@@ -145,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_third_party()
+    _sigterm_as_interrupt()
     if args.command is None:
         parser.print_help()
         return 2
@@ -157,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {cause}", file=sys.stderr)
         return cause.exit_code
     except KeyboardInterrupt:
-        print("interrupted: completed outputs are kept; nothing partial was written", file=sys.stderr)
+        print("interrupted: completed outputs are kept, nothing partial was written; the next call resumes",
+              file=sys.stderr)
         return 130
 
 
@@ -166,6 +217,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     work_dir = args.work_dir
+    if args.command == "pacs":
+        return _pacs(args, stages)
     if args.command in ("run", "preprocess", "train"):
         overrides = [*args.overrides, *([f"data.fold={args.fold}"] if args.fold is not None else [])]
         cfg = load_config(args.config, overrides)
@@ -174,9 +227,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"Preprocessed {len(prepared.cases)} case(s) into {prepared.out_dir}")
             print(f"Plan: spacing {prepared.plan['target_spacing']}, normalisation {prepared.plan['normalization']}")
             print(f"Split: {len(prepared.split['train'])} train / {len(prepared.split['val'])} validation")
-        else:
-            summary = (stages.run_stage if args.command == "run" else stages.train_stage)(cfg, work_dir, args.resume)
+        elif args.command == "run":
+            summary = stages.run_stage(cfg, work_dir, args.force, args.fail_if_not_promoted)
             if summary is not None:  # None on torchrun ranks other than 0
+                _print_run_summary(summary)
+        else:
+            summary = stages.train_stage(cfg, work_dir, args.force)
+            if summary is not None:
                 _print_run_summary(summary)
         return 0
     overrides = _overrides(args)
@@ -201,6 +258,42 @@ def _dispatch(args: argparse.Namespace) -> int:
     if report.failed and (report.written or report.skipped):
         print(f"{len(report.failed)} case(s) failed (reported above); the others are complete", file=sys.stderr)
     return exit_code(report)
+
+
+def _pacs(args: argparse.Namespace, stages) -> int:
+    import dataclasses
+    from datetime import date
+
+    from pipeline.config import ConfigError, load_config
+
+    if args.pacs_command is None:
+        raise ConfigError("pacs: choose 'predict' or 'watch' (see unet-pipeline pacs --help)")
+    pacs_cfg = load_config(args.config).pacs if args.config else load_config(None).pacs
+    changes = {k: v for k, v in (("url", args.url), ("modality", args.modality),
+                                 ("series_description", args.series_description), ("min_slices", args.min_slices))
+               if v is not None}
+    pacs_cfg = dataclasses.replace(pacs_cfg, **changes)
+    if not pacs_cfg.url:
+        raise ConfigError("pacs: give the DICOMweb root with --url (or pacs.url in --config)")
+    overrides = _overrides(args)
+    if args.pacs_command == "predict":
+        done = stages.pacs_predict_stage(pacs_cfg.url, args.study, args.series, args.models, args.work_dir, pacs_cfg,
+                                         overrides, args.device, args.out)
+        for path in done.local_files:
+            print(path, file=sys.stderr)
+        print(done.seg_sop_instance_uid)
+        return 0
+    since = None
+    if args.since:
+        try:
+            since = date.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigError(f"--since: '{args.since}' is not a date (YYYY-MM-DD)") from None
+    report = stages.pacs_watch_stage(pacs_cfg.url, args.models, args.work_dir, pacs_cfg, since, overrides, args.device)
+    for line in report.lines():
+        print(line)
+    report.raise_for_failures()
+    return 0
 
 
 if __name__ == "__main__":

@@ -109,11 +109,48 @@ class EvaluateConfig:
 
 @dataclass
 class MlflowConfig:
-    """Tracking and registry. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else SQLite in the work dir."""
+    """Tracking and registry. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else SQLite in the work dir.
+
+    ``outage_wait_minutes``: at the end of a run, how long to wait for a tracking server
+    that went away (metrics not yet sent stay on disk meanwhile) before giving up with
+    exit code 5; the next call sends what is left and finishes the run.
+    """
 
     tracking_uri: str | None = None
     experiment: str = "unet-pipeline"
     model_name: str = "unet"
+    outage_wait_minutes: float = 10.0
+
+
+@dataclass
+class RegistryConfig:
+    """The champion gate.
+
+    The candidate and the current champion are scored in the same call on the same
+    cases: ``evaluation_set`` (a ``dataset.json`` or its folder, relative to the
+    config file; a fixed set that no model trained on is the fair choice), or by default
+    the candidate's validation fold. ``champion`` moves only when the candidate's mean
+    Dice beats the champion's by more than ``promote_margin``.
+    """
+
+    promote_margin: float = 0.0
+    evaluation_set: str | None = None
+
+
+@dataclass
+class PacsConfig:
+    """The PACS (DICOMweb) for ``unet-pipeline pacs predict|watch``; CLI flags override each key.
+
+    Credentials never go here: ``DICOMWEB_USER``/``DICOMWEB_PASSWORD`` or ``DICOMWEB_TOKEN``.
+    ``series_description`` is a regular expression searched case-insensitively;
+    ``min_slices`` leaves out localisers and scouts.
+    """
+
+    url: str | None = None
+    verify_tls: bool = True
+    modality: str | None = None
+    series_description: str | None = None
+    min_slices: int = 10
 
 
 @dataclass
@@ -126,6 +163,8 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +283,14 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("train.num_workers", "must be >= 0 or null (automatic)")
     if not 0.0 <= cfg.train.foreground_ratio <= 1.0:
         fail("train.foreground_ratio", f"must be between 0 and 1, got {cfg.train.foreground_ratio}")
+    if cfg.pacs.min_slices < 1:
+        fail("pacs.min_slices", f"must be >= 1, got {cfg.pacs.min_slices}")
+    if cfg.registry.promote_margin < 0:
+        fail("registry.promote_margin", f"must be >= 0, got {cfg.registry.promote_margin}")
+    if cfg.mlflow.outage_wait_minutes < 0:
+        fail("mlflow.outage_wait_minutes", f"must be >= 0, got {cfg.mlflow.outage_wait_minutes}")
+    if cfg.evaluate.surface_tolerance_mm <= 0:
+        fail("evaluate.surface_tolerance_mm", f"must be > 0, got {cfg.evaluate.surface_tolerance_mm}")
     if not 0.0 <= cfg.evaluate.overlap < 1.0:
         fail("evaluate.overlap", f"must be in [0, 1), got {cfg.evaluate.overlap}")
     if cfg.train.learning_rate < 0:
@@ -344,4 +391,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = build_config(raw, source, overrides)
     if cfg.data.dataset is not None and not Path(cfg.data.dataset).is_absolute():
         cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+    if cfg.registry.evaluation_set is not None and not Path(cfg.registry.evaluation_set).is_absolute():
+        cfg.registry.evaluation_set = str((base / cfg.registry.evaluation_set).resolve())
     return cfg

@@ -241,6 +241,15 @@ class Predictor:
         """Label value -> name, background included."""
         return self.models[0].labels
 
+    def expect(self, volumes: int) -> None:
+        """Tell the engines how many volumes this job will predict (lets them decide to compile).
+
+        Args:
+            volumes: the number of cases still to come.
+        """
+        for engine in self.engines:
+            engine.volumes_left = max(1, volumes)
+
     def load(self, images: Sequence[str | Path]) -> dict[str, Any]:
         """Read and preprocess one case (what :meth:`iter_loaded` runs ahead in a thread).
 
@@ -260,6 +269,7 @@ class Predictor:
                 would otherwise wait for the disk).
         """
         cases = list(cases)
+        self.expect(len(cases))
         if prefetch is None:
             prefetch = self.device.type == "cuda"
 

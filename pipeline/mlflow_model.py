@@ -1,62 +1,113 @@
-"""The MLflow flavour of a trained U-Net: a pyfunc around a weights-only checkpoint.
+"""The MLflow flavour of a trained U-Net: a self-contained pyfunc that segments raw scans.
 
-The registered artifact holds ``artifacts/checkpoint.pt`` (state dict, architecture
-and preprocessing plan). Loading never unpickles a model object: the network is
-rebuilt from the stored arguments and its weights read with ``weights_only=True``.
+The registered model holds ``artifacts/checkpoint.pt`` (weights, architecture,
+preprocessing plan and the inference settings it was validated with), this
+project's code (``code/pipeline``, ``code/models``, ``code/transforms``: MLflow puts
+them first on ``sys.path``) and pinned requirements, so it loads wherever those
+requirements are installed, without this project. Loading never unpickles an
+object: the network is rebuilt from stored arguments and its weights read with
+``weights_only=True``.
+
+``predict`` takes a raw scan, not preprocessed patches, and returns its label map on
+the scan's own voxel grid, exactly as ``unet-pipeline predict`` does (same
+preprocessing, sliding window, test-time mirroring and postprocessing):
+
+* ``{"image": array, "affine": 4x4}``: ``(X, Y, Z)`` or ``(C, X, Y, Z)`` voxels in
+  NIfTI/RAS convention (``nibabel``'s ``get_fdata()`` and ``affine``); or
+* ``{"path": [...]}`` (or a DataFrame with a ``path`` column): one NIfTI file or DICOM
+  series folder per channel of one case.
+
+The answer is a ``uint8`` label map ``(X, Y, Z)``. The same JSON works against
+``mlflow models serve``: ``{"inputs": {"image": [...], "affine": [...]}}``.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import torch
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import Schema, TensorSpec
+
+#: Where a pyfunc predicts: ``UNET_DEVICE=cpu|cuda`` (default: CUDA when available).
+DEVICE_ENV = "UNET_DEVICE"
 
 
 class UNetPyfunc(mlflow.pyfunc.PythonModel):
-    """Pyfunc wrapper: input ``(N, C, *spatial)`` float32 preprocessed patches, output ``(N, *spatial)`` labels."""
+    """Pyfunc wrapper: a raw scan in, its label map on the scan's grid out."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the network from the logged checkpoint.
+        """Rebuild the network and its predictor from the logged checkpoint.
 
         Args:
             context: MLflow's model context holding ``artifacts["checkpoint"]``.
         """
         from pipeline.devices import resolve_device
-        from pipeline.inference import load_model
+        from pipeline.inference import Predictor, load_model
 
-        self.device = resolve_device("auto")
-        self.model = load_model(context.artifacts["checkpoint"], self.device)
+        device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
+        self.model = load_model(Path(context.artifacts["checkpoint"]), device)
+        self.predictor = Predictor([self.model], device)
 
-    def predict(
-        self, context: Any, model_input: np.ndarray | dict[str, np.ndarray], params: dict[str, Any] | None = None
-    ) -> np.ndarray:
-        """Label map of already preprocessed input.
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        """Label map of one raw scan.
 
         Args:
             context: MLflow's model context (unused).
-            model_input: ``(N, C, *spatial)`` float32 array (or ``{"image": array}``).
+            model_input: ``{"image", "affine"}`` arrays, or ``{"path": [...]}`` / a DataFrame with a ``path`` column.
             params: unused.
         """
-        if isinstance(model_input, dict):  # MLflow passes named tensor inputs as {"image": array}
-            model_input = model_input["image"]
-        with torch.no_grad():
-            logits = self.model.network(torch.as_tensor(np.asarray(model_input, np.float32), device=self.device))
-        return torch.argmax(logits, 1).to(torch.uint8).cpu().numpy()
+        if hasattr(model_input, "columns"):  # a pandas DataFrame
+            model_input = {c: model_input[c].tolist() for c in model_input.columns}
+        if not isinstance(model_input, dict):
+            raise ValueError("input must be {'image': array, 'affine': 4x4 array} or {'path': [files or folders]}")
+        if "path" in model_input:
+            paths = [str(p) for p in np.atleast_1d(np.asarray(model_input["path"], dtype=object)).ravel()]
+            return self.predictor(paths)[0]
+        image = np.asarray(model_input["image"], dtype=np.float32)
+        affine = np.asarray(model_input["affine"], dtype=np.float64).reshape(4, 4)
+        channels = len(self.model.plan["modalities"])
+        if image.ndim == 3 and channels == 1:
+            image = image[None]
+        if image.ndim != 4 or image.shape[0] != channels:
+            raise ValueError(f"image must be (X, Y, Z) or ({channels}, X, Y, Z), got shape {image.shape}")
+        import nibabel as nib
+
+        # The same path as `predict` on a NIfTI file: the scan goes through the identical reader and chain.
+        with tempfile.TemporaryDirectory(prefix="unet-pyfunc-") as tmp:
+            files = []
+            for c in range(channels):
+                path = Path(tmp) / f"scan_{c:04d}.nii.gz"
+                nifti = nib.Nifti1Image(image[c], affine)
+                nifti.set_qform(affine, code=1)
+                nifti.set_sform(affine, code=1)
+                nib.save(nifti, path)
+                files.append(path)
+            return self.predictor(files)[0]
 
 
-def signature(in_channels: int, spatial_dims: int) -> ModelSignature:
-    """Tensor signature with free batch and spatial sizes.
+def requirements() -> list[str]:
+    """Pinned requirements of the model's code (the versions it was trained and validated with).
 
-    Args:
-        in_channels: input channels.
-        spatial_dims: 2 or 3.
+    Only the public release is pinned (``torch==2.14.1``, not a local build such as
+    ``+cpu``), so that pip can install it on any platform.
     """
-    spatial = (-1,) * spatial_dims
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, in_channels, *spatial), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *spatial), "labels")]),
-    )
+    from importlib import metadata
+
+    pins = []
+    for name in ("torch", "monai", "numpy", "scipy", "nibabel", "pydicom", "SimpleITK", "highdicom", "mlflow",
+                 "pyyaml", "tqdm"):
+        try:
+            version = metadata.version(name).split("+")[0]
+        except metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def code_paths() -> list[str]:
+    """The project's package folders the model ships (``code/...`` in the MLflow model)."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / name) for name in ("pipeline", "models", "transforms")]

@@ -41,16 +41,84 @@ class PreprocessedCase:
             return torch.from_numpy(npz["image"]), torch.from_numpy(npz["label"])
 
 
-def _inputs_key(cases: list[Case]) -> str:
-    """A hash of every input file's path, size and modification time (cache invalidation)."""
+HASH_CACHE = "content_hashes.json"
+
+
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    for case in cases:
-        for f in [*case.images, case.label]:
-            files = sorted(f.rglob("*")) if f.is_dir() else [f]
-            for g in files:
-                st = g.stat()
-                h.update(f"{g}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
+
+
+class ContentHashes:
+    """SHA-256 of input files, remembered by (path, size, modification time) so unchanged files are not re-read.
+
+    The cache only saves reading time: a file whose size or time changed is hashed
+    again, and what the pipeline compares is always the content hash.
+
+    Args:
+        cache_file: where the remembered hashes are kept (JSON).
+    """
+
+    def __init__(self, cache_file: Path) -> None:
+        self.cache_file = cache_file
+        try:
+            self.cache: dict[str, list] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        except (OSError, ValueError):
+            self.cache = {}
+
+    def of_file(self, path: Path) -> str:
+        """The content hash of one file.
+
+        Args:
+            path: the file.
+        """
+        st = path.stat()
+        key = str(path.resolve())
+        cached = self.cache.get(key)
+        if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+            return cached[2]
+        digest = _sha256(path)
+        self.cache[key] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def of_case(self, case: Case) -> str:
+        """The content hash of a case: its channels (a DICOM folder: all its files) and its label, in order.
+
+        Args:
+            case: the case.
+        """
+        h = hashlib.sha256()
+        for role, path in [*(("image", p) for p in case.images), *((("label", case.label),) if case.label else ())]:
+            h.update(f"{role}:".encode())
+            for f in _files_of(path):
+                h.update(self.of_file(f).encode())
+            h.update(b";")
+        return h.hexdigest()
+
+    def save(self) -> None:
+        """Write the remembered hashes (atomically)."""
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.cache_file, json.dumps(self.cache))
+
+
+def dataset_hash(dataset: Dataset, case_hashes: dict[str, str]) -> str:
+    """One hash for the dataset's content: every case's content, its id, and the label and channel names.
+
+    Args:
+        dataset: the discovered dataset.
+        case_hashes: case id -> content hash.
+    """
+    meta = {"labels": {str(k): v for k, v in sorted(dataset.labels.items())},
+            "modalities": {str(k): v for k, v in sorted(dataset.modalities.items())},
+            "cases": sorted(case_hashes.items())}
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -76,30 +144,57 @@ def _check_pair(case: Case, image: torch.Tensor, label: torch.Tensor, labels: di
             )
 
 
-def compute_fingerprint(dataset: Dataset, orientation: str) -> dict[str, Any]:
+def _case_fingerprint(case: Case, content: str, orientation: str, labels: dict[int, str], folder: Path) -> dict:
+    """Spacing, shape and sampled foreground intensities of one case, cached by its content hash."""
+    cache = folder / f"{case.case_id}.npz"
+    key = f"{content}:{orientation}"
+    if cache.is_file():
+        with np.load(cache) as npz:
+            if str(npz["key"]) == key:
+                return {"spacing": npz["spacing"].tolist(), "shape": npz["shape"].tolist(),
+                        "samples": [npz[f"samples_{c}"] for c in range(int(npz["channels"]))]}
+    loader = load_transforms(with_label=True)
+    reorient = spatial_transforms({"orientation": orientation, "target_spacing": None}, True)[0]
+    d = reorient(loader({"image": [str(p) for p in case.images], "label": str(case.label)}))
+    image, label = d["image"], d["label"]
+    _check_pair(case, image, label, labels)
+    mask = label[0].numpy() > 0
+    # Seeded by the case's content: the same case gives the same sample whatever else is in the dataset.
+    rs = np.random.RandomState(int(content[:8], 16))
+    samples = []
+    for c in range(image.shape[0]):
+        fg = image[c].numpy()[mask]
+        if fg.size > FOREGROUND_SAMPLES_PER_CASE:
+            fg = rs.choice(fg, FOREGROUND_SAMPLES_PER_CASE, replace=False)
+        samples.append(fg.astype(np.float64))
+    entry = {"spacing": [float(s) for s in image.pixdim], "shape": [int(s) for s in image.shape[1:]], "samples": samples}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    np.savez(tmp, key=key, spacing=entry["spacing"], shape=entry["shape"], channels=len(samples),
+             **{f"samples_{c}": v for c, v in enumerate(samples)})
+    os.replace(tmp, cache)
+    return entry
+
+
+def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[str, str], cache_dir: Path) -> dict[str, Any]:
     """Spacings and shapes (after reorientation) and foreground intensity statistics per channel.
+
+    Each case's part is cached by its content hash, so a new or changed case is the only one read.
 
     Args:
         dataset: the discovered dataset.
         orientation: axis codes the spacings/shapes are reported in.
+        case_hashes: case id -> content hash.
+        cache_dir: where the per-case parts are kept.
     """
-    loader = load_transforms(with_label=True)
-    reorient = spatial_transforms({"orientation": orientation, "target_spacing": None}, True)[0]
-    rs = np.random.RandomState(0)
     spacings, shapes = [], []
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
-        d = reorient(loader({"image": [str(p) for p in case.images], "label": str(case.label)}))
-        image, label = d["image"], d["label"]
-        _check_pair(case, image, label, dataset.labels)
-        spacings.append([float(s) for s in image.pixdim])
-        shapes.append([int(s) for s in image.shape[1:]])
-        mask = label[0].numpy() > 0
-        for c in range(image.shape[0]):
-            fg = image[c].numpy()[mask]
-            if fg.size > FOREGROUND_SAMPLES_PER_CASE:
-                fg = rs.choice(fg, FOREGROUND_SAMPLES_PER_CASE, replace=False)
-            samples[c].append(fg.astype(np.float64))
+        entry = _case_fingerprint(case, case_hashes[case.case_id], orientation, dataset.labels, cache_dir)
+        spacings.append(entry["spacing"])
+        shapes.append(entry["shape"])
+        for c, values in enumerate(entry["samples"]):
+            samples[c].append(values)
     stats = []
     for c in range(len(dataset.modalities)):
         v = np.concatenate(samples[c]) if samples[c] else np.zeros(1)
@@ -161,44 +256,66 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
     }
 
 
-def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> tuple[dict, list[PreprocessedCase]]:
+@dataclass
+class PreprocessResult:
+    """What the preprocess stage produced.
+
+    Args:
+        plan: the preprocessing plan.
+        cases: the preprocessed cases.
+        data_hash: the dataset's content hash (see :func:`dataset_hash`).
+        case_hashes: case id -> content hash.
+        redone: ids of the cases preprocessed by this call (the others were up to date).
+    """
+
+    plan: dict[str, Any]
+    cases: list[PreprocessedCase]
+    data_hash: str
+    case_hashes: dict[str, str]
+    redone: list[str]
+
+
+def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> PreprocessResult:
     """Fingerprint, plan and preprocess every case into ``out_dir``, reusing what is up to date.
 
-    A case is redone only when its inputs or the plan changed. Files are written
-    under a temporary name and renamed, so an interrupted run leaves no partial case.
+    Every input file's content is hashed. A case is preprocessed again only when its
+    content or the voxel part of the plan changed: new or changed cases in the dataset
+    are picked up, unchanged ones reused. Files are written under a temporary name and
+    renamed, so an interrupted run leaves no partial case.
 
     Args:
         cfg: the pipeline configuration.
         dataset: the discovered dataset.
         out_dir: where ``fingerprint.json``, ``plans.json`` and ``<case>.npz`` go.
-
-    Returns:
-        The plan and the preprocessed cases.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs_key = _inputs_key(dataset.cases)
-    fp_path = out_dir / "fingerprint.json"
-    fingerprint = json.loads(fp_path.read_text()) if fp_path.is_file() else {}
-    if fingerprint.get("inputs_key") != inputs_key or fingerprint.get("orientation") != cfg.preprocess.orientation:
-        fingerprint = {**compute_fingerprint(dataset, cfg.preprocess.orientation), "inputs_key": inputs_key}
-        _atomic_write_text(fp_path, json.dumps(fingerprint, indent=1))
+    hashes = ContentHashes(out_dir / HASH_CACHE)
+    case_hashes = {case.case_id: hashes.of_case(case) for case in dataset.cases}
+    hashes.save()
+    data_hash = dataset_hash(dataset, case_hashes)
+    fingerprint = {**compute_fingerprint(dataset, cfg.preprocess.orientation, case_hashes, out_dir / "fingerprint"),
+                   "data_hash": data_hash}
+    _atomic_write_text(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
     plan = make_plan(cfg, dataset, fingerprint)
     _atomic_write_text(out_dir / "plans.json", json.dumps(plan, indent=1))
     # The network part of the plan does not change the preprocessed voxels.
-    voxel_plan = {k: v for k, v in plan.items() if k != "network"}
-    plan_key = hashlib.sha256((json.dumps(voxel_plan, sort_keys=True) + inputs_key).encode()).hexdigest()
+    voxel_plan = json.dumps({k: v for k, v in plan.items() if k != "network"}, sort_keys=True)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     chain = preprocessing(plan, with_label=True)
-    result = []
+    result, redone = [], []
     for case in tqdm(dataset.cases, desc="preprocess", unit="case", leave=False):
         target = out_dir / f"{case.case_id}.npz"
-        if manifest.get(case.case_id) != plan_key or not target.is_file():
+        key = hashlib.sha256((voxel_plan + case_hashes[case.case_id]).encode()).hexdigest()
+        if manifest.get(case.case_id) != key or not target.is_file():
             d = chain({"image": [str(p) for p in case.images], "label": str(case.label)})
             tmp = target.with_name(target.name + ".tmp.npz")
             np.savez(tmp, image=d["image"].numpy().astype(np.float32), label=d["label"].numpy().astype(np.uint8))
             os.replace(tmp, target)
-            manifest[case.case_id] = plan_key
+            manifest[case.case_id] = key
+            redone.append(case.case_id)
+            # Saved per case: an interrupted call keeps what it finished.
+            _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-    return plan, result
+    return PreprocessResult(plan, result, data_hash, case_hashes, redone)

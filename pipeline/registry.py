@@ -20,8 +20,10 @@ def quiet_mlflow() -> None:
     """MLflow and its database migrations log at INFO on every start; keep the console for our summary."""
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    # We pass a signature without an input example on purpose (volumes are too big to store).
+    # No input example on purpose (volumes are too big to store), and no signature: the pyfunc takes
+    # either arrays with an affine or paths, which one tensor schema cannot say.
     warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+    warnings.filterwarnings("ignore", message=".*[Tt]ype hint.*")
 
 
 def tracking_uri(configured: str | None, work_dir: Path) -> str:
@@ -71,89 +73,112 @@ def setup(configured_uri: str | None, work_dir: Path, experiment: str | None = N
     return uri
 
 
-def log_model(checkpoint: Path, in_channels: int, spatial_dims: int, registered_name: str | None = None) -> str | None:
-    """Log the checkpoint as a pyfunc model in the active run, optionally registering it.
+def log_model(checkpoint: Path, registered_name: str | None = None) -> str | None:
+    """Log the checkpoint as a self-contained pyfunc model in the active run, optionally registering it.
+
+    The model ships this project's code and pinned requirements (see
+    :mod:`pipeline.mlflow_model`). Registering twice from one run (a call that
+    resumes after the tracking server went away) returns the version already there.
 
     Args:
-        checkpoint: the weights-only checkpoint.
-        in_channels: input channels (for the signature).
-        spatial_dims: 2 or 3 (for the signature).
+        checkpoint: the weights-only checkpoint with its plan and inference settings.
         registered_name: registry name; ``None`` logs without registering.
 
     Returns:
-        The new registered version (as a string), or ``None``.
+        The registered version (as a string), or ``None``.
     """
     import mlflow
 
     from pipeline import mlflow_model_code
-    from pipeline.mlflow_model import signature
+    from pipeline.mlflow_model import code_paths, requirements
 
+    run = mlflow.active_run()
+    if registered_name and run is not None:
+        existing = version_of_run(registered_name, run.info.run_id)
+        if existing is not None:
+            return existing
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=mlflow_model_code.__file__,
         artifacts={"checkpoint": str(checkpoint)},
-        signature=signature(in_channels, spatial_dims),
-        pip_requirements=["torch", "monai", "numpy", "mlflow"],
+        code_paths=code_paths(),
+        pip_requirements=requirements(),
         registered_model_name=registered_name,
     )
     version = getattr(info, "registered_model_version", None)
     return str(version) if version is not None else None
 
 
+def version_of_run(name: str, run_id: str) -> str | None:
+    """The version of ``name`` registered from ``run_id``, if any.
+
+    Args:
+        name: registered model name.
+        run_id: the MLflow run.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def champion_version(name: str) -> str | None:
+    """The version holding ``champion``, if any.
+
+    Args:
+        name: registered model name.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
 @dataclass
 class Promotion:
-    """Outcome of the champion comparison.
+    """Outcome of the champion gate.
 
     Args:
         version: the new version.
         promoted: whether it took the ``champion`` alias.
         previous_version: the champion before, if any.
-        previous_score: that champion's selection metric, if any.
-        score: the new version's selection metric.
+        decision: the gate's decision in words.
     """
 
     version: str
     promoted: bool
     previous_version: str | None
-    previous_score: float | None
-    score: float
+    decision: str
 
 
-def promote(name: str, version: str, score: float) -> Promotion:
-    """Give ``version`` the ``candidate`` alias, and ``champion`` when there is none or it scores higher.
+def set_aliases(name: str, version: str, promoted: bool, previous: str | None, decision: str) -> Promotion:
+    """Give ``version`` the ``candidate`` alias, and ``champion`` when the gate promoted it.
 
-    The comparison is recorded as tags on the active run.
+    The outcome is also recorded as tags on the active run.
 
     Args:
         name: registered model name.
         version: the new version.
-        score: its validation Dice (``val_mean_dice``).
+        promoted: the gate's decision.
+        previous: the champion's version before.
+        decision: the decision in words.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    previous_score = None
-    if current is not None:
-        metrics = client.get_run(current.run_id).data.metrics if current.run_id else {}
-        previous_score = metrics.get(SELECTION_METRIC)
-    promoted = current is None or previous_score is None or score > previous_score
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    result = Promotion(version, promoted, str(current.version) if current else None, previous_score, score)
-    mlflow.set_tags({
-        "registry.model_name": name,
-        "registry.version": version,
-        "registry.champion_before": str(result.previous_version),
-        "registry.champion_before_val_mean_dice": str(previous_score),
-        "registry.decision": "promoted to champion" if promoted else f"champion stays version {current.version}",
-    })
-    return result
+    mlflow.set_tags({"registry.model_name": name, "registry.version": version,
+                     "registry.champion_before": str(previous), "registry.decision": decision})
+    return Promotion(version, promoted, previous, decision)
 
 
 @dataclass(frozen=True)
@@ -171,20 +196,21 @@ class ResolvedModel:
     version: str
 
 
-def resolve_model(ref: str, work_dir: Path, download_dir: Path) -> ResolvedModel:
+def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | None = None) -> ResolvedModel:
     """A local checkpoint path for any model reference.
 
     Args:
         ref: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a ``.pt`` file.
         work_dir: work directory whose SQLite store is used when no tracking URI is set.
         download_dir: where registry artifacts are downloaded (the caller removes it).
+        tracking: the tracking URI to use (a run's own); ``None``: ``MLFLOW_TRACKING_URI``, else the work dir's store.
     """
     if not ref.startswith(("models:/", "runs:/")):
         path = Path(ref)
         if not path.is_file():
             raise InputDataError(path, "model checkpoint not found")
         return ResolvedModel(path, "local", path.name)
-    setup(None, work_dir)
+    setup(tracking, work_dir)
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -198,6 +198,8 @@ class SlidingWindowInferer:
         self.windows_evaluated = 0
         self.batch_size = settings.batch_size
         self.path = ""
+        #: volumes still to come in this job (the next included): lets ``compile="auto"`` see a batch coming.
+        self.volumes_left = 1
 
     # ------------------------------------------------------------------ public
 
@@ -227,6 +229,7 @@ class SlidingWindowInferer:
         for on_device, batch_size in attempts:
             try:
                 out = self._run(image, on_device, batch_size)
+                self.volumes_left = max(1, self.volumes_left - 1)
             except torch.OutOfMemoryError as error:
                 last_error = error
                 if cuda:
@@ -310,7 +313,7 @@ class SlidingWindowInferer:
         network, compiled = self.network, False
         if self.device.type == "cpu":
             fast = accelerate.compiled(self.network) if accelerate.should_compile(
-                self.network, jobs_total, s.compile) else None
+                self.network, jobs_total, s.compile, self.volumes_left) else None
             network, compiled = (fast, True) if fast is not None else (accelerate.prepacked(self.network), False)
 
         out_channels: int | None = None

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline import registry
 from pipeline.config import PipelineConfig
 from pipeline.dataset import Case, Dataset, load_dataset
@@ -32,6 +30,7 @@ class Prepared:
         cases: preprocessed cases by id.
         split: this fold's ``{"train": [...ids], "val": [...ids]}``.
         out_dir: the preprocessed folder.
+        data_hash: the dataset's content hash.
     """
 
     dataset: Dataset
@@ -39,6 +38,7 @@ class Prepared:
     cases: dict[str, PreprocessedCase]
     split: dict[str, list[str]]
     out_dir: Path
+    data_hash: str = ""
 
     def subset(self, part: str) -> list[PreprocessedCase]:
         """Preprocessed cases of ``"train"`` or ``"val"``."""
@@ -61,7 +61,10 @@ class RunSummary:
         model_name: registered model name.
         promotion: the registry outcome.
         epochs: epochs trained.
-        checkpoint: the best checkpoint's path.
+        checkpoint: the registered checkpoint's path.
+        gate: the champion gate's result.
+        up_to_date: nothing was done: data, config and code are unchanged since the last completed run.
+        finished: when that run completed.
     """
 
     run_id: str
@@ -71,6 +74,9 @@ class RunSummary:
     promotion: registry.Promotion | None = None
     epochs: int = 0
     checkpoint: Path | None = None
+    gate: Any = None
+    up_to_date: bool = False
+    finished: str | None = None
 
 
 def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
@@ -97,9 +103,11 @@ def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
     """
     dataset = discover(cfg, work_dir)
     out_dir = work_dir / "preprocessed"
-    plan, cases = preprocess_dataset(cfg, dataset, out_dir)
-    folds = stored_splits([c.case_id for c in cases], cfg.data.num_folds, cfg.data.split_seed, work_dir / "splits.json")
-    return Prepared(dataset, plan, {c.case_id: c for c in cases}, folds[cfg.data.fold], out_dir)
+    done = preprocess_dataset(cfg, dataset, out_dir)
+    folds = stored_splits([c.case_id for c in done.cases], cfg.data.num_folds, cfg.data.split_seed,
+                          work_dir / "splits.json")
+    return Prepared(dataset, done.plan, {c.case_id: c for c in done.cases}, folds[cfg.data.fold], out_dir,
+                    done.data_hash)
 
 
 def prepare_distributed(cfg: PipelineConfig, work_dir: Path) -> Prepared:
@@ -130,132 +138,328 @@ def checkpoint_dir(work_dir: Path, fold: int) -> Path:
     return work_dir / "checkpoints" / f"fold_{fold}"
 
 
-def _resumable_run_id(cfg: PipelineConfig, work_dir: Path, resume: bool) -> str | None:
-    """The MLflow run of an interrupted training, when resuming and its ``last.pt`` names one."""
+@dataclass
+class RunKeys:
+    """What decides whether a run is up to date: the data's content, the config, the code.
+
+    Args:
+        data_hash: the dataset's content hash.
+        config_hash: hash of the resolved configuration.
+        code: package version, git commit and dirty flag.
+    """
+
+    data_hash: str
+    config_hash: str
+    code: dict[str, Any]
+
+
+def _keys(cfg: PipelineConfig, prepared: Prepared) -> RunKeys:
+    from pipeline.scheduling import code_version, config_hash
+
+    return RunKeys(prepared.data_hash, config_hash(cfg.to_dict()), code_version())
+
+
+def _last_checkpoint_run(work_dir: Path, fold: int) -> str | None:
     from pipeline.checkpoints import load_checkpoint
 
-    last = checkpoint_dir(work_dir, cfg.data.fold) / "last.pt"
-    if not resume or not last.is_file():
-        return None
-    return load_checkpoint(last).get("mlflow_run_id")
+    last = checkpoint_dir(work_dir, fold) / "last.pt"
+    return load_checkpoint(last).get("mlflow_run_id") if last.is_file() else None
 
 
-def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, run_id: str | None):
-    """Train this fold; on rank 0 log params, plans and per-epoch metrics to the active MLflow run."""
+def _params(cfg: PipelineConfig, prepared: Prepared, world_size: int) -> dict[str, Any]:
+    """MLflow params: the config without paths (the dataset by name and content hash), split and plan sizes."""
+    from pipeline.privacy import dataset_label
+
+    params = {k: v for k, v in cfg.flat().items() if k not in ("data.dataset", "registry.evaluation_set")}
+    return {**params, "data.dataset": dataset_label(prepared.dataset.name, prepared.data_hash),
+            "registry.evaluation_set": "fixed" if cfg.registry.evaluation_set else "validation fold",
+            "data.num_cases": len(prepared.cases), "data.num_train": len(prepared.split["train"]),
+            "data.num_val": len(prepared.split["val"]), "ddp.world_size": world_size,
+            **{f"plan.{k}": v for k, v in prepared.plan["network"].items()}}
+
+
+class _Session:
+    """One call's run: lock, tracking server, state and MLflow run, wired for ``run`` and ``train``."""
+
+    def __init__(self, cfg: PipelineConfig, work_dir: Path, force: bool) -> None:
+        self.cfg, self.work_dir, self.force = cfg, work_dir, force
+        self.uri: str | None = None
+        self.log = None
+
+    def connect(self) -> None:
+        from pipeline import tracking
+
+        self.uri = registry.tracking_uri(self.cfg.mlflow.tracking_uri, self.work_dir)
+        tracking.connect(self.uri, self.work_dir)  # before any preprocessing: exit 5 at once when down
+        registry.setup(self.cfg.mlflow.tracking_uri, self.work_dir, self.cfg.mlflow.experiment)
+
+    def decide(self, prepared: Prepared) -> tuple[str, RunKeys, Any]:
+        from pipeline.scheduling import decide_run, load_state
+
+        keys = _keys(self.cfg, prepared)
+        state = load_state(self.work_dir, self.cfg.data.fold)
+        action = decide_run(state, keys.data_hash, keys.config_hash, keys.code, self.force,
+                            _last_checkpoint_run(self.work_dir, self.cfg.data.fold))
+        return action, keys, state
+
+    def open_run(self, action: str, state: Any, keys: RunKeys, prepared: Prepared, world_size: int) -> str:
+        """Start a new MLflow run, or reopen the interrupted one; log its parameters."""
+        import mlflow
+
+        from pipeline import tracking
+        from pipeline.privacy import dataset_label, redact_config
+        from pipeline.scheduling import RunState, save_state
+
+        reopen = state.run_id if action in ("resume", "finish") and state is not None else None
+        if reopen is None and state is not None and state.status in ("running", "trained") and state.run_id:
+            # An interrupted run of other inputs is not going to be finished: say so in MLflow.
+            with _suppressed():
+                mlflow.MlflowClient().set_terminated(state.run_id, "KILLED")
+        run = tracking.when_reachable(
+            lambda: mlflow.start_run(run_id=reopen, tags=None if reopen else {"data.fold": str(self.cfg.data.fold)}),
+            self.uri, self.cfg.mlflow.outage_wait_minutes, "starting the MLflow run")
+        run_id = run.info.run_id
+        self.log = tracking.RunLogger(self.uri, self.work_dir, run_id, self.cfg.mlflow.outage_wait_minutes)
+        if reopen is None:
+            save_state(self.work_dir, RunState("running", run_id, keys.data_hash, keys.config_hash, keys.code,
+                                               self.cfg.data.fold))
+        folds = json.loads((self.work_dir / "splits.json").read_text())["folds"]
+        config = redact_config(self.cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
+        self.log.start(_params(self.cfg, prepared, world_size), config,
+                       {"preprocess": prepared.out_dir / "plans.json"}, folds)
+        return run_id
+
+    def mark(self, status: str, keys: RunKeys, run_id: str) -> None:
+        from pipeline.scheduling import RunState, load_state, now_iso, save_state
+
+        previous = load_state(self.work_dir, self.cfg.data.fold)
+        started = previous.started if previous is not None and previous.run_id == run_id else now_iso()
+        save_state(self.work_dir, RunState(status, run_id, keys.data_hash, keys.config_hash, keys.code,
+                                           self.cfg.data.fold, started, now_iso() if status == "completed" else None))
+
+
+def _suppressed():
+    from contextlib import suppress
+
+    return suppress(Exception)
+
+
+def _lock(work_dir: Path, command: str, is_main: bool):
+    """The work directory's lock on rank 0 (``torchrun``'s other processes follow rank 0)."""
+    from contextlib import nullcontext
+
+    from pipeline.scheduling import work_dir_lock
+
+    return work_dir_lock(work_dir, command) if is_main else nullcontext()
+
+
+def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, session: _Session | None,
+           run_id: str | None):
+    """Train this fold; on rank 0 per-epoch metrics go to the run through the on-disk outbox."""
     from pipeline import distributed
     from pipeline.training import train
 
     env = distributed.current()
-    log = None
-    if env.is_main:
-        import mlflow
-
-        params = {**cfg.flat(), "data.num_cases": len(prepared.cases), "data.num_train": len(prepared.split["train"]),
-                  "data.num_val": len(prepared.split["val"]), "ddp.world_size": env.world_size,
-                  **{f"plan.{k}": v for k, v in prepared.plan["network"].items()}}
-        logged = mlflow.get_run(run_id).data.params if run_id else {}
-        mlflow.log_params({k: v for k, v in params.items() if k not in logged})
-        if not run_id:
-            mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config/resolved.yaml")
-            for name in ("plans.json", "fingerprint.json"):
-                mlflow.log_artifact(str(prepared.out_dir / name), "preprocess")
-            mlflow.log_artifact(str(work_dir / "splits.json"), "preprocess")
-        log = lambda metrics, step: mlflow.log_metrics(metrics, step=step)  # noqa: E731
-    result = train(
-        cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), checkpoint_dir(work_dir, cfg.data.fold),
-        log_metrics=log, resume=resume, extra_state={"mlflow_run_id": run_id or _active_run_id()},
-    )
-    if env.is_main:
-        import mlflow
-
-        mlflow.log_metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
-                            "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second})
-        mlflow.set_tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
-                         "ddp.param_checksums": json.dumps(result.param_checksums)})
+    folder = checkpoint_dir(work_dir, cfg.data.fold)
+    history = folder / "history.jsonl"
+    if not resume:
+        history.unlink(missing_ok=True)
+    log = session.log.epoch_metrics(history) if env.is_main and session is not None and session.log else None
+    result = train(cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), folder,
+                   log_metrics=log, resume=resume, extra_state={"mlflow_run_id": run_id})
+    if env.is_main and session is not None and session.log:
+        session.log.metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
+                             "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second},
+                            "logging the training summary")
+        session.log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
+                          "ddp.param_checksums": json.dumps(result.param_checksums)})
+        session.log.curves(history)
     return result
 
 
-def _active_run_id() -> str | None:
-    import mlflow
+def _training_result_from_disk(cfg: PipelineConfig, work_dir: Path):
+    """A finished training's checkpoints (the ``finish`` action: training done, the rest not yet)."""
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.training import TrainResult
 
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
+    folder = checkpoint_dir(work_dir, cfg.data.fold)
+    final = folder / "final.pt"
+    epochs = int(load_checkpoint(final).get("epoch") or 0)
+    return TrainResult(folder / "best.pt", folder / "last.pt", final, float("nan"), epochs, False)
 
 
-def _start_run(cfg: PipelineConfig, work_dir: Path, resume: bool):
-    """Set up MLflow and start (or, when resuming, reopen) the run; ``None`` on ranks other than 0."""
-    from contextlib import nullcontext
-
+def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bool,
+                  fail_if_not_promoted: bool = False) -> RunSummary | None:
     from pipeline import distributed
+    from pipeline.errors import NotPromotedError, TrainingFailedError
 
-    if not distributed.current().is_main:
-        return nullcontext(None), None, None
+    session = _Session(cfg, work_dir, force)
+    env = distributed.init(resolve_device(cfg.train.device).type)
+    with _lock(work_dir, "run" if register else "train", env.is_main):
+        if env.is_main:
+            session.connect()
+        prepared = prepare_distributed(cfg, work_dir)
+        decision = None
+        if env.is_main:
+            decision = session.decide(prepared)
+        action = distributed.broadcast(decision[0] if decision else None)
+        if action == "up_to_date":
+            distributed.shutdown()
+            if not env.is_main:
+                return None
+            _, _, state = decision
+            return RunSummary(state.run_id or "", session.uri or "", up_to_date=True, model_name=cfg.mlflow.model_name,
+                              finished=state.finished)
+        run_id = None
+        if env.is_main:
+            _, keys, state = decision
+            run_id = session.open_run(action, state, keys, prepared, env.world_size)
+        try:
+            if action == "finish":
+                result = _training_result_from_disk(cfg, work_dir)
+            else:
+                result = _train(cfg, work_dir, prepared, action == "resume", session, run_id)
+        except TrainingFailedError:
+            if env.is_main:
+                session.mark("failed", keys, run_id)
+                with _suppressed():
+                    session.log.end("FAILED")
+            raise
+        distributed.shutdown()
+        if not env.is_main:
+            return None
+        session.mark("trained", keys, run_id)
+        summary = _finish(cfg, work_dir, prepared, result, session, run_id, register)
+        session.log.flush()
+        session.log.end("FINISHED")
+        session.mark("completed", keys, run_id)
+    if fail_if_not_promoted and summary.promotion is not None and not summary.promotion.promoted:
+        raise NotPromotedError(f"version {summary.promotion.version} was registered but not promoted: "
+                               f"{summary.promotion.decision}")
+    return summary
+
+
+def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any, session: _Session, run_id: str,
+            register: bool) -> RunSummary:
+    """After training: evaluate and export, then (``run``) gate, register, describe."""
+    chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
+    log = session.log
+    if not register:
+        log.call(lambda: registry.log_model(chosen), "logging the model")
+        return RunSummary(run_id, session.uri or "", epochs=result.epochs, checkpoint=chosen)
+    log.tags({"evaluate.checkpoint": cfg.evaluate.checkpoint})
+    evaluation, model_path = validate_and_export(cfg, work_dir, prepared, chosen)
+    summary = evaluation.summary
+    names = list(summary["dice_per_label"])
+    log.metrics({registry.SELECTION_METRIC: summary["mean_dice"],
+                 **{f"val_dice_{_metric_name(k)}": v for k, v in summary["dice_per_label"].items()},
+                 **{f"val_hd95_{_metric_name(k)}": v for k, v in summary["hd95_per_label"].items()},
+                 **{f"val_surface_dice_{_metric_name(k)}": v for k, v in summary["surface_dice_per_label"].items()},
+                 "val_mean_dice_without_postprocessing": summary["mean_dice_without_postprocessing"]},
+                "logging the evaluation")
+    log.evaluation(evaluation, names)
+    gate_result, eval_set = _gate(cfg, work_dir, prepared, evaluation, model_path, log)
+    version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
+    promotion = None
+    if version is not None:
+        _describe(cfg, prepared, run_id, version, summary, model_path, gate_result, eval_set, log)
+        promotion = log.call(lambda: registry.set_aliases(cfg.mlflow.model_name, version, gate_result.promoted,
+                                                          gate_result.champion_version, gate_result.decision),
+                             "setting the aliases")
+    return RunSummary(run_id, session.uri or "", summary, cfg.mlflow.model_name, promotion, result.epochs, model_path,
+                      gate=gate_result)
+
+
+def _gate(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, evaluation: Any, model_path: Path, log: Any):
+    """Score the candidate and the champion on the same cases, in this call; log the comparison."""
     import mlflow
 
-    uri = registry.setup(cfg.mlflow.tracking_uri, work_dir, cfg.mlflow.experiment)
-    run_id = _resumable_run_id(cfg, work_dir, resume)
-    tags = {"data.fold": str(cfg.data.fold)}
-    return mlflow.start_run(run_id=run_id, tags=None if run_id else tags), uri, run_id
+    from pipeline import gate
+    from pipeline.evaluation import evaluate_cases
+    from pipeline.inference import Predictor, load_model
+    from pipeline.privacy import csv_text
+
+    device = resolve_device(cfg.train.device)
+    cases, eval_set = gate.eval_cases(cfg.registry.evaluation_set, prepared.raw_cases("val"))
+    names = list(evaluation.summary["dice_per_label"])
+    candidate = evaluation
+    if cfg.registry.evaluation_set is not None:
+        # A fixed set: the candidate as it will be used (its decided postprocessing) on those cases.
+        candidate = evaluate_cases(Predictor([load_model(model_path, device)], device), cases,
+                                   work_dir / "gate" / "candidate", save_predictions=False)
+    name = cfg.mlflow.model_name
+    champion_version = log.call(lambda: registry.champion_version(name), "looking up the champion")
+
+    def score_champion(tmp: Path):
+        resolved = log.call(lambda: registry.resolve_model(f"models:/{name}/{champion_version}", work_dir, tmp / "model",
+                                                           log.uri), "downloading the champion")
+        predictor = Predictor([load_model(resolved.path, device)], device)
+        return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False)
+
+    result = gate.compare(candidate, score_champion if champion_version else None, champion_version,
+                          cfg.registry.promote_margin, log.alias, names)
+    log.metrics(gate.metrics(result, _metric_name), "logging the gate")
+    log.call(lambda: mlflow.log_text(csv_text(result.rows, result.columns), "gate/comparison.csv"),
+             "logging the gate table")
+    log.tags({"gate.decision": result.decision, "gate.eval_set": eval_set})
+    return result, eval_set
 
 
-def train_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunSummary | None:
+def _describe(cfg: PipelineConfig, prepared: Prepared, run_id: str, version: str, summary: dict[str, Any],
+              model_path: Path, gate_result: Any, eval_set: str, log: Any) -> None:
+    """Provenance tags and the Markdown description on the new version."""
+    import mlflow
+
+    from pipeline import gate, provenance
+    from pipeline.checkpoints import load_checkpoint
+
+    keys = _keys(cfg, prepared)
+    facts = provenance.Provenance(
+        cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
+        cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]), len(prepared.split["val"]),
+        keys.config_hash, keys.code, prepared.plan, summary, load_checkpoint(model_path)["inference"], gate_result.decision)
+    client = mlflow.MlflowClient()
+    tags = {**provenance.tags(facts, _metric_name), **gate.tags(gate_result, eval_set)}
+
+    def write() -> None:
+        client.update_model_version(cfg.mlflow.model_name, version, description=provenance.description(facts))
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.mlflow.model_name, version, key, value)
+
+    log.call(write, "describing the model version")
+
+
+def train_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False) -> RunSummary | None:
     """Preprocess and train one fold in one MLflow run, logging the model (unregistered).
 
+    Same scheduling rules as :func:`run_stage` (lock, automatic resume, skip when up to date).
     Under ``torchrun`` every process trains; only rank 0 logs, and only it returns a summary.
 
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory.
-        resume: continue an interrupted training from its ``last.pt`` and MLflow run.
+        force: retrain even when data, config and code are unchanged.
     """
-    from pipeline import distributed
-
-    prepared = prepare_distributed(cfg, work_dir)
-    context, uri, run_id = _start_run(cfg, work_dir, resume)
-    with context as run:
-        result = _train(cfg, work_dir, prepared, resume, run_id)
-        chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
-        if run is not None:
-            registry.log_model(chosen, len(prepared.plan["modalities"]), cfg.model.spatial_dims)
-    distributed.shutdown()
-    if run is None:
-        return None
-    return RunSummary(run.info.run_id, uri, epochs=result.epochs, checkpoint=chosen)
+    return _run_or_train(cfg, work_dir, force, register=False)
 
 
-def run_stage(cfg: PipelineConfig, work_dir: Path, resume: bool = False) -> RunSummary | None:
-    """The whole job: preprocess -> train -> evaluate on the fold's held-out cases -> register.
+def run_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False,
+              fail_if_not_promoted: bool = False) -> RunSummary | None:
+    """The whole job, safe to call from a scheduler: preprocess -> train -> evaluate -> gate -> register.
+
+    Takes the work directory's lock (exit 3 when another call holds it); checks the
+    tracking server before any work (exit 5); resumes an interrupted run in the same
+    MLflow run; skips everything when data, config and code are unchanged since the
+    last completed run (``force`` retrains); a NaN loss ends with exit 4.
 
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory.
-        resume: continue an interrupted run from its ``last.pt`` and MLflow run.
+        force: retrain even when data, config and code are unchanged.
+        fail_if_not_promoted: raise :class:`~pipeline.errors.NotPromotedError` (exit 6) when the
+            new version does not take ``champion``.
     """
-    from pipeline import distributed
-
-    prepared = prepare_distributed(cfg, work_dir)
-    context, uri, run_id = _start_run(cfg, work_dir, resume)
-    with context as run:
-        result = _train(cfg, work_dir, prepared, resume, run_id)
-        distributed.shutdown()
-        if run is None:
-            return None
-        import mlflow
-
-        chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
-        mlflow.set_tag("evaluate.checkpoint", cfg.evaluate.checkpoint)
-        evaluation, model_path = validate_and_export(cfg, work_dir, prepared, chosen)
-        summary = evaluation.summary
-        mlflow.log_metric(registry.SELECTION_METRIC, summary["mean_dice"])
-        mlflow.log_metrics({f"val_dice_{_metric_name(k)}": v for k, v in summary["dice_per_label"].items()})
-        mlflow.log_dict(evaluation.postprocessing.to_dict(), "evaluation/postprocessing.json")
-        mlflow.log_artifact(str(work_dir / "evaluation" / "cases.csv"), "evaluation")
-        mlflow.log_artifact(str(work_dir / "evaluation" / "summary.json"), "evaluation")
-        version = registry.log_model(
-            model_path, len(prepared.plan["modalities"]), cfg.model.spatial_dims, cfg.mlflow.model_name
-        )
-        promotion = registry.promote(cfg.mlflow.model_name, version, summary["mean_dice"]) if version else None
-    return RunSummary(run.info.run_id, uri, summary, cfg.mlflow.model_name, promotion, result.epochs, model_path)
+    return _run_or_train(cfg, work_dir, force, register=True, fail_if_not_promoted=fail_if_not_promoted)
 
 
 def validate_and_export(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, chosen: Path):
@@ -392,3 +596,70 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
     algorithm = predict.algorithm_for(identity.name, identity.version)
     return predict.predict_cases(predictor, predict.shard(cases), out_dir, algorithm, series_uid,
                                  save_probabilities, write_seg, overwrite)
+
+
+def _pacs_setup(url: str, rules_cfg: Any, verify_tls: bool):
+    from pipeline.pacs import PacsClient, SeriesRules
+
+    client = PacsClient(url, verify_tls=verify_tls)
+    rules = SeriesRules(rules_cfg.modality, rules_cfg.series_description, rules_cfg.min_slices)
+    return client, rules
+
+
+def pacs_predict_stage(url: str, study_uid: str, series_uid: str | None, model_refs: Sequence[str], work_dir: Path,
+                       pacs_cfg: Any, overrides=None, device: str = "auto", keep_in: Path | None = None):
+    """Segment one series of a study on the PACS and store the DICOM SEG back into the study.
+
+    Args:
+        url: the DICOMweb root.
+        study_uid: the study.
+        series_uid: the series (``None``: chosen by ``pacs_cfg``'s rules).
+        model_refs: the model(s), as for ``predict``.
+        work_dir: the work directory (default registry).
+        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS).
+        overrides: inference setting overrides.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        keep_in: also keep the NIfTI mask and the SEG in this folder.
+    """
+    from pipeline.pacs import select_series
+    from pipeline.pacs.segment import segment_series
+    from pipeline.predict import algorithm_for
+
+    client, rules = _pacs_setup(url, pacs_cfg, pacs_cfg.verify_tls)
+    client.ping()
+    series = select_series(client.list_series(study_uid), rules, series_uid, study_uid)
+    predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
+    return segment_series(client, predictor, algorithm_for(identity.name, identity.version), study_uid, series, keep_in)
+
+
+def pacs_watch_stage(url: str, model_refs: Sequence[str], work_dir: Path, pacs_cfg: Any, since=None, overrides=None,
+                     device: str = "auto"):
+    """One scheduled pass: segment every study with a matching series and no SEG of this model version yet.
+
+    Holds the work directory's lock; records what it did in ``work_dir/pacs/ledger.json``.
+
+    Args:
+        url: the DICOMweb root.
+        model_refs: the model(s), as for ``predict``.
+        work_dir: the work directory (lock, ledger, default registry).
+        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS).
+        since: only studies from this date on (``datetime.date``), or ``None``.
+        overrides: inference setting overrides.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+    from pipeline.pacs import WatchLedger, model_tag, run_watch_pass
+    from pipeline.pacs.segment import segment_series
+    from pipeline.predict import algorithm_for
+    from pipeline.scheduling import work_dir_lock
+
+    with work_dir_lock(work_dir, "pacs watch"):
+        client, rules = _pacs_setup(url, pacs_cfg, pacs_cfg.verify_tls)
+        client.ping()
+        predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
+        algorithm = algorithm_for(identity.name, identity.version)
+        tag = model_tag(identity.name, identity.version)
+
+        def process(study_uid: str, series: Any) -> str:
+            return segment_series(client, predictor, algorithm, study_uid, series).seg_sop_instance_uid
+
+        return run_watch_pass(client, tag, rules, since, process, WatchLedger(work_dir))

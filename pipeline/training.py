@@ -39,6 +39,7 @@ from pipeline import distributed
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.devices import resolve_device
+from pipeline.errors import TrainingFailedError
 from pipeline.inference import InferenceSettings, inference_section
 from pipeline.metrics import dice_per_label
 from pipeline.preprocess import PreprocessedCase
@@ -393,12 +394,20 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = loss_fn(network(image), label)
+            value = float(loss.detach())
+            # Every process stops together: one rank's NaN would otherwise hang the others in all-reduce.
+            if distributed.any_true(not math.isfinite(value)):
+                raise TrainingFailedError(
+                    f"training diverged at epoch {epoch + 1}, iteration {len(losses) + 1}: the loss is not finite "
+                    f"({value}); lower train.learning_rate or check the data. The last good state is "
+                    f"{last_path.name} of epoch {epoch}"
+                )
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
             scaler.step(optimizer)
             scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(value)
             patches += image.shape[0] * env.world_size
             if budget_s and distributed.any_true(elapsed() > budget_s):
                 stopped = True

@@ -1,0 +1,167 @@
+"""The champion gate: the candidate and the current champion scored in one call, on the same cases.
+
+Each model predicts with its own stored inference settings (mirroring, overlap,
+postprocessing), so each is judged as it would be used. ``champion`` moves only when
+the candidate's mean Dice beats the champion's by more than ``registry.promote_margin``.
+Scoring the champion can fail (a model from an incompatible version, a download
+error): then the gate says so and nothing moves; an error never moves or removes
+``champion``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.dataset import Case
+from pipeline.errors import user_error
+from pipeline.evaluation import EvaluationResult
+
+
+@dataclass
+class GateResult:
+    """The comparison and its decision.
+
+    Args:
+        promoted: whether the candidate takes ``champion``.
+        decision: the decision in words (for tags, the summary and the description).
+        candidate: the candidate's ``mean_dice`` and ``dice_per_label`` on the gate's cases.
+        champion: the champion's, when it was scored.
+        champion_version: the champion's registry version, if there is one.
+        margin: ``registry.promote_margin``.
+        rows: per case: the case pseudonym, then ``candidate <label>`` and ``champion <label>`` Dice.
+        columns: the table's columns.
+    """
+
+    promoted: bool
+    decision: str
+    candidate: dict[str, Any]
+    champion: dict[str, Any] | None = None
+    champion_version: str | None = None
+    margin: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+
+    @property
+    def delta(self) -> float | None:
+        """Candidate minus champion mean Dice (``None`` without a scored champion)."""
+        if self.champion is None:
+            return None
+        return float(self.candidate["mean_dice"]) - float(self.champion["mean_dice"])
+
+
+def _scores(result: EvaluationResult) -> dict[str, Any]:
+    return {"mean_dice": result.summary["mean_dice"], "dice_per_label": dict(result.summary["dice_per_label"])}
+
+
+def compare(
+    candidate: EvaluationResult,
+    score_champion: Callable[[Path], EvaluationResult] | None,
+    champion_version: str | None,
+    margin: float,
+    alias: Callable[[str], str],
+    label_names: Sequence[str],
+) -> GateResult:
+    """Score the champion on the candidate's cases and decide.
+
+    Args:
+        candidate: the candidate's evaluation on the gate's cases.
+        score_champion: evaluates the champion on the same cases into the given folder
+            (``None``: there is no champion).
+        champion_version: the champion's version.
+        margin: the Dice margin the candidate must exceed.
+        alias: case id -> pseudonym (for the table).
+        label_names: foreground label names in column order.
+    """
+    cand = _scores(candidate)
+    columns = ["case", *[f"candidate {n}" for n in label_names], *[f"champion {n}" for n in label_names]]
+    base_rows = {r["case"]: {"case": alias(r["case"]), **{f"candidate {n}": r[n] for n in label_names}}
+                 for r in candidate.rows}
+    if score_champion is None:
+        return GateResult(True, "promoted: there was no champion", cand, margin=margin,
+                          rows=list(base_rows.values()), columns=columns)
+    try:
+        with tempfile.TemporaryDirectory(prefix="unet-gate-") as tmp:
+            champion = score_champion(Path(tmp))
+    except Exception as error:  # any failure: the champion stays
+        cause = user_error(error)
+        why = str(cause) if cause is not None else f"{type(error).__name__}"
+        return GateResult(False, f"not promoted: champion version {champion_version} could not be scored ({why[:200]})",
+                          cand, None, champion_version, margin, list(base_rows.values()), columns)
+    champ = _scores(champion)
+    for r in champion.rows:
+        base_rows[r["case"]].update({f"champion {n}": r[n] for n in label_names})
+    delta = float(cand["mean_dice"]) - float(champ["mean_dice"])
+    if math.isnan(delta):
+        promoted, decision = False, "not promoted: a mean Dice is undefined (NaN)"
+    elif delta > margin:
+        promoted = True
+        decision = (f"promoted: mean Dice {cand['mean_dice']:.4f} beats champion version {champion_version}'s "
+                    f"{champ['mean_dice']:.4f} by {delta:+.4f} (margin {margin:g})")
+    else:
+        promoted = False
+        decision = (f"not promoted: mean Dice {cand['mean_dice']:.4f} vs champion version {champion_version}'s "
+                    f"{champ['mean_dice']:.4f} ({delta:+.4f}, margin {margin:g}); champion stays version {champion_version}")
+    return GateResult(promoted, decision, cand, champ, champion_version, margin, list(base_rows.values()), columns)
+
+
+def metrics(result: GateResult, metric_name: Callable[[str], str]) -> dict[str, float]:
+    """The comparison as MLflow metrics (``gate.*``).
+
+    Args:
+        result: the gate's result.
+        metric_name: label name -> a name MLflow accepts.
+    """
+    out = {"gate.candidate_mean_dice": float(result.candidate["mean_dice"]), "gate.margin": result.margin,
+           "gate.promoted": 1.0 if result.promoted else 0.0, "gate.num_cases": float(len(result.rows))}
+    out.update({f"gate.candidate_dice_{metric_name(n)}": float(v) for n, v in result.candidate["dice_per_label"].items()})
+    if result.champion is not None:
+        out["gate.champion_mean_dice"] = float(result.champion["mean_dice"])
+        out["gate.delta"] = float(result.delta or 0.0)
+        out.update({f"gate.champion_dice_{metric_name(n)}": float(v)
+                    for n, v in result.champion["dice_per_label"].items()})
+    return out
+
+
+def tags(result: GateResult, eval_set: str) -> dict[str, str]:
+    """The comparison as tags on the model version (``gate.*``).
+
+    Args:
+        result: the gate's result.
+        eval_set: which cases were scored, in words.
+    """
+    out = {"gate.decision": result.decision, "gate.margin": f"{result.margin:g}", "gate.eval_set": eval_set,
+           "gate.num_cases": str(len(result.rows)), "gate.candidate_mean_dice": f"{result.candidate['mean_dice']:.4f}"}
+    if result.champion_version is not None:
+        out["gate.champion_version"] = result.champion_version
+    if result.champion is not None:
+        out["gate.champion_mean_dice"] = f"{result.champion['mean_dice']:.4f}"
+    return out
+
+
+def eval_cases(evaluation_set: str | None, validation: Sequence[Case]) -> tuple[list[Case], str]:
+    """The gate's cases and how to name them: the configured fixed set, else the validation fold.
+
+    Args:
+        evaluation_set: ``registry.evaluation_set`` (a dataset path) or ``None``.
+        validation: the candidate's validation cases.
+    """
+    if evaluation_set is None:
+        return list(validation), f"validation fold ({len(validation)} cases)"
+    from pipeline.dataset import load_dataset
+
+    dataset = load_dataset(evaluation_set)
+    return list(dataset.cases), f"fixed evaluation set '{dataset.name}' ({len(dataset.cases)} cases)"
+
+
+def label_columns(summary: Mapping[str, Any]) -> list[str]:
+    """Foreground label names in the evaluation's order.
+
+    Args:
+        summary: an evaluation summary.
+    """
+    return list(summary["dice_per_label"])

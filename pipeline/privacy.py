@@ -1,0 +1,114 @@
+"""What may leave the work directory: case pseudonyms and path-free configurations.
+
+Patient names can sit in folder and file names, so case ids (taken from file names)
+and dataset paths never go to MLflow params, tags, artifact names or artifact
+contents. Instead:
+
+* a case is named by a pseudonym ``case-<10 hex>``, an HMAC of its id under a random
+  key kept in the work directory (``.case-key``, mode 0600): stable across the calls
+  of one work directory (the gate table and the QC pictures of two runs line up),
+  meaningless elsewhere, and not reversible by guessing names without the key. The
+  work directory's own ``evaluation/cases.csv`` keeps the real ids next to them;
+* a dataset is named by its ``dataset.json`` name and content hash, not its path.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+KEY_FILE = ".case-key"
+
+
+class CaseAliases:
+    """Pseudonyms of case ids, keyed per work directory.
+
+    Args:
+        work_dir: the work directory holding (or getting) the key.
+    """
+
+    def __init__(self, work_dir: Path) -> None:
+        path = work_dir / KEY_FILE
+        if not path.is_file():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            # Two calls racing to create it: the first rename wins and both read that one.
+            try:
+                os.link(path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp"), path)
+            except FileExistsError:
+                pass
+            path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp").unlink(missing_ok=True)
+        self._key = path.read_text().strip().encode()
+
+    def __call__(self, case_id: str) -> str:
+        """The pseudonym of ``case_id``.
+
+        Args:
+            case_id: the case's id (from its file name).
+        """
+        return "case-" + hmac.new(self._key, case_id.encode(), hashlib.sha256).hexdigest()[:10]
+
+    def rows(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` with their ``case`` column replaced by pseudonyms.
+
+        Args:
+            rows: mappings with a ``case`` key.
+        """
+        return [{**r, "case": self(str(r["case"]))} for r in rows]
+
+    def splits(self, folds: Sequence[Mapping[str, Sequence[str]]]) -> list[dict[str, list[str]]]:
+        """Cross-validation folds with pseudonyms instead of case ids.
+
+        Args:
+            folds: ``[{"train": [...], "val": [...]}, ...]``.
+        """
+        return [{part: sorted(self(c) for c in ids) for part, ids in fold.items()} for fold in folds]
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV text (floats with 6 decimals), for ``mlflow.log_text``.
+
+    Args:
+        rows: one mapping per row.
+        columns: the column order.
+    """
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def dataset_label(name: str, data_hash: str) -> str:
+    """How a dataset is named outside the work directory: its name and content hash, never its path.
+
+    Args:
+        name: the ``dataset.json`` name.
+        data_hash: the content hash.
+    """
+    return f"{name} (sha256 {data_hash[:16]})"
+
+
+def redact_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """A configuration without paths that may carry names (``data.dataset``, ``registry.evaluation_set``).
+
+    Args:
+        config: the resolved configuration (nested sections).
+        dataset: what to write instead of the dataset path (see :func:`dataset_label`).
+    """
+    out = {section: dict(values) if isinstance(values, Mapping) else values for section, values in config.items()}
+    if isinstance(out.get("data"), dict) and out["data"].get("dataset") is not None:
+        out["data"]["dataset"] = dataset
+    if isinstance(out.get("registry"), dict) and out["registry"].get("evaluation_set") is not None:
+        out["registry"]["evaluation_set"] = "a fixed evaluation set (path not logged)"
+    return out
