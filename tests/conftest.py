@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,16 @@ HIPPOCAMPUS = SHARED_DATA / "hippocampus"
 DICOM = SHARED_DATA / "dicom"
 
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_mlflow_module() -> None:
+    """Module-scoped fixtures (runs done once per module) must not follow a store an earlier module set:
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI`` for the whole process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +52,26 @@ def dicom_series(name: str) -> Path:
     if not folder.is_dir() or not any(folder.iterdir()):
         pytest.skip(f"shared DICOM series not found at {folder} (see ../shared/data/README.md)")
     return folder
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """The CLI's ``main`` in this process (no interpreter start), its output captured like a subprocess's.
+
+    A bug raises here instead of printing a traceback, so a test still sees it; the console entry point
+    itself is exercised by the tests that use a real subprocess.
+
+    Args:
+        args: the command line after ``unet-pipeline``.
+    """
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["unet-pipeline", *args], code, out.getvalue(), err.getvalue())
 
 
 def copy_hippocampus_subset(dst: Path, n: int) -> Path:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from tests.conftest import run_main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -35,18 +36,18 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_unknown_config_key(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"train": {"epoch": 2}}))
-    assert_one_line_error(run_cli("train", str(cfg), "--work-dir", str(tmp_path / "w")), "train.epoch", str(cfg))
+    assert_one_line_error(run_main("train", str(cfg), "--work-dir", str(tmp_path / "w")), "train.epoch", str(cfg))
 
 
 def test_bad_set_value(tmp_path: Path) -> None:
-    res = run_cli("run", "--set", "train.epochs=-3", "--work-dir", str(tmp_path / "w"))
+    res = run_main("run", "--set", "train.epochs=-3", "--work-dir", str(tmp_path / "w"))
     assert_one_line_error(res, "train.epochs", ">= 1")
 
 
 def test_predict_missing_input_writes_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
     out = tmp_path / "out"
     missing = tmp_path / "absent.nii.gz"
-    res = run_cli("predict", "--model", str(tiny_checkpoint), str(missing), "--out", str(out))
+    res = run_main("predict", "--model", str(tiny_checkpoint), str(missing), "--out", str(out))
     assert_one_line_error(res, str(missing), "not found")
     assert not out.exists() or not any(out.iterdir())
 
@@ -61,7 +62,7 @@ def test_predict_unreadable_nifti_writes_nothing(tmp_path: Path, tiny_checkpoint
 
 
 def test_unknown_registered_model(tmp_path: Path, hippocampus: Path) -> None:
-    res = run_cli("evaluate", "--model", "models:/nobody@champion", "--data", str(hippocampus),
+    res = run_main("evaluate", "--model", "models:/nobody@champion", "--data", str(hippocampus),
                   "--work-dir", str(tmp_path / "w"))
     assert_one_line_error(res, "models:/nobody@champion", "not found")
     assert not (tmp_path / "w" / "evaluation").exists()

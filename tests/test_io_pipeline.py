@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import HIPPOCAMPUS, TINY, copy_hippocampus_subset, dicom_series
+from tests.conftest import HIPPOCAMPUS, TINY, copy_hippocampus_subset, dicom_series, run_main
 
 # Independent LPS <-> RAS flip (SimpleITK/DICOM speak LPS, nibabel/MONAI RAS).
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -173,8 +173,9 @@ def test_predict_oblique_dicom_series_keeps_series_geometry(tmp_path: Path, chec
 # ------------------------------------------------------------------ 3. bad inputs (CLI)
 
 
-def _predict(model: Path, inp: Path, out: Path, work: Path) -> subprocess.CompletedProcess:
-    return run_cli("predict", "--model", str(model), str(inp), "--out", str(out), "--work-dir", str(work))
+def _predict(model: Path, inp: Path, out: Path, work: Path, console: bool = False) -> subprocess.CompletedProcess:
+    runner = run_cli if console else run_main
+    return runner("predict", "--model", str(model), str(inp), "--out", str(out), "--work-dir", str(work))
 
 
 def test_cli_truncated_nifti(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -183,7 +184,7 @@ def test_cli_truncated_nifti(tmp_path: Path, tiny_checkpoint: Path) -> None:
     data = image.read_bytes()
     broken.write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    assert_one_line_error(_predict(tiny_checkpoint, broken, out, tmp_path / "w"), str(broken), "truncated")
+    assert_one_line_error(_predict(tiny_checkpoint, broken, out, tmp_path / "w", console=True), str(broken), "truncated")
     assert_no_files(out)
 
 
@@ -211,7 +212,8 @@ def test_cli_missing_slice(tmp_path: Path, tiny_checkpoint: Path) -> None:
     ordered = _slices_by_position(series)
     ordered[len(ordered) // 2].unlink()
     out = tmp_path / "out"
-    assert_one_line_error(_predict(tiny_checkpoint, series, out, tmp_path / "w"), str(series), "missing slice")
+    assert_one_line_error(_predict(tiny_checkpoint, series, out, tmp_path / "w", console=True), str(series),
+                          "missing slice")
     assert_no_files(out)
 
 
@@ -287,7 +289,7 @@ def _assert_nothing_preprocessed_for(work: Path, case_id: str) -> None:
 def test_cli_preprocess_bad_label(tmp_path: Path, corrupt, needle: str) -> None:
     dataset, label, config = _corrupt_dataset(tmp_path, corrupt)
     work = tmp_path / "w"
-    assert_one_line_error(run_cli("preprocess", str(config), "--work-dir", str(work)), str(label), needle)
+    assert_one_line_error(run_main("preprocess", str(config), "--work-dir", str(work)), str(label), needle)
     _assert_nothing_preprocessed_for(work, label.name.removesuffix(".nii.gz"))
 
 
@@ -303,7 +305,7 @@ def test_cli_preprocess_bad_label(tmp_path: Path, corrupt, needle: str) -> None:
 def test_cli_evaluate_label_off_the_image_grid(tmp_path: Path, tiny_checkpoint: Path, corrupt, needle: str) -> None:
     dataset, label, _ = _corrupt_dataset(tmp_path, corrupt, index=0)
     out = tmp_path / "eval"
-    res = run_cli("evaluate", "--model", str(tiny_checkpoint), "--data", str(dataset), "--out", str(out),
+    res = run_main("evaluate", "--model", str(tiny_checkpoint), "--data", str(dataset), "--out", str(out),
                   "--work-dir", str(tmp_path / "w"), "--overlap", "0")
     assert_one_line_error(res, str(label), needle)
     assert_no_files(out)
@@ -326,7 +328,7 @@ def test_cli_dataset_path_escaping_its_folder(tmp_path: Path, kind: str) -> None
     config = _write_config(tmp_path / "tiny.yaml", ds / "dataset.json")
     work = tmp_path / "w"
     needle = "escapes the dataset folder" if kind == "dotdot" else "is absolute"
-    assert_one_line_error(run_cli("preprocess", str(config), "--work-dir", str(work)), str(ds / "dataset.json"), needle)
+    assert_one_line_error(run_main("preprocess", str(config), "--work-dir", str(work)), str(ds / "dataset.json"), needle)
     assert_no_files(work / "preprocessed")
 
 
@@ -382,7 +384,7 @@ def test_two_channel_dataset_end_to_end(tmp_path: Path) -> None:
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
     assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}
     # One channel alone is refused for a two-channel model, and nothing is written.
-    res = run_cli("predict", "--model", "models:/tiny-2ch@champion", str(c0), "--out",
+    res = run_main("predict", "--model", "models:/tiny-2ch@champion", str(c0), "--out",
                   str(tmp_path / "one"), "--work-dir", str(work))
     assert_one_line_error(res, str(c0), "1 channel file(s), the model takes 2")
     assert_no_files(tmp_path / "one")

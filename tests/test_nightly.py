@@ -205,7 +205,7 @@ def _history_lines(work: Path) -> int:
 
 def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_trains(tmp_path: Path) -> None:
     dataset = _dataset(tmp_path / "data")
-    config = _config(tmp_path / "c.yaml", dataset, None, train={"epochs": 30, "iterations_per_epoch": 6})
+    config = _config(tmp_path / "c.yaml", dataset, None, train={"epochs": 40, "iterations_per_epoch": 6})
     work = tmp_path / "work"
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--work-dir", str(work)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -233,7 +233,7 @@ def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_train
     client = _client(f"sqlite:///{work / 'mlflow.db'}")
     run = client.get_run(interrupted_run)
     assert run.info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(interrupted_run, "train_loss")}) == list(range(1, 31))
+    assert sorted({m.step for m in client.get_metric_history(interrupted_run, "train_loss")}) == list(range(1, 41))
     experiment = client.get_experiment_by_name("nightly").experiment_id
     assert len(client.search_runs([experiment])) == 1
 

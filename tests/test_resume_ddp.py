@@ -100,7 +100,9 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert run.data.params["ddp.world_size"] == "2"
     checksums = json.loads(run.data.tags["ddp.param_checksums"])
     assert len(checksums) == 2 and checksums[0] == pytest.approx(checksums[1], rel=0, abs=1e-9)
-    # One checkpoint writer: exactly the two files of rank 0, no per-rank copies or temp files left.
+    # One checkpoint writer: exactly rank 0's files, no per-rank copies or temp files left.
     files = sorted(p.name for p in (work / "checkpoints").rglob("*") if p.is_file())
-    assert files == ["best.pt", "final.pt", "last.pt"]
+    assert files == ["best.pt", "final.pt", "history.jsonl", "last.pt", "training_curves.png"]
+    history = (work / "checkpoints" / "fold_0" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2, 3]  # one line per epoch: one writer
     assert res.stdout.count("MLflow run id:") == 1
