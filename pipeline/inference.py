@@ -182,6 +182,12 @@ def inference_section(settings: InferenceSettings, plan: Mapping[str, Any], vali
             "package_version": package_version(), "validated": validated}
 
 
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis, in place (a CT-sized volume's logits are hundreds of MB)."""
+    logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
+
+
 @dataclass
 class CasePrediction:
     """One case's prediction on the input's own voxel grid.
@@ -291,6 +297,7 @@ class Predictor:
                     pending = pool.submit(safe_load, nxt)
                 yield loaded
 
+    @torch.inference_mode()
     def predict_loaded(self, d: dict[str, Any], probabilities: bool = False, postprocess: bool = True) -> CasePrediction:
         """Segment one preprocessed case (from :meth:`load`).
 
@@ -303,7 +310,7 @@ class Predictor:
         probs = None
         windows = 0
         for engine in self.engines:
-            p = torch.softmax(engine(image.as_tensor()), 0)
+            p = _softmax_(engine(image.as_tensor()))
             windows += engine.windows_evaluated
             probs = p if probs is None else probs.add_(p)
         assert probs is not None

@@ -363,11 +363,13 @@ class SlidingWindowInferer:
                     acc[(slice(None), *sl)].addcmul_(out.to(results_device), blend)
                     if flip == flips[0]:
                         weights[sl] += blend_f32
-            part = acc.float() / weights
+            # In place: for a CT-sized volume each extra copy of the logits is hundreds of MB.
+            part = acc if acc.dtype == torch.float32 else acc.float()
+            part.div_(weights)
             if len(groups) == 1:
                 total = part
             elif total is None:
-                total = part.to("cpu")
+                total = part.to("cpu", copy=True)  # acc is reused by the next group
             else:
                 total += part.to("cpu")
         assert total is not None and out_channels is not None
