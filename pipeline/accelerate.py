@@ -125,4 +125,7 @@ def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode, vo
         return False
     seen = _WINDOWS_SEEN.get(network, 0) + windows
     _WINDOWS_SEEN[network] = seen
+    cached = _COMPILED.get(network)
+    if cached is not None and cached[0] == _weights_version(network):
+        return True  # already paid for: never fall back to the slower copy near the end of a batch
     return mode == "on" or max(seen, windows * max(1, volumes_left)) > COMPILE_AFTER_WINDOWS

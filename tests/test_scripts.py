@@ -111,3 +111,25 @@ def test_benchmark_compares_the_common_cases_one_by_one(tmp_path: Path) -> None:
     low, high = result["ci95"]
     assert -0.1 - 1e-9 <= low <= result["mean_difference"] <= high <= 0.05 + 1e-9 and low < high
     assert bench.paired(ours, {}) is None
+
+
+@pytest.mark.slow
+def test_inference_benchmark_compares_our_engine_with_monai_on_a_real_case(tmp_path: Path, checkpoint_2mm: Path,
+                                                                          hippocampus: Path) -> None:
+    """One real hippocampus case, the engine with MONAI's tiles against MONAI's matched call: same output,
+    the same windows, and the ratio line computed from the two measured speeds."""
+    case = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--model", str(checkpoint_2mm), "--case",
+         str(case), "--volumes", "hippocampus", "--methods", "monai-matched,ours,ours-monai-tiles", "--repeats", "2",
+         "--warmup", "0", "--threads", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["volumes"]["hippocampus"]["methods"]
+    assert rows["monai-matched"]["windows"] == rows["ours"]["windows"] == rows["ours-monai-tiles"]["windows"] > 0
+    assert rows["ours-monai-tiles"]["max_abs_diff_vs_matched"] < 1e-4
+    assert rows["monai-matched"]["max_abs_diff_vs_matched"] == 0.0
+    ratio = rows["ours"]["volumes_per_second"] / rows["monai-matched"]["volumes_per_second"]
+    assert f"hippocampus: ratio vs MONAI matched: {ratio:.2f}" in res.stdout
+    assert all(r["peak_bytes"] > 0 for r in rows.values())

@@ -202,3 +202,16 @@ def test_compiled_network_gives_the_eager_result() -> None:
     eager = SlidingWindowInferer(net, [16, 16, 16], _settings(batch_size=3), CPU)(image)
     fast = SlidingWindowInferer(net, [16, 16, 16], _settings(batch_size=3, compile="on"), CPU)
     torch.testing.assert_close(fast(image), eager, rtol=0, atol=1e-4)
+
+
+def test_compile_decision_follows_the_job_and_sticks() -> None:
+    from pipeline.accelerate import compiled, should_compile
+
+    net = _net(3, seed=6)
+    assert not should_compile(net, 64, "auto", volumes_left=1)  # one small volume: not worth a compile
+    assert should_compile(net, 64, "auto", volumes_left=20)  # a batch of 20 such volumes is
+    assert compiled(net) is not None  # (compiles lazily, at its first call)
+    # Once compiled, the batch keeps the compiled copy to its last volume.
+    assert should_compile(net, 64, "auto", volumes_left=1)
+    assert not should_compile(net, 64, "off", volumes_left=100)
+    assert should_compile(_net(3, seed=7), 8, "on", volumes_left=1)
