@@ -1,18 +1,16 @@
-"""Networks made fast for inference, once per network: oneDNN pre-packed weights and ``torch.compile``.
+"""Networks made fast for CPU inference, once per network: ``torch.compile``.
 
-On a CPU, eager PyTorch re-orders every convolution's weights into oneDNN's blocked
-layout on every call; pre-packing them once (``torch.utils.mkldnn``) gives identical
-outputs faster. For long jobs, ``torch.compile`` (Inductor, with frozen weights)
-roughly doubles the windows per second again on this project's 2-core machine, at a
+For long jobs, ``torch.compile`` (Inductor, with frozen weights) gives about 1.6x the
+windows per second of eager PyTorch on this project's 2-core machine, at a
 one-off compile cost of several seconds per window-batch shape (cached on disk by
 Inductor across processes). So the engine compiles only when a job is long enough
 to pay for it: ``compile="auto"`` switches a network to its compiled copy once this
 process has more than :data:`COMPILE_AFTER_WINDOWS` windows to evaluate with it (the
 batch still ahead, or what it has already evaluated).
 Compilation needs a C++ compiler; where it fails, inference goes on with the
-pre-packed network (logged once).
+eager network (logged once).
 
-Both copies are cached per network object and rebuilt when its weights change in
+The compiled copy is cached per network object and rebuilt when its weights change in
 place (training-time validation).
 """
 
@@ -31,7 +29,6 @@ CompileMode = Literal["auto", "on", "off"]
 #: Windows after which ``compile="auto"`` compiles (about 20-40 s of eager work on 2 cores).
 COMPILE_AFTER_WINDOWS = 1000
 
-_PREPACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WINDOWS_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILE_FAILED: set[str] = set()
@@ -39,35 +36,6 @@ _COMPILE_FAILED: set[str] = set()
 
 def _weights_version(network: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in network.parameters())
-
-
-def prepacked(network: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``network`` whose convolutions hold oneDNN pre-packed weights (CPU), cached.
-
-    Args:
-        network: a float32 network on the CPU, in evaluation mode.
-    """
-    if not torch.backends.mkldnn.is_available():
-        return network
-    cached = _PREPACKED.get(network)
-    if cached is not None and cached[0] == _weights_version(network):
-        return cached[1]
-    from torch.utils import mkldnn
-
-    packed = copy.deepcopy(network).eval()
-
-    def convert(module: torch.nn.Module) -> None:
-        for name, child in module.named_children():
-            if type(child) is torch.nn.Conv3d and child.padding_mode == "zeros":
-                setattr(module, name, mkldnn.MkldnnConv3d(child, torch.float32))
-            elif type(child) is torch.nn.Conv2d and child.padding_mode == "zeros":
-                setattr(module, name, mkldnn.MkldnnConv2d(child, torch.float32))
-            else:
-                convert(child)
-
-    convert(packed)
-    _PREPACKED[network] = (_weights_version(network), packed)
-    return packed
 
 
 def compiled(network: torch.nn.Module) -> torch.nn.Module | None:
@@ -90,7 +58,7 @@ def compiled(network: torch.nn.Module) -> torch.nn.Module | None:
         fast = torch.compile(copy.deepcopy(network).eval(), dynamic=False)
     except Exception as error:  # no compiler backend on this platform
         _COMPILE_FAILED.add(key)
-        logger.warning("torch.compile unavailable (%s); using the pre-packed network", str(error).splitlines()[0][:120])
+        logger.warning("torch.compile unavailable (%s); using the eager network", str(error).splitlines()[0][:120])
         return None
     _COMPILED[network] = (_weights_version(network), fast)
     return fast
@@ -105,7 +73,7 @@ def compile_failed(network: torch.nn.Module, error: BaseException) -> None:
     """
     _COMPILE_FAILED.add(str(type(network)))
     _COMPILED.pop(network, None)
-    logger.warning("torch.compile failed (%s); using the pre-packed network", str(error).splitlines()[0][:120])
+    logger.warning("torch.compile failed (%s); using the eager network", str(error).splitlines()[0][:120])
 
 
 def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode, volumes_left: int = 1) -> bool:

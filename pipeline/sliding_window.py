@@ -24,10 +24,10 @@ and why:
   normalisation, so the identity holds for any placement.
 * **CUDA**: ``torch.inference_mode``, autocast (float16), ``cudnn.benchmark``, the
   volume copied to the device once from pinned memory without blocking.
-* **CPU**: the convolutions' weights are pre-packed for oneDNN once per network
-  (``torch.utils.mkldnn``); identical outputs, about 1.3x the windows per second of
-  eager PyTorch on the project's 2-core machine because eager mode re-orders the
-  weights on every call.
+* **CPU**: ``torch.compile`` (Inductor, frozen weights) once a job is long enough to
+  pay for the compile (see :mod:`pipeline.accelerate`). oneDNN pre-packed weights
+  (``torch.utils.mkldnn``) were tried and dropped: no measurable gain over eager
+  PyTorch (0.193 vs 0.194 s per batch of four 32x48x32 windows, 2 cores).
 * **Out of memory on the device**: retried with the stitched buffers on the CPU
   (nnU-Net's fallback), then with ever smaller window batches; the log says which path
   ran and the result is the same. ``memory_cap_gb`` caps the device memory: on CUDA a
@@ -314,7 +314,7 @@ class SlidingWindowInferer:
         if self.device.type == "cpu":
             fast = accelerate.compiled(self.network) if accelerate.should_compile(
                 self.network, jobs_total, s.compile, self.volumes_left) else None
-            network, compiled = (fast, True) if fast is not None else (accelerate.prepacked(self.network), False)
+            network, compiled = (fast, True) if fast is not None else (self.network, False)
 
         out_channels: int | None = None
         acc = weights = total = None
@@ -341,7 +341,7 @@ class SlidingWindowInferer:
                             if isinstance(error, torch.OutOfMemoryError):
                                 raise
                             accelerate.compile_failed(self.network, error)
-                            network, compiled = accelerate.prepacked(self.network), False
+                            network, compiled = self.network, False
                             pred = self._forward(network, batch_in[: len(chunk)])
                     else:
                         pred = self._forward(network, batch_in[: len(chunk)])

@@ -18,7 +18,7 @@ Methods (each run in its own subprocess, so peak memory is its own):
 
 Each method predicts ``--warmup`` untimed volumes, then ``--repeats`` timed ones, as one job (a batch, as
 ``predict`` over a folder runs). Volumes per second are the timed volumes' (steady state); the warm-up
-time (for ours: pre-packing and, when the job is long enough to pay for it, ``torch.compile``) is printed
+time (for ours, when the job is long enough to pay for it, ``torch.compile``) is printed
 apart, with the whole job's volumes per second next to it. Printed per volume and method: windows evaluated,
 volumes per second, peak memory (RSS on the CPU, device memory on CUDA), the max absolute difference of the
 class probabilities from MONAI's matched call, and the lines ``ratio vs MONAI matched: X.XX`` and
@@ -135,7 +135,7 @@ def _worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
-    # Warm-up volumes (not timed): MONAI's first call and ours, which includes pre-packing or compiling.
+    # Warm-up volumes (not timed): MONAI's first call and ours, which includes compiling when the job is long enough.
     start = time.perf_counter()
     for _ in range(args.warmup):
         one()

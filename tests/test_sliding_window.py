@@ -181,21 +181,6 @@ def test_memory_cap_falls_back_and_gives_the_same_result(caplog: pytest.LogCaptu
         SlidingWindowInferer(net, [16, 16, 16], replace(settings, memory_cap_gb=1 / 1024), CPU)(image)
 
 
-def test_prepacked_cpu_network_gives_the_eager_result() -> None:
-    from pipeline.accelerate import prepacked as _prepacked
-
-    net = _net(3, seed=4)
-    x = torch.randn(2, 1, 16, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(_prepacked(net)(x), net(x), rtol=0, atol=1e-5)
-        before = _prepacked(net)
-        for p in net.parameters():
-            p.add_(0.01)  # weights change in place (training): the packed copy is rebuilt
-        assert _prepacked(net) is not before
-        torch.testing.assert_close(_prepacked(net)(x), net(x), rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow
 def test_compiled_network_gives_the_eager_result() -> None:
     net = _net(3, seed=5)
     image = torch.randn(1, 40, 36, 20)
