@@ -51,7 +51,12 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_model(Path(context.artifacts["checkpoint"]), device)
         self.predictor = Predictor([self.model], device)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+    # MLflow reads a ``model_input`` annotation as a data schema (it must be list[...]) and warns
+    # at import and at log_model whether there is one or not; ours is a dict of arrays or paths, so
+    # no annotation and no schema validation (the flag MLflow's own ChatModel uses).
+    _skip_type_hint_validation = True
+
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> np.ndarray:  # noqa: ANN001
         """Label map of one raw scan.
 
         Args:
