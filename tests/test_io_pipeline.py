@@ -462,3 +462,35 @@ def test_no_patient_identifiers_leak(tmp_path: Path) -> None:
     haystacks += [(f"output of {r.args[3]}", (r.stdout + r.stderr).encode().lower()) for r in runs]
     leaks = _find(values, haystacks)
     assert not leaks, leaks
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_zscore_equals_monais_on_real_mri_and_keeps_zeros() -> None:
+    """The in-place z-score (float64 sums, no boolean indexing) against MONAI's NormalizeIntensity."""
+    import torch
+    from monai.transforms import NormalizeIntensity
+
+    from transforms.intensity import NormalizeChannelsd
+
+    image, _ = _hippo_case()
+    real = torch.as_tensor(np.asarray(nib.load(image).dataobj, dtype=np.float32))[None]
+    background = real.clone()
+    background[:, :10] = 0  # a zero border, as skull-stripped or cropped MRI has
+    constant = torch.zeros(1, 6, 6, 6)
+    constant[:, 2:4] = 7.0
+    for volume in (real, background, constant, torch.zeros(1, 4, 4, 4)):
+        before = volume.clone()
+        ours = torch.as_tensor(NormalizeChannelsd("image", ["zscore"])({"image": volume})["image"])
+        theirs = torch.as_tensor(NormalizeIntensity(nonzero=True)(volume.clone()))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+        assert bool((ours[volume == 0] == 0).all())  # zero voxels stay zero
+        assert torch.equal(volume, before)  # a copy is normalised, not the caller's tensor
+    nonzero = background[background != 0]
+    assert nonzero.numel() < background.numel() and float(nonzero.std()) > 0  # the zero border is there
+    stats = {"low": -100.0, "high": 200.0, "mean": 50.0, "std": 25.0}
+    ct = torch.linspace(-1000, 1000, 64).reshape(1, 4, 4, 4)
+    out = NormalizeChannelsd("image", ["ct"], [stats])({"image": ct})["image"]
+    torch.testing.assert_close(torch.as_tensor(out), (ct.clamp(-100, 200) - 50) / 25)
+    assert float(ct.min()) == -1000.0
