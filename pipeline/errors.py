@@ -22,7 +22,8 @@ code  meaning
 
 from __future__ import annotations
 
-from pathlib import Path
+from transforms.errors import InputDataError as InputDataError  # re-exported: raised by the readers
+from transforms.errors import UserFacingError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -37,7 +38,7 @@ EXIT_PARTIAL_FAILURE = 10
 EXIT_INTERRUPTED = 130
 
 
-class PipelineError(Exception):
+class PipelineError(UserFacingError):
     """An error caused by the user's input, configuration or environment, not by a bug.
 
     The CLI prints ``str(error)`` as a single line and exits with ``exit_code``.
@@ -48,20 +49,6 @@ class PipelineError(Exception):
 
 class ConfigError(PipelineError):
     """An invalid configuration: unknown key, wrong type or bad value."""
-
-
-class InputDataError(PipelineError):
-    """A bad input file or folder.
-
-    Args:
-        path: the file or folder at fault; it is always named in the message.
-        problem: what is wrong with it, in plain words.
-    """
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 class LockHeldError(PipelineError):
@@ -112,8 +99,11 @@ class PartialFailureError(PipelineError):
     exit_code = EXIT_PARTIAL_FAILURE
 
 
-def user_error(exc: BaseException) -> PipelineError | None:
-    """The :class:`PipelineError` behind ``exc`` (MONAI's ``Compose`` re-raises transform errors wrapped), or None.
+def user_error(exc: BaseException) -> UserFacingError | None:
+    """The user-facing error behind ``exc``, or None.
+
+    A :class:`PipelineError` or a reader's ``InputDataError``; MONAI's ``Compose`` re-raises
+    transform errors wrapped, hence the walk along the exception chain.
 
     Args:
         exc: the exception caught.
@@ -121,7 +111,7 @@ def user_error(exc: BaseException) -> PipelineError | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, PipelineError):
+        if isinstance(current, UserFacingError):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -1,6 +1,6 @@
 """DICOM series reading: folder scanning, header checks, series selection and slice geometry.
 
-Every problem surfaces as :class:`~pipeline.errors.InputDataError` naming the file or
+Every problem surfaces as :class:`~transforms.errors.InputDataError` naming the file or
 folder at fault and the problem in plain words, never as a raw SimpleITK / pydicom
 traceback.
 
@@ -45,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
-from pipeline.errors import InputDataError
+from transforms.errors import InputDataError
 
 __all__ = [
     "LPS_TO_RAS",

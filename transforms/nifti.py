@@ -1,6 +1,6 @@
 """NIfTI reading and writing: validated loading and atomic writing of ``.nii`` / ``.nii.gz`` files.
 
-Every bad input surfaces as :class:`~pipeline.errors.InputDataError` naming the file and
+Every bad input surfaces as :class:`~transforms.errors.InputDataError` naming the file and
 the problem in plain words, never as a raw nibabel / gzip traceback.
 
 Conventions:
@@ -25,8 +25,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import InputDataError
 from transforms.dicom import _short_reason
+from transforms.errors import InputDataError
 
 __all__ = ["NIFTI_SUFFIXES", "load_nifti", "write_nifti_atomic"]
 

@@ -1,7 +1,7 @@
 """Robust loading of NIfTI files and DICOM series, usable from MONAI's ``LoadImage``.
 
 Every stage of the pipeline loads images through :class:`MedicalImageReader`, so all
-bad inputs surface as :class:`~pipeline.errors.InputDataError` naming the file or
+bad inputs surface as :class:`~transforms.errors.InputDataError` naming the file or
 folder at fault and the problem in plain words, never as a raw nibabel / SimpleITK /
 pydicom traceback.
 
@@ -37,7 +37,6 @@ import SimpleITK as sitk
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from pipeline.errors import InputDataError
 from transforms.dicom import (
     LPS_TO_RAS,
     SeriesInfo,
@@ -47,6 +46,7 @@ from transforms.dicom import (
     read_dicom_series,
     series_files,
 )
+from transforms.errors import InputDataError
 from transforms.nifti import NIFTI_SUFFIXES, _as_3d, _is_nifti_path, _load_nifti_checked, load_nifti, write_nifti_atomic
 
 __all__ = [
