@@ -143,3 +143,29 @@ def checkpoint_2mm(tiny_checkpoint: Path) -> Path:
     path = tiny_checkpoint.with_name("tiny_2mm.pt")
     save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, path)
     return path
+
+
+def save_untrained_2mm_model(path: Path) -> Path:
+    """A seeded, untrained 2 mm U-Net whose masks hold both labels on the real series (seconds per series).
+
+    Its head's bias favours the foreground labels a little, so the masks are not empty.
+
+    Args:
+        path: where to write the checkpoint (its name is the model name in a SEG's series description).
+    """
+    import torch
+
+    from models.unet import UNet
+    from pipeline.checkpoints import save_checkpoint
+
+    torch.manual_seed(7)
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",
+              "deep_supervision": False}
+    net = UNet(**kwargs)
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.0, 0.3, -0.2]))
+    plan = {"orientation": "RAS", "target_spacing": [2.0, 2.0, 2.0], "normalization": ["zscore"], "ct_stats": [None],
+            "modalities": {"0": "MRI"}, "labels": {"0": "background", "1": "enhancing", "2": "oedema"}}
+    save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [32, 32, 32], "state_dict": net.state_dict(),
+                     "inference": {"mirror": False, "overlap": 0.25}}, path)
+    return path

@@ -31,6 +31,8 @@ import pydicom
 import pytest
 import requests
 
+from tests.mlflow_server import free_port
+
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER = "unet"
@@ -48,13 +50,6 @@ def orthanc_missing() -> str | None:
         if not path.is_file():
             return f"{path} not found: install the Debian package {package} (`make test` does it when run as root)"
     return None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -32,8 +32,8 @@ from pydicom.uid import (
 )
 
 from pipeline.errors import InputDataError
-from tests.conftest import dicom_series
-from tests.test_io_pipeline import assert_no_files, assert_one_line_error, run_cli
+from tests.conftest import dicom_series, run_main
+from tests.test_io_pipeline import _slices_by_position, assert_no_files, assert_one_line_error, run_cli
 from transforms.dicom import list_dicom_series, read_dicom_series, series_files
 from transforms.readers import MedicalImageReader
 
@@ -47,17 +47,6 @@ NUM_SLICES = 32
 def _copy_series(dest: Path, name: str = SERIES) -> Path:
     """A writable copy of a shared series (the shared files are read-only)."""
     return Path(shutil.copytree(dicom_series(name), dest, copy_function=shutil.copyfile))
-
-
-def _by_position(folder: Path) -> list[Path]:
-    """The folder's files sorted along the slice normal, read with pydicom alone."""
-    rows = []
-    for path in folder.iterdir():
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        normal = np.cross(iop[:3], iop[3:])
-        rows.append((float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))), path))
-    return [path for _, path in sorted(rows)]
 
 
 def _secrets(path: Path) -> set[str]:
@@ -220,7 +209,7 @@ def _expect_named(call: Callable[[], object], broken: Path, says: str, secrets: 
 def test_broken_slice_is_named(defect: Defect, where: str, tmp_path: Path) -> None:
     """A broken first slice (where a lost slice leaves no gap) or middle slice is named, by every entry point."""
     folder = _copy_series(tmp_path / "series")
-    slices = _by_position(folder)
+    slices = _slices_by_position(folder)
     assert len(slices) == NUM_SLICES
     victim = slices[0] if where == "first" else slices[len(slices) // 2]
     secrets = _secrets(victim)
@@ -233,7 +222,7 @@ def test_broken_slice_is_named(defect: Defect, where: str, tmp_path: Path) -> No
 def test_unreadable_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file that cannot be opened (permissions) is an error even without a DICOM name, not a stray file."""
     folder = _copy_series(tmp_path / "series")
-    victim = _by_position(folder)[0]
+    victim = _slices_by_position(folder)[0]
     hidden = victim.rename(victim.with_name("IM" + victim.stem))
     real_open = Path.open
 
@@ -300,7 +289,7 @@ def test_stray_and_non_image_files_are_ignored(tmp_path: Path) -> None:
     ours, reference = read_dicom_series(folder), read_dicom_series(original)
     assert ours.GetSize() == reference.GetSize() == (35, 51, NUM_SLICES)
     assert np.array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(reference))
-    assert [p.name for p in series_files(folder)] == [p.name for p in _by_position(original)]
+    assert [p.name for p in series_files(folder)] == [p.name for p in _slices_by_position(original)]
     assert tuple(_load(folder).shape) == (35, 51, NUM_SLICES)
 
 
@@ -312,7 +301,7 @@ def test_series_files_follow_volume_slice_order(name: str) -> None:
     """File k of series_files is slice k of the volume: same order as an independent pydicom sort, same pixels."""
     folder = dicom_series(name)
     files = series_files(folder)
-    assert files == _by_position(folder)
+    assert files == _slices_by_position(folder)
     volume = sitk.GetArrayFromImage(read_dicom_series(folder))  # (k, j, i), a copy
     assert volume.shape[0] == len(files)
     for k in (0, len(files) // 3, len(files) - 1):
@@ -339,7 +328,7 @@ def test_series_files_shuffled_names_and_series_choice(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match="--series-uid"):
         series_files(folder)
     chosen = series_files(folder, series_uid=uid)
-    assert [p.name for p in chosen] == [renamed[p.name] for p in _by_position(source)]
+    assert [p.name for p in chosen] == [renamed[p.name] for p in _slices_by_position(source)]
     with pytest.raises(InputDataError, match="folder not found"):
         series_files(tmp_path / "nope")
 
@@ -348,38 +337,33 @@ def test_series_files_shuffled_names_and_series_choice(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("defect", DEFECTS, ids=lambda d: d.name)
-def test_cli_predict_names_broken_slice(defect: Defect, tmp_path: Path, tiny_checkpoint: Path,
-                                        capsys: pytest.CaptureFixture) -> None:
+def test_cli_predict_names_broken_slice(defect: Defect, tmp_path: Path, tiny_checkpoint: Path) -> None:
     """``predict`` on a series with a broken first slice: exit 2, one ``error:`` line naming the file, no output.
 
     In process (the CLI's ``main``), so that every way costs no interpreter start; a bug would raise here
     instead of printing a traceback. The console entry point itself is run by the test below.
     """
-    from pipeline.cli import main
-
     folder = _copy_series(tmp_path / "series")
-    victim = _by_position(folder)[0]
+    victim = _slices_by_position(folder)[0]
     secrets = _secrets(victim)
     broken = defect.make(victim)
     out = tmp_path / "out"
-    capsys.readouterr()
-    code = main(["predict", "--model", str(tiny_checkpoint), str(folder), "--out", str(out),
-                 "--work-dir", str(tmp_path / "w")])
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, captured.err
+    res = run_main("predict", "--model", str(tiny_checkpoint), str(folder), "--out", str(out),
+                   "--work-dir", str(tmp_path / "w"))
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
     assert errors[0].startswith(f"error: {broken}: ") and defect.says in errors[0], errors[0]
     assert_no_files(out)
     for secret in secrets:
-        assert secret not in captured.err + captured.out, "patient identifier leaked"
+        assert secret not in res.stderr + res.stdout, "patient identifier leaked"
 
 
 def test_console_entry_point_names_broken_slice(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """The same through ``python -m pipeline`` in a fresh interpreter: no traceback, one line, exit 2."""
     defect = DEFECTS[0]
     folder = _copy_series(tmp_path / "series")
-    victim = _by_position(folder)[0]
+    victim = _slices_by_position(folder)[0]
     broken = defect.make(victim)
     out = tmp_path / "out"
     res = run_cli("predict", "--model", str(tiny_checkpoint), str(folder), "--out", str(out),

@@ -34,7 +34,8 @@ from pipeline.pacs import (
     select_series,
 )
 from tests.conftest import dicom_series
-from tests.orthanc import RAISE_ON_SEG, OrthancServer, free_port
+from tests.mlflow_server import free_port
+from tests.orthanc import RAISE_ON_SEG, OrthancServer
 
 pytest_plugins = ["tests.orthanc"]  # the fixtures orthanc and orthanc_factory
 

@@ -11,11 +11,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
 from pipeline.pacs import PacsClient
-from tests.conftest import dicom_series
+from tests.conftest import dicom_series, save_untrained_2mm_model
 from tests.orthanc import OrthancServer
 
 pytest_plugins = ["tests.orthanc"]
@@ -27,21 +26,7 @@ HIPPO, T1POST = "hippocrop_pgbm002", "pgbm003_t1post"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained 2 mm U-Net whose masks are non-empty on the real series (seconds per series)."""
-    from models.unet import UNet
-    from pipeline.checkpoints import save_checkpoint
-
-    torch.manual_seed(7)
-    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",
-              "deep_supervision": False}
-    net = UNet(**kwargs)
-    with torch.no_grad():
-        net.head.bias.copy_(torch.tensor([0.0, 0.3, -0.2]))
-    plan = {"orientation": "RAS", "target_spacing": [2.0, 2.0, 2.0], "normalization": ["zscore"], "ct_stats": [None],
-            "modalities": {"0": "MRI"}, "labels": {"0": "background", "1": "enhancing", "2": "oedema"}}
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [32, 32, 32], "state_dict": net.state_dict(),
-                     "inference": {"mirror": False, "overlap": 0.25}}, path)
-    return path
+    return save_untrained_2mm_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def _env(server: OrthancServer, password: str | None = None) -> dict[str, str]:
@@ -87,7 +72,7 @@ def pacs(orthanc: OrthancServer) -> OrthancServer:
 
 @pytest.mark.parametrize("name", [T1POST, HIPPO])
 def test_pacs_predict_stores_a_seg_equal_to_predict_on_the_exported_folder(
-        pacs: OrthancServer, model: Path, name: str, tmp_path: Path) -> None:
+        pacs: OrthancServer, model: Path, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import highdicom as hd
 
     series = dicom_series(name)
@@ -96,15 +81,12 @@ def test_pacs_predict_stores_a_seg_equal_to_predict_on_the_exported_folder(
     assert res.returncode == 0, res.stderr[-3000:]
     seg_uid = res.stdout.strip().splitlines()[-1]
     # Fetch the SEG back from the PACS (WADO-RS) and read it with highdicom.
-    os.environ.update(pacs.env())
-    try:
-        client = PacsClient(pacs.url)
-        segs = [s for s in client.seg_series_for(_study_of(name)) if s.sop_instance_uid == seg_uid]
-        assert len(segs) == 1
-        files = client.retrieve_series(_study_of(name), segs[0].series_uid, tmp_path / "seg")
-    finally:
-        for key in pacs.env():
-            os.environ.pop(key, None)
+    for key, value in pacs.env().items():
+        monkeypatch.setenv(key, value)
+    client = PacsClient(pacs.url)
+    segs = [s for s in client.seg_series_for(_study_of(name)) if s.sop_instance_uid == seg_uid]
+    assert len(segs) == 1
+    files = client.retrieve_series(_study_of(name), segs[0].series_uid, tmp_path / "seg")
     seg = hd.seg.segread(files[0])
     assert seg.SOPInstanceUID == seg_uid and seg.SeriesDescription == "unet-pipeline local vmodel.pt"
     sources = {}
@@ -168,7 +150,7 @@ def _studies(stdout: str, status: str) -> set[str]:
 
 
 def test_pacs_watch_processes_each_study_once_new_ones_later_and_reports_a_bad_one(
-        orthanc_factory, model: Path, tmp_path: Path) -> None:
+        orthanc_factory, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server = orthanc_factory()
     good = [_derived(HIPPO) for _ in range(3)]
     for datasets in good:
@@ -194,15 +176,12 @@ def test_pacs_watch_processes_each_study_once_new_ones_later_and_reports_a_bad_o
     assert processed == {later[0].StudyInstanceUID}
     assert len(failed) == 1 and broken[0].StudyInstanceUID in failed[0] and "missing slice" in failed[0]
     # Exactly one SEG per good study on the PACS.
-    os.environ.update(server.env())
-    try:
-        client = PacsClient(server.url)
-        for study in [*studies, later[0].StudyInstanceUID]:
-            assert len(client.seg_series_for(study)) == 1, study
-        assert client.seg_series_for(broken[0].StudyInstanceUID) == []
-    finally:
-        for key in server.env():
-            os.environ.pop(key, None)
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    client = PacsClient(server.url)
+    for study in [*studies, later[0].StudyInstanceUID]:
+        assert len(client.seg_series_for(study)) == 1, study
+    assert client.seg_series_for(broken[0].StudyInstanceUID) == []
     # Nothing of the patients' images was left behind, and nothing identifying was written or printed.
     secrets = _identifying_values(dicom_series(HIPPO))
     assert secrets
@@ -220,9 +199,7 @@ def test_wrong_password_pacs_down_and_rejected_seg_each_one_line_and_code(
     line = _one_error(wrong)
     assert pacs.url in line and "not-the-password" not in wrong.stderr + wrong.stdout
 
-    down = subprocess.run([sys.executable, "-m", "pipeline", "pacs", *common, "--url",
-                           "http://127.0.0.1:9/dicom-web"], capture_output=True, text=True, timeout=300,
-                          env=_env(pacs))
+    down = _pacs(pacs, *common, url="http://127.0.0.1:9/dicom-web")
     assert down.returncode == 7
     assert "127.0.0.1:9" in _one_error(down)
 

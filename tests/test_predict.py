@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from tests.conftest import HIPPOCAMPUS, dicom_series
+from tests.conftest import HIPPOCAMPUS, dicom_series, save_untrained_2mm_model
 
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, written out independently of the package
 
@@ -38,22 +38,9 @@ def _predict(*args: str) -> int:
 @pytest.fixture(scope="module")
 def oblique_prediction(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """``predict`` on the real oblique 512 x 512 x 24 series with an untrained 2 mm model (non-empty masks)."""
-    from models.unet import UNet
-    from pipeline.checkpoints import save_checkpoint
-
     series = dicom_series("pgbm003_t1post")
     tmp = tmp_path_factory.mktemp("oblique")
-    torch.manual_seed(7)
-    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",
-              "deep_supervision": False}
-    net = UNet(**kwargs)
-    with torch.no_grad():
-        net.head.bias.copy_(torch.tensor([0.0, 0.3, -0.2]))  # both labels present somewhere
-    plan = {"orientation": "RAS", "target_spacing": [2.0, 2.0, 2.0], "normalization": ["zscore"], "ct_stats": [None],
-            "modalities": {"0": "MRI"}, "labels": {"0": "background", "1": "enhancing", "2": "oedema"}}
-    ckpt = tmp / "model.pt"
-    save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [32, 32, 32], "state_dict": net.state_dict(),
-                     "inference": {"mirror": False, "overlap": 0.25}}, ckpt)
+    ckpt = save_untrained_2mm_model(tmp / "model.pt")
     out = tmp / "out"
     assert _predict("--model", str(ckpt), str(series), "--out", str(out), "--work-dir", str(tmp / "w")) == 0
     return {"series": series, "out": out, "ckpt": ckpt, "tmp": tmp}

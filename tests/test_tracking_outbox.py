@@ -162,7 +162,7 @@ def test_offline_call_is_fast_and_restores_the_http_variables(tmp_path: Path, mo
 
 
 def test_torn_last_line_is_kept_aside_and_not_glued_to(tmp_path: Path) -> None:
-    outbox = MetricsOutbox(tmp_path, "1" * 32, f"http://127.0.0.1:{free_port()}", max_retries=0)
+    outbox = _offline_outbox(tmp_path, "1" * 32)
     assert outbox.log_metrics({"a": 1.0}, 1) is False
     with outbox.path.open("a") as f:
         f.write('{"step": 2, "timest')  # a crash in the middle of an append
