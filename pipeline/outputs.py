@@ -83,6 +83,34 @@ class Staged:
             os.replace(tmp, final)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write, fsync and rename, so a reader (or a crash) sees the old file or the new one, never half of one.
+
+    The temporary name carries the process id: processes writing the same file (ranks of one job) do not
+    collide.
+
+    Args:
+        path: the file.
+        text: its new content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # The rename itself is only durable once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextmanager
 def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` with ordinary permissions.
@@ -137,6 +165,18 @@ def write_probabilities(probabilities: np.ndarray, affine: np.ndarray, path: Pat
     return path
 
 
+def seg_series_description(name: str, version: str | int) -> str:
+    """``unet-pipeline NAME vVERSION``: the SEG series description that marks one model version's results.
+
+    Written into every SEG and compared exactly by a PACS watch pass, so both take it from here.
+
+    Args:
+        name: the model's name.
+        version: the model's version.
+    """
+    return f"unet-pipeline {name} v{version}"
+
+
 @dataclass(frozen=True)
 class Algorithm:
     """Who made a segmentation, as DICOM SEG states it.
@@ -154,7 +194,7 @@ class Algorithm:
     @property
     def series_description(self) -> str:
         """The SEG series description, also how a PACS pass recognises its own results (64 characters max)."""
-        return f"unet-pipeline {self.name} v{self.version}"[:64]
+        return seg_series_description(self.name, self.version)[:64]
 
 
 def write_dicom_seg(
@@ -180,8 +220,14 @@ def write_dicom_seg(
     import pydicom
 
     with _quiet_dicom_libraries():
-        return _write_dicom_seg(labels, [pydicom.dcmread(str(f)) for f in source_files], label_names, algorithm,
-                                path, staged)
+        datasets = [pydicom.dcmread(str(f)) for f in source_files]
+        try:
+            return _write_dicom_seg(labels, datasets, label_names, algorithm, path, staged)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            # highdicom refuses sources it cannot reference (e.g. slices whose orientations differ in the last
+            # digit). Its message may quote header values (patient data): only the kind of error is shown.
+            raise InputDataError(Path(source_files[0]).parent, f"cannot be referenced by a DICOM SEG (highdicom "
+                                                               f"raised {type(error).__name__})") from None
 
 
 @contextmanager

@@ -227,11 +227,8 @@ def _write_seg(case: CaseInput, labels, predictor: Predictor, algorithm: Algorit
     sources = series_files(case.images[0], series_uid)
     try:
         return write_dicom_seg(labels, sources, names, algorithm, path, staged)
-    except (ValueError, TypeError, AttributeError, KeyError) as error:
-        # highdicom refuses sources it cannot reference (e.g. slices whose orientations differ in the last digit).
-        # Its message may quote header values (patient data): only the kind of error is shown.
-        raise InputDataError(case.images[0], f"cannot be referenced by a DICOM SEG (highdicom raised "
-                                             f"{type(error).__name__}); use --no-seg for the NIfTI mask alone") from None
+    except InputDataError as error:
+        raise InputDataError(error.path, f"{error.problem}; use --no-seg for the NIfTI mask alone") from None
 
 
 def algorithm_for(name: str, version: str) -> Algorithm:

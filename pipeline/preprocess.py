@@ -17,6 +17,7 @@ from pipeline.config import PipelineConfig
 from pipeline.dataset import Case, Dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import InputDataError
+from pipeline.outputs import write_text_atomic
 from pipeline.planning import plan_network
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
 
@@ -105,7 +106,7 @@ class ContentHashes:
     def save(self) -> None:
         """Write the remembered hashes (atomically)."""
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.cache_file, json.dumps(self.cache))
+        write_text_atomic(self.cache_file, json.dumps(self.cache))
 
 
 def dataset_hash(dataset: Dataset, case_hashes: dict[str, str]) -> str:
@@ -119,12 +120,6 @@ def dataset_hash(dataset: Dataset, case_hashes: dict[str, str]) -> str:
             "modalities": {str(k): v for k, v in sorted(dataset.modalities.items())},
             "cases": sorted(case_hashes.items())}
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_pair(case: Case, image: torch.Tensor, label: torch.Tensor, labels: dict[int, str]) -> None:
@@ -295,9 +290,9 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
     data_hash = dataset_hash(dataset, case_hashes)
     fingerprint = {**compute_fingerprint(dataset, cfg.preprocess.orientation, case_hashes, out_dir / "fingerprint"),
                    "data_hash": data_hash}
-    _atomic_write_text(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
+    write_text_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
     plan = make_plan(cfg, dataset, fingerprint)
-    _atomic_write_text(out_dir / "plans.json", json.dumps(plan, indent=1))
+    write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     # The network part of the plan does not change the preprocessed voxels.
     voxel_plan = json.dumps({k: v for k, v in plan.items() if k != "network"}, sort_keys=True)
     manifest_path = out_dir / "manifest.json"
@@ -315,7 +310,7 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
             manifest[case.case_id] = key
             redone.append(case.case_id)
             # Saved per case: an interrupted call keeps what it finished.
-            _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+            write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return PreprocessResult(plan, result, data_hash, case_hashes, redone)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import InputDataError, LockHeldError
+from pipeline.outputs import write_text_atomic
 
 LOCK_NAME = ".lock"
 STATE_DIR = "state"
@@ -172,26 +173,6 @@ def load_state(work_dir: Path, fold: int) -> RunState | None:
         raise InputDataError(path, f"is not a valid run state ({exc}); delete it to start fold {fold} afresh") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write, fsync and rename, so a reader (or a crash) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_state(work_dir: Path, state: RunState) -> Path:
     """Record a fold's state atomically in ``work_dir/state/fold_K.json``.
 
@@ -203,7 +184,7 @@ def save_state(work_dir: Path, state: RunState) -> Path:
         The file written.
     """
     path = state_path(work_dir, state.fold)
-    _write_atomic(path, json.dumps(asdict(state), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(asdict(state), indent=1, sort_keys=True) + "\n")
     return path
 
 

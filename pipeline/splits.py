@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import write_text_atomic
 
 
 def kfold_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
@@ -52,7 +52,5 @@ def stored_splits(case_ids: Sequence[str], num_folds: int, seed: int, path: Path
             return stored["folds"]
     folds = kfold_splits(case_ids, num_folds, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "folds": folds}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"key": key, "folds": folds}, indent=1))
     return folds

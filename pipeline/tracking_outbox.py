@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import TrackingUnavailableError
+from pipeline.outputs import write_text_atomic
 
 OUTBOX_DIR = "mlflow-outbox"
 REJECTED_SUFFIX = ".rejected.jsonl"
@@ -301,12 +302,7 @@ class MetricsOutbox:
         if not records:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w") as f:
-            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
     def _reject(self, records: list[dict[str, Any]], reason: str) -> None:
         for record in records:

@@ -31,6 +31,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 
 from pipeline.errors import ConfigError, InputDataError, PacsAuthError, PacsRejectedError, PacsUnavailableError
+from pipeline.outputs import seg_series_description
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ ENV_USER = "DICOMWEB_USER"
 ENV_PASSWORD = "DICOMWEB_PASSWORD"
 ENV_TOKEN = "DICOMWEB_TOKEN"
 ENV_CA_BUNDLE = "DICOMWEB_CA_BUNDLE"
-MODEL_TAG_PREFIX = "unet-pipeline"
 
 # QIDO-RS and STOW-RS answers are DICOM JSON, keyed by tag (PS3.18 F.2), not by keyword.
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
@@ -77,7 +77,7 @@ def model_tag(name: str, version: str | int) -> str:
         name: the registered model name.
         version: the model version.
     """
-    tag = f"{MODEL_TAG_PREFIX} {name} v{version}"
+    tag = seg_series_description(name, version)
     if len(tag) > _LO_MAX or "\\" in tag or any(ord(c) < 32 for c in tag):
         # A PACS would truncate or refuse it, and the watch would never recognise its own SEGs.
         raise ConfigError(f"model tag {tag!r}: a SeriesDescription holds at most {_LO_MAX} characters, "

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import InputDataError, PacsAuthError, PacsUnavailableError, PartialFailureError, user_error
+from pipeline.outputs import write_text_atomic
 from pipeline.pacs.client import PacsClient, SeriesRules, SeriesSummary, matching_series, select_series
 
 logger = logging.getLogger(__name__)
@@ -81,20 +80,10 @@ class WatchLedger:
             raise InputDataError(self.path, f"not a valid watch ledger ({type(exc).__name__}); {fix}") from None
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": LEDGER_VERSION,
                 "studies": {study: {tag: asdict(entry) for tag, entry in tags.items()}
                             for study, tags in sorted(self._entries.items())}}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(self.path, json.dumps(data, indent=1))
 
     def get(self, study_uid: str, model_tag: str) -> LedgerEntry | None:
         """The entry of ``(study_uid, model_tag)``, or ``None``.
@@ -104,10 +93,6 @@ class WatchLedger:
             model_tag: the model's tag (:func:`pipeline.pacs.client.model_tag`).
         """
         return self._entries.get(study_uid, {}).get(model_tag)
-
-    def entries(self) -> dict[tuple[str, str], LedgerEntry]:
-        """Every entry, keyed by ``(study UID, model tag)``."""
-        return {(study, tag): entry for study, tags in self._entries.items() for tag, entry in tags.items()}
 
     def _set(self, study_uid: str, model_tag: str, entry: LedgerEntry) -> LedgerEntry:
         self._entries.setdefault(study_uid, {})[model_tag] = entry
@@ -218,8 +203,9 @@ def run_watch_pass(
         model_tag: the tag the model's SEGs carry as SeriesDescription (:func:`pipeline.pacs.client.model_tag`).
         rules: how to select the series of a study.
         since: only studies with StudyDate on or after this date; ``None`` for all.
-        process: ``process(study_uid, series)`` segments the series, stores the SEG into the study and returns its
-            SOPInstanceUID; it raises on failure.
+        process: ``process(study_uid, series)`` segments the series, stores the SEG into the study with
+            :meth:`PacsClient.store` (which confirms it is there) and returns its SOPInstanceUID; it raises on
+            failure.
         ledger: the work directory's ledger.
         max_attempts: a study that failed this many times is skipped until its ledger entry is removed.
 
@@ -260,8 +246,6 @@ def run_watch_pass(
             if not isinstance(seg_uid, str) or not seg_uid:
                 raise InputDataError(f"study {study}", f"the segmentation returned {type(seg_uid).__name__}, "
                                                        "not the SEG's SOPInstanceUID")
-            if not client.find_instance(study, seg_uid):
-                raise InputDataError(f"study {study}", f"the SEG {seg_uid} is not in the study on the PACS")
         except Exception as exc:
             if isinstance(user_error(exc), (PacsUnavailableError, PacsAuthError)):
                 # Down for everyone, or only this study's requests? A failing ping stops the pass, and the study,
@@ -279,6 +263,6 @@ def run_watch_pass(
 def _record_failure(report: WatchReport, ledger: WatchLedger, study: str, tag: str, reason: str,
                     series_uid: str | None) -> None:
     entry = ledger.mark_failed(study, tag, reason, series_uid)
-    report.failed[study] = entry.reason or reason
+    report.failed[study] = entry.reason
     logger.warning("PACS watch: study %s failed: %s", study, entry.reason)
 
