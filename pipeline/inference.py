@@ -196,15 +196,11 @@ class CasePrediction:
         labels: the label map (uint8), post-processed as set.
         affine: the input's RAS affine.
         probabilities: ``(num_classes, *spatial)`` float32 softmax, when asked for.
-        raw_labels: the argmax before postprocessing.
-        windows: windows evaluated (all models, flips included).
     """
 
     labels: np.ndarray
     affine: np.ndarray
     probabilities: np.ndarray | None = None
-    raw_labels: np.ndarray | None = None
-    windows: int = 0
 
 
 class Predictor:
@@ -308,10 +304,8 @@ class Predictor:
         """
         image = d["image"]
         probs = None
-        windows = 0
         for engine in self.engines:
             p = _softmax_(engine(image.as_tensor()))
-            windows += engine.windows_evaluated
             probs = p if probs is None else probs.add_(p)
         assert probs is not None
         if len(self.engines) > 1:
@@ -322,7 +316,7 @@ class Predictor:
         labels = self.postprocessing.apply(raw) if postprocess and self.postprocessing.active else raw
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         probs_out = inverted.as_tensor().numpy().astype(np.float32) if probabilities else None
-        return CasePrediction(labels, affine, probs_out, raw, windows)
+        return CasePrediction(labels, affine, probs_out)
 
     def __call__(self, images: Sequence[str | Path], postprocess: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Segment one case.

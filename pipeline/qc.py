@@ -8,7 +8,6 @@ each file is written under a temporary name and renamed, so a reader never sees 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from pipeline.outputs import atomic_file
 
 DPI = 100
 CURVES_SIZE_PX = (1200, 400)
@@ -33,13 +34,8 @@ def _figure(size_px: tuple[int, int]) -> Figure:
 
 def _save(fig: Figure, out_png: Path) -> Path:
     """Render to a temporary PNG beside the target and rename it into place."""
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_file(out_png) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")  # no bbox_inches="tight": it would change the pixel size
-        os.replace(tmp, out_png)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_png
 
 

@@ -48,6 +48,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.data.utils import compute_importance_map
 
 from pipeline import accelerate
 from pipeline.accelerate import CompileMode
@@ -132,10 +133,9 @@ def tile_starts(size: int, window: int, overlap: float, placement: Placement = "
 def importance_map(
     window: tuple[int, ...], mode: BlendMode, sigma_scale: float, device: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The blending weights of one window, cached per window size, device and dtype.
+    """MONAI's blending weights of one window (``compute_importance_map``), cached per window size, device and dtype.
 
-    The same values as ``monai.data.utils.compute_importance_map`` (separable Gaussian
-    centred on the window, small weights clamped to ``max(min, 1e-3)``).
+    Computed in float32 on the CPU, then moved: the same map whatever ``dtype`` the stitching uses.
 
     Args:
         window: the window size.
@@ -144,15 +144,8 @@ def importance_map(
         device: where the map lives.
         dtype: its dtype.
     """
-    if mode == "constant":
-        weights = torch.ones(window, dtype=torch.float32)
-    else:
-        weights = torch.ones((), dtype=torch.float32)
-        for size in window:
-            x = torch.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=torch.float32)
-            x = torch.exp(x**2 / (-2 * (size * sigma_scale) ** 2))
-            weights = weights.unsqueeze(-1) * x
-        weights = weights.clamp(min=max(weights.min().item(), 1e-3))
+    weights = compute_importance_map(list(window), mode=mode, sigma_scale=sigma_scale, device="cpu",
+                                     dtype=torch.float32)
     return weights.to(device=device, dtype=dtype)
 
 
@@ -383,22 +376,3 @@ class SlidingWindowInferer:
         voxels = math.prod(self.window)
         per_level = sum(f / 2 ** (self.spatial_dims * i) for i, f in enumerate(features))
         return int(batch_size * voxels * (channels + 3 * per_level) * 4)
-
-
-def sliding_window_logits(
-    network: torch.nn.Module,
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    settings: WindowSettings,
-    device: torch.device,
-) -> torch.Tensor:
-    """Logits of one volume (a convenience around :class:`SlidingWindowInferer`).
-
-    Args:
-        network: the network, in evaluation mode, on ``device``.
-        image: ``(C, X, Y, Z)`` preprocessed volume.
-        patch_size: the training patch size.
-        settings: the window settings.
-        device: where the network runs.
-    """
-    return SlidingWindowInferer(network, patch_size, settings, device)(image)
