@@ -268,7 +268,7 @@ def _pacs(args: argparse.Namespace, stages) -> int:
 
     if args.pacs_command is None:
         raise ConfigError("pacs: choose 'predict' or 'watch' (see unet-pipeline pacs --help)")
-    pacs_cfg = load_config(args.config).pacs if args.config else load_config(None).pacs
+    pacs_cfg = load_config(args.config).pacs
     changes = {k: v for k, v in (("url", args.url), ("modality", args.modality),
                                  ("series_description", args.series_description), ("min_slices", args.min_slices))
                if v is not None}

@@ -148,3 +148,43 @@ def evaluate_cases(
             variant: {labels[v]: d for v, d in per_label.items()} for variant, per_label in decision.label_dice.items()}}
     summary = write_evaluation(rows, list(labels.values()), out_dir, extra, metrics=SURFACE_METRICS)
     return EvaluationResult(summary, rows, post, decision, predictions, pictures)
+
+
+def validate_and_export(
+    settings: Any, device: Any, plan: dict[str, Any], val_cases: Sequence[Case], chosen: Path, out_dir: Path,
+    decide_postprocessing: bool = True, surface_tolerance_mm: float = 1.0, qc: bool = True,
+) -> tuple[EvaluationResult, Path, dict[str, Any]]:
+    """Evaluate the chosen checkpoint on the held-out cases with the configured settings, decide the
+    postprocessing there, and write ``model.pt``: the weights with the settings they were validated with.
+
+    Args:
+        settings: the :class:`~pipeline.inference.InferenceSettings` to validate with.
+        device: where the network runs.
+        plan: the preprocessing plan (label names for the stored settings).
+        val_cases: the held-out cases.
+        chosen: the checkpoint to validate (``final.pt`` or ``best.pt``); ``model.pt`` is written beside it.
+        out_dir: the evaluation folder.
+        decide_postprocessing: decide keep-largest-component on these cases.
+        surface_tolerance_mm: the surface Dice tolerance.
+        qc: write a QC picture per case.
+
+    Returns:
+        The evaluation, the exported model's path and its ``inference`` section.
+    """
+    import dataclasses
+
+    from pipeline.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.inference import LoadedModel, inference_section, load_model_from_checkpoint
+
+    state = load_checkpoint(chosen)
+    model: LoadedModel = load_model_from_checkpoint(state, device)
+    model.settings = settings
+    evaluation = evaluate_cases(Predictor([model], device), val_cases, out_dir,
+                                decide_postprocessing=decide_postprocessing, surface_tolerance_mm=surface_tolerance_mm,
+                                qc=qc)
+    validated = dataclasses.replace(settings, postprocessing=evaluation.postprocessing)
+    section = inference_section(validated, plan, validated=True)
+    model_path = chosen.with_name("model.pt")
+    save_checkpoint({k: state[k] for k in ("model", "plan", "patch_size", "state_dict")}
+                    | {"inference": section, "epoch": state.get("epoch"), "source_checkpoint": chosen.name}, model_path)
+    return evaluation, model_path, section

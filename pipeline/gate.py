@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,10 +158,54 @@ def eval_cases(evaluation_set: str | None, validation: Sequence[Case]) -> tuple[
     return list(dataset.cases), f"fixed evaluation set '{dataset.name}' ({len(dataset.cases)} cases)"
 
 
-def label_columns(summary: Mapping[str, Any]) -> list[str]:
-    """Foreground label names in the evaluation's order.
+def score_and_log(
+    evaluation_set: str | None, promote_margin: float, model_name: str, device: Any, work_dir: Path,
+    val_cases: Sequence[Case], evaluation: EvaluationResult, model_path: Path, log: Any,
+) -> tuple[GateResult, str]:
+    """Score the candidate and the champion on the same cases, in this call; log the comparison.
 
     Args:
-        summary: an evaluation summary.
+        evaluation_set: ``registry.evaluation_set`` (a fixed labelled dataset) or ``None`` (the validation fold).
+        promote_margin: ``registry.promote_margin``.
+        model_name: the registered model's name.
+        device: where the models run.
+        work_dir: the work directory (the champion is downloaded to a temporary folder, a fixed set's
+            candidate predictions go to ``gate/candidate``).
+        val_cases: the candidate's validation cases.
+        evaluation: the candidate's validation result.
+        model_path: the candidate's exported ``model.pt``.
+        log: the run's :class:`~pipeline.tracking.RunLogger`.
+
+    Returns:
+        The gate's result and its cases in words.
     """
-    return list(summary["dice_per_label"])
+    import mlflow
+
+    from pipeline import registry
+    from pipeline.evaluation import evaluate_cases
+    from pipeline.inference import Predictor, load_model
+    from pipeline.privacy import csv_text
+    from pipeline.tracking import metric_name
+
+    cases, eval_set = eval_cases(evaluation_set, val_cases)
+    names = list(evaluation.summary["dice_per_label"])
+    candidate = evaluation
+    if evaluation_set is not None:
+        # A fixed set: the candidate as it will be used (its decided postprocessing) on those cases.
+        candidate = evaluate_cases(Predictor([load_model(model_path, device)], device), cases,
+                                   work_dir / "gate" / "candidate", save_predictions=False)
+    champion_version = log.call(lambda: registry.champion_version(model_name), "looking up the champion")
+
+    def score_champion(tmp: Path) -> EvaluationResult:
+        resolved = log.call(lambda: registry.resolve_model(f"models:/{model_name}/{champion_version}", work_dir,
+                                                           tmp / "model", log.uri), "downloading the champion")
+        predictor = Predictor([load_model(resolved.path, device)], device)
+        return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False)
+
+    result = compare(candidate, score_champion if champion_version else None, champion_version, promote_margin,
+                     log.alias, names)
+    log.metrics(metrics(result, metric_name), "logging the gate")
+    log.call(lambda: mlflow.log_text(csv_text(result.rows, result.columns), "gate/comparison.csv"),
+             "logging the gate table")
+    log.tags({"gate.decision": result.decision, "gate.eval_set": eval_set})
+    return result, eval_set

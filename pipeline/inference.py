@@ -161,7 +161,16 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
         path: a ``.pt`` checkpoint written by the train or run stage.
         device: where to put the network.
     """
-    ckpt = load_checkpoint(path)
+    return load_model_from_checkpoint(load_checkpoint(path), device)
+
+
+def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> LoadedModel:
+    """Build the U-Net of an already loaded checkpoint (see :func:`load_model`).
+
+    Args:
+        ckpt: the checkpoint's content.
+        device: where to put the network.
+    """
     network = UNet(**ckpt["model"])
     network.load_state_dict(ckpt["state_dict"])
     network.to(device).eval()

@@ -112,3 +112,23 @@ def redact_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     if isinstance(out.get("registry"), dict) and out["registry"].get("evaluation_set") is not None:
         out["registry"]["evaluation_set"] = "a fixed evaluation set (path not logged)"
     return out
+
+
+def run_params(flat_config: Mapping[str, Any], dataset_name: str, data_hash: str, has_evaluation_set: bool,
+               counts: Mapping[str, int], network_plan: Mapping[str, Any], world_size: int) -> dict[str, Any]:
+    """MLflow params: the config without paths (the dataset by name and content hash), split and plan sizes.
+
+    Args:
+        flat_config: the configuration, flattened to ``section.key``.
+        dataset_name: the ``dataset.json`` name.
+        data_hash: the dataset's content hash.
+        has_evaluation_set: whether ``registry.evaluation_set`` names a fixed set (its path is not logged).
+        counts: ``num_cases``, ``num_train``, ``num_val``.
+        network_plan: the plan's ``network`` section.
+        world_size: DDP processes.
+    """
+    params = {k: v for k, v in flat_config.items() if k not in ("data.dataset", "registry.evaluation_set")}
+    return {**params, "data.dataset": dataset_label(dataset_name, data_hash),
+            "registry.evaluation_set": "fixed" if has_evaluation_set else "validation fold",
+            **{f"data.{k}": v for k, v in counts.items()}, "ddp.world_size": world_size,
+            **{f"plan.{k}": v for k, v in network_plan.items()}}

@@ -149,3 +149,26 @@ def description(p: Provenance) -> str:
         f"(content sha256 above).",
     ]
     return "\n".join(lines)
+
+
+def describe_version(facts: Provenance, extra_tags: Mapping[str, str], log: Any) -> None:
+    """Write the Markdown description and the provenance tags (plus ``extra_tags``) onto the version.
+
+    Args:
+        facts: the version's facts.
+        extra_tags: further tags (the gate's).
+        log: the run's :class:`~pipeline.tracking.RunLogger` (retries while the server is away).
+    """
+    import mlflow
+
+    from pipeline.tracking import metric_name
+
+    client = mlflow.MlflowClient()
+    version_tags = {**tags(facts, metric_name), **extra_tags}
+
+    def write() -> None:
+        client.update_model_version(facts.model_name, facts.version, description=description(facts))
+        for key, value in version_tags.items():
+            client.set_model_version_tag(facts.model_name, facts.version, key, value)
+
+    log.call(write, "describing the model version")

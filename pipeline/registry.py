@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InputDataError, PipelineError
+from pipeline.tracking_outbox import redact_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 SELECTION_METRIC = "val_mean_dice"
@@ -219,7 +220,7 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | 
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_dir)))
     except (MlflowException, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise PipelineError(f"{ref}: model not found in {_safe_uri(mlflow.get_tracking_uri())} ({message})") from None
+        raise PipelineError(f"{ref}: model not found in {redact_uri(mlflow.get_tracking_uri())} ({message})") from None
     candidates = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
     if not candidates:
         raise PipelineError(f"{ref}: the model's artifacts hold no checkpoint")
@@ -241,8 +242,3 @@ def _identity(ref: str) -> tuple[str, str]:
     return name, str(client.get_model_version(name, version).version)
 
 
-def _safe_uri(uri: str) -> str:
-    """A tracking URI without credentials (``https://user:pass@host`` -> ``https://host``)."""
-    import re
-
-    return re.sub(r"//[^/@]*@", "//", uri)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import InputDataError, PipelineError
 from pipeline.preprocess import PreprocessedCase, preprocess_dataset
+from pipeline.scheduling import RunSession
 from pipeline.splits import stored_splits
 
 
@@ -62,7 +63,6 @@ class RunSummary:
         promotion: the registry outcome.
         epochs: epochs trained.
         checkpoint: the registered checkpoint's path.
-        gate: the champion gate's result.
         up_to_date: nothing was done: data, config and code are unchanged since the last completed run.
         finished: when that run completed.
     """
@@ -74,7 +74,6 @@ class RunSummary:
     promotion: registry.Promotion | None = None
     epochs: int = 0
     checkpoint: Path | None = None
-    gate: Any = None
     up_to_date: bool = False
     finished: str | None = None
 
@@ -138,110 +137,17 @@ def checkpoint_dir(work_dir: Path, fold: int) -> Path:
     return work_dir / "checkpoints" / f"fold_{fold}"
 
 
-@dataclass
-class RunKeys:
-    """What decides whether a run is up to date: the data's content, the config, the code.
+def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_size: int):
+    """What a new or reopened MLflow run logs first: params without paths, the redacted config, the plan, the split."""
+    from pipeline.privacy import dataset_label, redact_config, run_params
 
-    Args:
-        data_hash: the dataset's content hash.
-        config_hash: hash of the resolved configuration.
-        code: package version, git commit and dirty flag.
-    """
-
-    data_hash: str
-    config_hash: str
-    code: dict[str, Any]
-
-
-def _keys(cfg: PipelineConfig, prepared: Prepared) -> RunKeys:
-    from pipeline.scheduling import code_version, config_hash
-
-    return RunKeys(prepared.data_hash, config_hash(cfg.to_dict()), code_version())
-
-
-def _last_checkpoint_run(work_dir: Path, fold: int) -> str | None:
-    from pipeline.checkpoints import load_checkpoint
-
-    last = checkpoint_dir(work_dir, fold) / "last.pt"
-    return load_checkpoint(last).get("mlflow_run_id") if last.is_file() else None
-
-
-def _params(cfg: PipelineConfig, prepared: Prepared, world_size: int) -> dict[str, Any]:
-    """MLflow params: the config without paths (the dataset by name and content hash), split and plan sizes."""
-    from pipeline.privacy import dataset_label
-
-    params = {k: v for k, v in cfg.flat().items() if k not in ("data.dataset", "registry.evaluation_set")}
-    return {**params, "data.dataset": dataset_label(prepared.dataset.name, prepared.data_hash),
-            "registry.evaluation_set": "fixed" if cfg.registry.evaluation_set else "validation fold",
-            "data.num_cases": len(prepared.cases), "data.num_train": len(prepared.split["train"]),
-            "data.num_val": len(prepared.split["val"]), "ddp.world_size": world_size,
-            **{f"plan.{k}": v for k, v in prepared.plan["network"].items()}}
-
-
-class _Session:
-    """One call's run: lock, tracking server, state and MLflow run, wired for ``run`` and ``train``."""
-
-    def __init__(self, cfg: PipelineConfig, work_dir: Path, force: bool) -> None:
-        self.cfg, self.work_dir, self.force = cfg, work_dir, force
-        self.uri: str | None = None
-        self.log = None
-
-    def connect(self) -> None:
-        from pipeline import tracking
-
-        self.uri = registry.tracking_uri(self.cfg.mlflow.tracking_uri, self.work_dir)
-        tracking.connect(self.uri, self.work_dir)  # before any preprocessing: exit 5 at once when down
-        registry.setup(self.cfg.mlflow.tracking_uri, self.work_dir, self.cfg.mlflow.experiment)
-
-    def decide(self, prepared: Prepared) -> tuple[str, RunKeys, Any]:
-        from pipeline.scheduling import decide_run, load_state
-
-        keys = _keys(self.cfg, prepared)
-        state = load_state(self.work_dir, self.cfg.data.fold)
-        action = decide_run(state, keys.data_hash, keys.config_hash, keys.code, self.force,
-                            _last_checkpoint_run(self.work_dir, self.cfg.data.fold))
-        return action, keys, state
-
-    def open_run(self, action: str, state: Any, keys: RunKeys, prepared: Prepared, world_size: int) -> str:
-        """Start a new MLflow run, or reopen the interrupted one; log its parameters."""
-        import mlflow
-
-        from pipeline import tracking
-        from pipeline.privacy import dataset_label, redact_config
-        from pipeline.scheduling import RunState, save_state
-
-        reopen = state.run_id if action in ("resume", "finish") and state is not None else None
-        if reopen is None and state is not None and state.status in ("running", "trained") and state.run_id:
-            # An interrupted run of other inputs is not going to be finished: say so in MLflow.
-            with _suppressed():
-                mlflow.MlflowClient().set_terminated(state.run_id, "KILLED")
-        run = tracking.when_reachable(
-            lambda: mlflow.start_run(run_id=reopen, tags=None if reopen else {"data.fold": str(self.cfg.data.fold)}),
-            self.uri, self.cfg.mlflow.outage_wait_minutes, "starting the MLflow run")
-        run_id = run.info.run_id
-        self.log = tracking.RunLogger(self.uri, self.work_dir, run_id, self.cfg.mlflow.outage_wait_minutes)
-        if reopen is None:
-            save_state(self.work_dir, RunState("running", run_id, keys.data_hash, keys.config_hash, keys.code,
-                                               self.cfg.data.fold))
-        folds = json.loads((self.work_dir / "splits.json").read_text())["folds"]
-        config = redact_config(self.cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
-        self.log.start(_params(self.cfg, prepared, world_size), config,
-                       {"preprocess": prepared.out_dir / "plans.json"}, folds)
-        return run_id
-
-    def mark(self, status: str, keys: RunKeys, run_id: str) -> None:
-        from pipeline.scheduling import RunState, load_state, now_iso, save_state
-
-        previous = load_state(self.work_dir, self.cfg.data.fold)
-        started = previous.started if previous is not None and previous.run_id == run_id else now_iso()
-        save_state(self.work_dir, RunState(status, run_id, keys.data_hash, keys.config_hash, keys.code,
-                                           self.cfg.data.fold, started, now_iso() if status == "completed" else None))
-
-
-def _suppressed():
-    from contextlib import suppress
-
-    return suppress(Exception)
+    counts = {"num_cases": len(prepared.cases), "num_train": len(prepared.split["train"]),
+              "num_val": len(prepared.split["val"])}
+    params = run_params(cfg.flat(), prepared.dataset.name, prepared.data_hash, cfg.registry.evaluation_set is not None,
+                        counts, prepared.plan["network"], world_size)
+    config = redact_config(cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
+    folds = json.loads((work_dir / "splits.json").read_text())["folds"]
+    return params, config, {"preprocess": prepared.out_dir / "plans.json"}, folds
 
 
 def _lock(work_dir: Path, command: str, is_main: bool):
@@ -253,27 +159,26 @@ def _lock(work_dir: Path, command: str, is_main: bool):
     return work_dir_lock(work_dir, command) if is_main else nullcontext()
 
 
-def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, session: _Session | None,
+def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, session: RunSession,
            run_id: str | None):
     """Train this fold; on rank 0 per-epoch metrics go to the run through the on-disk outbox."""
-    from pipeline import distributed
     from pipeline.training import train
 
-    env = distributed.current()
     folder = checkpoint_dir(work_dir, cfg.data.fold)
     history = folder / "history.jsonl"
     if not resume:
         history.unlink(missing_ok=True)
-    log = session.log.epoch_metrics(history) if env.is_main and session is not None and session.log else None
+    log = session.log  # None off rank 0: only rank 0 logs
     result = train(cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), folder,
-                   log_metrics=log, resume=resume, extra_state={"mlflow_run_id": run_id})
-    if env.is_main and session is not None and session.log:
-        session.log.metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
-                             "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second},
-                            "logging the training summary")
-        session.log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
-                          "ddp.param_checksums": json.dumps(result.param_checksums)})
-        session.log.curves(history)
+                   log_metrics=log.epoch_metrics(history) if log else None, resume=resume,
+                   extra_state={"mlflow_run_id": run_id})
+    if log:
+        log.metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
+                     "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second},
+                    "logging the training summary")
+        log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
+                  "ddp.param_checksums": json.dumps(result.param_checksums)})
+        log.curves(history)
     return result
 
 
@@ -293,7 +198,8 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
     from pipeline import distributed
     from pipeline.errors import NotPromotedError, TrainingFailedError
 
-    session = _Session(cfg, work_dir, force)
+    session = RunSession(work_dir, cfg.data.fold, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+                         cfg.mlflow.outage_wait_minutes, force)
     env = distributed.init(resolve_device(cfg.train.device).type)
     with _lock(work_dir, "run" if register else "train", env.is_main):
         if env.is_main:
@@ -301,7 +207,8 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
         prepared = prepare_distributed(cfg, work_dir)
         decision = None
         if env.is_main:
-            decision = session.decide(prepared)
+            decision = session.decide(cfg.to_dict(), prepared.data_hash,
+                                      checkpoint_dir(work_dir, cfg.data.fold) / "last.pt")
         action = distributed.broadcast(decision[0] if decision else None)
         if action == "up_to_date":
             distributed.shutdown()
@@ -312,8 +219,8 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
                               finished=state.finished)
         run_id = None
         if env.is_main:
-            _, keys, state = decision
-            run_id = session.open_run(action, state, keys, prepared, env.world_size)
+            _, _, state = decision
+            run_id = session.open_run(action, state, *_run_record(cfg, work_dir, prepared, env.world_size))
         try:
             if action == "finish":
                 result = _training_result_from_disk(cfg, work_dir)
@@ -321,25 +228,25 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
                 result = _train(cfg, work_dir, prepared, action == "resume", session, run_id)
         except TrainingFailedError:
             if env.is_main:
-                session.mark("failed", keys, run_id)
-                with _suppressed():
+                session.mark("failed", run_id)
+                with suppress(Exception):
                     session.log.end("FAILED")
             raise
         distributed.shutdown()
         if not env.is_main:
             return None
-        session.mark("trained", keys, run_id)
+        session.mark("trained", run_id)
         summary = _finish(cfg, work_dir, prepared, result, session, run_id, register)
         session.log.flush()
         session.log.end("FINISHED")
-        session.mark("completed", keys, run_id)
+        session.mark("completed", run_id)
     if fail_if_not_promoted and summary.promotion is not None and not summary.promotion.promoted:
         raise NotPromotedError(f"version {summary.promotion.version} was registered but not promoted: "
                                f"{summary.promotion.decision}")
     return summary
 
 
-def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any, session: _Session, run_id: str,
+def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any, session: RunSession, run_id: str,
             register: bool) -> RunSummary:
     """After training: evaluate and export, then (``run``) gate, register, describe."""
     chosen = result.final_checkpoint if cfg.evaluate.checkpoint == "final" else result.best_checkpoint
@@ -348,85 +255,43 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
         log.call(lambda: registry.log_model(chosen), "logging the model")
         return RunSummary(run_id, session.uri or "", epochs=result.epochs, checkpoint=chosen)
     log.tags({"evaluate.checkpoint": cfg.evaluate.checkpoint})
-    evaluation, model_path = validate_and_export(cfg, work_dir, prepared, chosen)
+    from pipeline import gate, provenance
+    from pipeline.evaluation import validate_and_export
+    from pipeline.inference import InferenceSettings
+    from pipeline.tracking import metric_name
+
+    device = resolve_device(cfg.train.device)
+    e = cfg.evaluate
+    settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    evaluation, model_path, inference = validate_and_export(
+        settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation",
+        decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images)
     summary = evaluation.summary
     names = list(summary["dice_per_label"])
     log.metrics({registry.SELECTION_METRIC: summary["mean_dice"],
-                 **{f"val_dice_{_metric_name(k)}": v for k, v in summary["dice_per_label"].items()},
-                 **{f"val_hd95_{_metric_name(k)}": v for k, v in summary["hd95_per_label"].items()},
-                 **{f"val_surface_dice_{_metric_name(k)}": v for k, v in summary["surface_dice_per_label"].items()},
+                 **{f"val_dice_{metric_name(k)}": v for k, v in summary["dice_per_label"].items()},
+                 **{f"val_hd95_{metric_name(k)}": v for k, v in summary["hd95_per_label"].items()},
+                 **{f"val_surface_dice_{metric_name(k)}": v for k, v in summary["surface_dice_per_label"].items()},
                  "val_mean_dice_without_postprocessing": summary["mean_dice_without_postprocessing"]},
                 "logging the evaluation")
     log.evaluation(evaluation, names)
-    gate_result, eval_set = _gate(cfg, work_dir, prepared, evaluation, model_path, log)
+    gate_result, eval_set = gate.score_and_log(
+        cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device, work_dir,
+        prepared.raw_cases("val"), evaluation, model_path, log)
     version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
     promotion = None
     if version is not None:
-        _describe(cfg, prepared, run_id, version, summary, model_path, gate_result, eval_set, log)
+        keys = session.keys
+        facts = provenance.Provenance(
+            cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
+            cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]),
+            len(prepared.split["val"]), keys.config_hash, keys.code, prepared.plan, summary, inference,
+            gate_result.decision)
+        provenance.describe_version(facts, gate.tags(gate_result, eval_set), log)
         promotion = log.call(lambda: registry.set_aliases(cfg.mlflow.model_name, version, gate_result.promoted,
                                                           gate_result.champion_version, gate_result.decision),
                              "setting the aliases")
-    return RunSummary(run_id, session.uri or "", summary, cfg.mlflow.model_name, promotion, result.epochs, model_path,
-                      gate=gate_result)
-
-
-def _gate(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, evaluation: Any, model_path: Path, log: Any):
-    """Score the candidate and the champion on the same cases, in this call; log the comparison."""
-    import mlflow
-
-    from pipeline import gate
-    from pipeline.evaluation import evaluate_cases
-    from pipeline.inference import Predictor, load_model
-    from pipeline.privacy import csv_text
-
-    device = resolve_device(cfg.train.device)
-    cases, eval_set = gate.eval_cases(cfg.registry.evaluation_set, prepared.raw_cases("val"))
-    names = list(evaluation.summary["dice_per_label"])
-    candidate = evaluation
-    if cfg.registry.evaluation_set is not None:
-        # A fixed set: the candidate as it will be used (its decided postprocessing) on those cases.
-        candidate = evaluate_cases(Predictor([load_model(model_path, device)], device), cases,
-                                   work_dir / "gate" / "candidate", save_predictions=False)
-    name = cfg.mlflow.model_name
-    champion_version = log.call(lambda: registry.champion_version(name), "looking up the champion")
-
-    def score_champion(tmp: Path):
-        resolved = log.call(lambda: registry.resolve_model(f"models:/{name}/{champion_version}", work_dir, tmp / "model",
-                                                           log.uri), "downloading the champion")
-        predictor = Predictor([load_model(resolved.path, device)], device)
-        return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False)
-
-    result = gate.compare(candidate, score_champion if champion_version else None, champion_version,
-                          cfg.registry.promote_margin, log.alias, names)
-    log.metrics(gate.metrics(result, _metric_name), "logging the gate")
-    log.call(lambda: mlflow.log_text(csv_text(result.rows, result.columns), "gate/comparison.csv"),
-             "logging the gate table")
-    log.tags({"gate.decision": result.decision, "gate.eval_set": eval_set})
-    return result, eval_set
-
-
-def _describe(cfg: PipelineConfig, prepared: Prepared, run_id: str, version: str, summary: dict[str, Any],
-              model_path: Path, gate_result: Any, eval_set: str, log: Any) -> None:
-    """Provenance tags and the Markdown description on the new version."""
-    import mlflow
-
-    from pipeline import gate, provenance
-    from pipeline.checkpoints import load_checkpoint
-
-    keys = _keys(cfg, prepared)
-    facts = provenance.Provenance(
-        cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
-        cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]), len(prepared.split["val"]),
-        keys.config_hash, keys.code, prepared.plan, summary, load_checkpoint(model_path)["inference"], gate_result.decision)
-    client = mlflow.MlflowClient()
-    tags = {**provenance.tags(facts, _metric_name), **gate.tags(gate_result, eval_set)}
-
-    def write() -> None:
-        client.update_model_version(cfg.mlflow.model_name, version, description=provenance.description(facts))
-        for key, value in tags.items():
-            client.set_model_version_tag(cfg.mlflow.model_name, version, key, value)
-
-    log.call(write, "describing the model version")
+    return RunSummary(run_id, session.uri or "", summary, cfg.mlflow.model_name, promotion, result.epochs, model_path)
 
 
 def train_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False) -> RunSummary | None:
@@ -460,47 +325,6 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False,
             new version does not take ``champion``.
     """
     return _run_or_train(cfg, work_dir, force, register=True, fail_if_not_promoted=fail_if_not_promoted)
-
-
-def validate_and_export(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, chosen: Path):
-    """Evaluate the chosen checkpoint on the held-out cases with the configured settings, decide the
-    postprocessing there, and write ``model.pt``: the weights with the settings they were validated with.
-
-    Args:
-        cfg: the pipeline configuration.
-        work_dir: the work directory (``evaluation/`` and the fold's ``model.pt`` go there).
-        prepared: the prepared data (its validation cases are scored).
-        chosen: the checkpoint to validate (``final.pt`` or ``best.pt``).
-
-    Returns:
-        The :class:`~pipeline.evaluation.EvaluationResult` and the exported model's path.
-    """
-    import dataclasses
-
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.evaluation import evaluate_cases
-    from pipeline.inference import InferenceSettings, Predictor, inference_section, load_model
-
-    device = resolve_device(cfg.train.device)
-    e = cfg.evaluate
-    settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
-    model = load_model(chosen, device)
-    model.settings = settings
-    evaluation = evaluate_cases(
-        Predictor([model], device), prepared.raw_cases("val"), work_dir / "evaluation",
-        decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,
-    )
-    validated = dataclasses.replace(settings, postprocessing=evaluation.postprocessing)
-    state = load_checkpoint(chosen)
-    model_path = chosen.with_name("model.pt")
-    save_checkpoint({k: state[k] for k in ("model", "plan", "patch_size", "state_dict")}
-                    | {"inference": inference_section(validated, prepared.plan, validated=True),
-                       "epoch": state.get("epoch"), "source_checkpoint": chosen.name}, model_path)
-    return evaluation, model_path
-
-
-def _metric_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", label).replace(" ", "_")
 
 
 def _checkpoints_of(ref: str) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,15 @@ T = TypeVar("T")
 
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def metric_name(label: str) -> str:
+    """A label name as MLflow accepts it in a metric or tag key (other characters become ``_``).
+
+    Args:
+        label: a label name, e.g. ``"posterior hippocampus"``.
+    """
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", label).replace(" ", "_")
 
 
 def shorten_http_retries() -> None:
