@@ -88,7 +88,7 @@ def evaluate_cases(
     work = out_dir / ".pass1"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    variants = []
+    variants, raw_scores = [], []
     try:
         loaded_cases = predictor.iter_loaded([c.images for c in cases])
         for index, (case, loaded) in enumerate(tqdm(zip(cases, loaded_cases), total=len(cases), desc="evaluate",
@@ -113,19 +113,21 @@ def evaluate_cases(
                 raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
             if decide_postprocessing:
                 variants.append(variant_scores(pred.labels, truth, values))
-            image = np.asarray(read(str(case.images[0])), dtype=np.float32) if qc else np.zeros(0, np.float32)
-            np.savez(work / f"{index}.npz", raw=pred.labels, truth=truth, affine=pred.affine, image=image)
+                raw_scores.append(variants[-1]["raw"])
+            else:
+                raw_scores.append(dice_per_label(pred.labels, truth, values))
+            np.savez(work / f"{index}.npz", raw=pred.labels, truth=truth, affine=pred.affine)
 
         decision = decide(variants, values) if decide_postprocessing else None
         post = decision.postprocessing if decision else predictor.postprocessing
-        rows, predictions, pictures, raw_scores = [], {}, {}, []
+        rows, predictions, pictures = [], {}, {}
         for index, case in enumerate(cases):
             with np.load(work / f"{index}.npz") as stored:
-                raw, truth, affine, image = stored["raw"], stored["truth"], stored["affine"], stored["image"]
+                raw, truth, affine = stored["raw"], stored["truth"], stored["affine"]
             final = post.apply(raw) if post.active else raw
             scores = dice_per_label(final, truth, values)
-            surface = surface_metrics(final, truth, values, _spacing(affine), surface_tolerance_mm)
-            raw_scores.append(dice_per_label(raw, truth, values))
+            spacing = _spacing(affine)
+            surface = surface_metrics(final, truth, values, spacing, surface_tolerance_mm)
             row: dict[str, Any] = {"case": case.case_id, **{labels[v]: d for v, d in scores.items()}}
             for metric in SURFACE_METRICS:
                 row.update({f"{metric} {labels[v]}": surface[v][metric] for v in values})
@@ -135,8 +137,9 @@ def evaluate_cases(
             if qc:
                 from pipeline.qc import case_qc_image
 
+                image = np.asarray(read(str(case.images[0])), dtype=np.float32)
                 pictures[case.case_id] = case_qc_image(image, truth, final, labels, out_dir / "qc" / f"{case.case_id}.png",
-                                                       _spacing(affine))
+                                                       spacing)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     extra: dict[str, Any] = {"postprocessing": post.to_dict(), "postprocessing_applied": post.describe(labels),

@@ -184,7 +184,7 @@ def score_and_log(
     from pipeline import registry
     from pipeline.evaluation import evaluate_cases
     from pipeline.inference import Predictor, load_model
-    from pipeline.privacy import csv_text
+    from pipeline.metrics import csv_text
     from pipeline.tracking import metric_name
 
     cases, eval_set = eval_cases(evaluation_set, val_cases)

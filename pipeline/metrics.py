@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.outputs import write_text_atomic
 
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
@@ -65,19 +67,34 @@ def write_evaluation(
         summary[f"{metric}_per_label"] = values
         summary[f"mean_{metric}"] = nanmean(list(values.values()))
     summary.update(extra or {})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_csv = out_dir / ".cases.csv.tmp"
-    columns = ["case", *label_names, *[f"{m} {n}" for m in metrics for n in label_names]]
-    with tmp_csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp_json = out_dir / ".summary.json.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp_csv, out_dir / "cases.csv")
-    os.replace(tmp_json, out_dir / "summary.json")
+    write_text_atomic(out_dir / "cases.csv", csv_text(rows, case_columns(label_names, metrics)))
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def case_columns(label_names: Sequence[str], metrics: Sequence[str] = ()) -> list[str]:
+    """The per-case table's columns: ``case``, Dice per label, then ``<metric> <label>`` per further metric.
+
+    Args:
+        label_names: foreground label names.
+        metrics: further metrics, e.g. ``("hd95", "surface_dice")``.
+    """
+    return ["case", *label_names, *[f"{m} {n}" for m in metrics for n in label_names]]
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV text (floats with 6 decimals), for a file or ``mlflow.log_text``.
+
+    Args:
+        rows: one mapping per row.
+        columns: the column order (other keys are left out).
+    """
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return out.getvalue()
 
 
 def surface_metrics(

@@ -109,13 +109,11 @@ def variant_scores(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -
         truth: the reference label map.
         labels: foreground label values.
     """
-    everything = Postprocessing(True, tuple(labels))
-    variants = {
-        "raw": pred,
-        "foreground": Postprocessing(foreground=True).apply(pred),
-        "labels": Postprocessing(labels=tuple(labels)).apply(pred),
-        "foreground+labels": everything.apply(pred),
-    }
+    per_label = Postprocessing(labels=tuple(labels))
+    foreground = Postprocessing(foreground=True).apply(pred)
+    # apply() removes foreground islands first, then each label's: both steps on the foreground variant.
+    variants = {"raw": pred, "foreground": foreground, "labels": per_label.apply(pred),
+                "foreground+labels": per_label.apply(foreground)}
     return {name: dice_per_label(p, truth, labels) for name, p in variants.items()}
 
 

@@ -73,6 +73,7 @@ class ContentHashes:
             self.cache: dict[str, list] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         except (OSError, ValueError):
             self.cache = {}
+        self._changed = not cache_file.is_file()
 
     def of_file(self, path: Path) -> str:
         """The content hash of one file.
@@ -87,6 +88,7 @@ class ContentHashes:
             return cached[2]
         digest = _sha256(path)
         self.cache[key] = [st.st_size, st.st_mtime_ns, digest]
+        self._changed = True
         return digest
 
     def of_case(self, case: Case) -> str:
@@ -104,9 +106,10 @@ class ContentHashes:
         return h.hexdigest()
 
     def save(self) -> None:
-        """Write the remembered hashes (atomically)."""
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.cache_file, json.dumps(self.cache))
+        """Write the remembered hashes (atomically), when a file was hashed since they were read."""
+        if self._changed:
+            write_text_atomic(self.cache_file, json.dumps(self.cache))
+            self._changed = False
 
 
 def dataset_hash(dataset: Dataset, case_hashes: dict[str, str]) -> str:
@@ -312,5 +315,4 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
             # Saved per case: an interrupted call keeps what it finished.
             write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return PreprocessResult(plan, result, data_hash, case_hashes, redone)

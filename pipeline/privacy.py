@@ -14,10 +14,8 @@ contents. Instead:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,21 +70,6 @@ class CaseAliases:
             folds: ``[{"train": [...], "val": [...]}, ...]``.
         """
         return [{part: sorted(self(c) for c in ids) for part, ids in fold.items()} for fold in folds]
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as CSV text (floats with 6 decimals), for ``mlflow.log_text``.
-
-    Args:
-        rows: one mapping per row.
-        columns: the column order.
-    """
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    return out.getvalue()
 
 
 def dataset_label(name: str, data_hash: str) -> str:

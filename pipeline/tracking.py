@@ -207,9 +207,9 @@ class RunLogger:
         import mlflow
 
         from pipeline.evaluation import SURFACE_METRICS
-        from pipeline.privacy import csv_text
+        from pipeline.metrics import case_columns, csv_text
 
-        columns = ["case", *label_names, *[f"{m} {n}" for m in SURFACE_METRICS for n in label_names]]
+        columns = case_columns(label_names, SURFACE_METRICS)
 
         def log() -> None:
             mlflow.log_dict(result.summary, f"{folder}/summary.json")

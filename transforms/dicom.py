@@ -45,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
-from transforms.errors import InputDataError
+from transforms.errors import InputDataError, short_reason
 
 __all__ = [
     "LPS_TO_RAS",
@@ -163,16 +163,6 @@ def affine_from_sitk(image: sitk.Image) -> np.ndarray:
     return LPS_TO_RAS @ affine_lps
 
 
-def _short_reason(error: BaseException, path: Path | None = None) -> str:
-    """A library error as a short one-line reason (the path, when given, replaced by "it")."""
-    text = " ".join(str(error).split())
-    if path is not None:  # the message already starts with the path
-        text = text.replace(f'"{path}"', "it").replace(f"'{path}'", "it").replace(str(path), "it")
-    if not text:
-        text = type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 # --------------------------------------------------------------------------- one file
 
 
@@ -189,7 +179,7 @@ def _read_head(path: Path) -> bytes:
         with path.open("rb") as fp:
             return fp.read(_MAGIC_OFFSET + len(_MAGIC))
     except OSError as error:
-        raise InputDataError(path, f"cannot be read ({error.strerror or _short_reason(error)})") from None
+        raise InputDataError(path, f"cannot be read ({error.strerror or short_reason(error)})") from None
 
 
 def _tag(tag: int) -> str:
@@ -406,7 +396,7 @@ def _slice_header(path: Path, dataset: pydicom.Dataset, pixel_offset: int) -> _S
         header.pixel_spacing = np.asarray([float(v) for v in dataset.PixelSpacing], dtype=np.float64)
         header.frames = int(dataset.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError) as error:
-        header.problem = f"has an unreadable geometry attribute ({_short_reason(error)})"
+        header.problem = f"has an unreadable geometry attribute ({short_reason(error)})"
         return header
     if header.rows <= 0 or header.columns <= 0 or header.frames <= 0:
         header.problem = "has a zero or negative Rows, Columns or NumberOfFrames"
@@ -467,10 +457,10 @@ def _read_entry(path: Path) -> _SliceHeader | _NonImageObject | None:
     except InputDataError:
         raise
     except InvalidDicomError as error:
-        raise InputDataError(path, f"is corrupt: its DICOM header is invalid ({_short_reason(error, path)})") from None
+        raise InputDataError(path, f"is corrupt: its DICOM header is invalid ({short_reason(error, path)})") from None
     except Exception as error:  # pydicom raises many types on cut or corrupt files
         raise InputDataError(
-            path, f"is truncated or corrupt: its DICOM header cannot be read ({_short_reason(error, path)})"
+            path, f"is truncated or corrupt: its DICOM header cannot be read ({short_reason(error, path)})"
         ) from None
 
 
@@ -684,7 +674,7 @@ def _itk_reason(error: BaseException) -> str:
     text = str(error)
     if "ITK ERROR" in text:
         text = text.split("ITK ERROR", 1)[1].split(":", 1)[-1]
-    return _short_reason(error if not text.strip() else RuntimeError(text))
+    return short_reason(error if not text.strip() else RuntimeError(text))
 
 
 def _validated_slices(folder: Path, series_uid: str | None) -> tuple[list[_SliceHeader], float, SeriesInfo]:

@@ -31,3 +31,18 @@ class InputDataError(UserFacingError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def short_reason(error: BaseException, path: Path | None = None) -> str:
+    """A library error as a short one-line reason (the path, when given, replaced by "it").
+
+    Args:
+        error: what a reading library raised.
+        path: the file the message may name (it is named once, by the :class:`InputDataError`).
+    """
+    text = " ".join(str(error).split())
+    if path is not None:  # the message already starts with the path
+        text = text.replace(f'"{path}"', "it").replace(f"'{path}'", "it").replace(str(path), "it")
+    if not text:
+        text = type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -25,8 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from transforms.dicom import _short_reason
-from transforms.errors import InputDataError
+from transforms.errors import InputDataError, short_reason
 
 __all__ = ["NIFTI_SUFFIXES", "load_nifti", "write_nifti_atomic"]
 
@@ -47,14 +46,14 @@ def _load_nifti_checked(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         image = nib.load(str(path))
     except Exception as error:  # ImageFileError, EOFError, zlib.error, OSError, ...
-        raise InputDataError(path, f"cannot be read as a NIfTI image ({_short_reason(error, path)})") from None
+        raise InputDataError(path, f"cannot be read as a NIfTI image ({short_reason(error, path)})") from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputDataError(path, f"is not a NIfTI image (nibabel reads it as {type(image).__name__})")
     try:
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError, zlib.error, MemoryError) as error:
         raise InputDataError(
-            path, f"is truncated or corrupt: its voxel data cannot be read ({_short_reason(error, path)})"
+            path, f"is truncated or corrupt: its voxel data cannot be read ({short_reason(error, path)})"
         ) from None
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
