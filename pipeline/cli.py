@@ -245,7 +245,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"surface Dice {summary['surface_dice_per_label'][name]:.4f}")
         print(f"mean Dice: {summary['mean_dice']:.4f} over {summary['num_cases']} case(s); results in {out}")
         return 0
-    from pipeline.predict import exit_code
+    from pipeline.inference import exit_code
 
     report = stages.predict_stage(args.models, args.inputs, args.out, work_dir, overrides, args.device,
                                   args.series_uid, args.save_probabilities, args.write_seg, args.overwrite)

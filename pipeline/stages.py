@@ -12,13 +12,10 @@ from typing import Any
 
 from pipeline import registry
 from pipeline.config import PipelineConfig
-from pipeline.dataset import Case, Dataset, load_dataset
-from pipeline.demo_data import make_demo_dataset
-from pipeline.devices import resolve_device
+from pipeline.data import Case, Dataset, PreprocessedCase, load_dataset, make_demo_dataset, preprocess_dataset, stored_splits
 from pipeline.errors import InputDataError, PipelineError
-from pipeline.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.scheduling import RunSession
-from pipeline.splits import stored_splits
+from pipeline.training import resolve_device
 
 
 @dataclass
@@ -102,7 +99,7 @@ def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
     """
     dataset = discover(cfg, work_dir)
     out_dir = work_dir / "preprocessed"
-    done = preprocess_dataset(cfg, dataset, out_dir)
+    done = preprocess_dataset(cfg, dataset, out_dir, resolve_device(cfg.train.device))
     folds = stored_splits([c.case_id for c in done.cases], cfg.data.num_folds, cfg.data.split_seed,
                           work_dir / "splits.json")
     return Prepared(dataset, done.plan, {c.case_id: c for c in done.cases}, folds[cfg.data.fold], out_dir,
@@ -116,7 +113,7 @@ def prepare_distributed(cfg: PipelineConfig, work_dir: Path) -> Prepared:
         cfg: the pipeline configuration.
         work_dir: the work directory.
     """
-    from pipeline import distributed
+    from pipeline.training import distributed
 
     env = distributed.init(resolve_device(cfg.train.device).type)
     if env.is_main:
@@ -139,7 +136,7 @@ def checkpoint_dir(work_dir: Path, fold: int) -> Path:
 
 def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_size: int):
     """What a new or reopened MLflow run logs first: params without paths, the redacted config, the plan, the split."""
-    from pipeline.privacy import dataset_label, redact_config, run_params
+    from pipeline.registry import dataset_label, redact_config, run_params
 
     counts = {"num_cases": len(prepared.cases), "num_train": len(prepared.split["train"]),
               "num_val": len(prepared.split["val"])}
@@ -184,7 +181,7 @@ def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool
 
 def _training_result_from_disk(cfg: PipelineConfig, work_dir: Path):
     """A finished training's checkpoints (the ``finish`` action: training done, the rest not yet)."""
-    from pipeline.checkpoints import load_checkpoint
+    from pipeline.inference import load_checkpoint
     from pipeline.training import TrainResult
 
     folder = checkpoint_dir(work_dir, cfg.data.fold)
@@ -195,8 +192,8 @@ def _training_result_from_disk(cfg: PipelineConfig, work_dir: Path):
 
 def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bool,
                   fail_if_not_promoted: bool = False) -> RunSummary | None:
-    from pipeline import distributed
     from pipeline.errors import NotPromotedError, TrainingFailedError
+    from pipeline.training import distributed
 
     session = RunSession(work_dir, cfg.data.fold, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                          cfg.mlflow.outage_wait_minutes, force)
@@ -255,10 +252,9 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
         log.call(lambda: registry.log_model(chosen), "logging the model")
         return RunSummary(run_id, session.uri or "", epochs=result.epochs, checkpoint=chosen)
     log.tags({"evaluate.checkpoint": cfg.evaluate.checkpoint})
-    from pipeline import gate, provenance
     from pipeline.evaluation import validate_and_export
     from pipeline.inference import InferenceSettings
-    from pipeline.tracking import metric_name
+    from pipeline.registry import Provenance, describe_version, gate_tags, metric_name, score_and_log
 
     device = resolve_device(cfg.train.device)
     e = cfg.evaluate
@@ -275,19 +271,19 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
                  "val_mean_dice_without_postprocessing": summary["mean_dice_without_postprocessing"]},
                 "logging the evaluation")
     log.evaluation(evaluation, names)
-    gate_result, eval_set = gate.score_and_log(
+    gate_result, eval_set = score_and_log(
         cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device, work_dir,
         prepared.raw_cases("val"), evaluation, model_path, log)
     version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
     promotion = None
     if version is not None:
         keys = session.keys
-        facts = provenance.Provenance(
+        facts = Provenance(
             cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
             cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]),
             len(prepared.split["val"]), keys.config_hash, keys.code, prepared.plan, summary, inference,
             gate_result.decision)
-        provenance.describe_version(facts, gate.tags(gate_result, eval_set), log)
+        describe_version(facts, gate_tags(gate_result, eval_set), log)
         promotion = log.call(lambda: registry.set_aliases(cfg.mlflow.model_name, version, gate_result.promoted,
                                                           gate_result.champion_version, gate_result.decision),
                              "setting the aliases")
@@ -410,16 +406,16 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
         overwrite: redo cases whose outputs already exist.
 
     Returns:
-        The :class:`~pipeline.predict.PredictReport`.
+        The :class:`~pipeline.inference.predict.PredictReport`.
     """
-    from pipeline import predict
+    from pipeline.inference import algorithm_for, expand_inputs, group_cases, predict_cases, shard
 
     predictor, identity = load_predictor(model_refs, work_dir, overrides, device, series_uid)
-    found = predict.expand_inputs(inputs)
-    cases = predict.group_cases(found, len(predictor.plan["modalities"]))
-    algorithm = predict.algorithm_for(identity.name, identity.version)
-    return predict.predict_cases(predictor, predict.shard(cases), out_dir, algorithm, series_uid,
-                                 save_probabilities, write_seg, overwrite)
+    found = expand_inputs(inputs)
+    cases = group_cases(found, len(predictor.plan["modalities"]))
+    algorithm = algorithm_for(identity.name, identity.version)
+    return predict_cases(predictor, shard(cases), out_dir, algorithm, series_uid,
+                         save_probabilities, write_seg, overwrite)
 
 
 def _pacs_setup(url: str, rules_cfg: Any, verify_tls: bool):
@@ -445,9 +441,8 @@ def pacs_predict_stage(url: str, study_uid: str, series_uid: str | None, model_r
         device: ``auto``, ``cpu`` or ``cuda``.
         keep_in: also keep the NIfTI mask and the SEG in this folder.
     """
-    from pipeline.pacs import select_series
-    from pipeline.pacs.segment import segment_series
-    from pipeline.predict import algorithm_for
+    from pipeline.inference import algorithm_for
+    from pipeline.pacs import segment_series, select_series
 
     client, rules = _pacs_setup(url, pacs_cfg, pacs_cfg.verify_tls)
     client.ping()
@@ -471,9 +466,8 @@ def pacs_watch_stage(url: str, model_refs: Sequence[str], work_dir: Path, pacs_c
         overrides: inference setting overrides.
         device: ``auto``, ``cpu`` or ``cuda``.
     """
-    from pipeline.pacs import WatchLedger, model_tag, run_watch_pass
-    from pipeline.pacs.segment import segment_series
-    from pipeline.predict import algorithm_for
+    from pipeline.inference import algorithm_for
+    from pipeline.pacs import WatchLedger, model_tag, run_watch_pass, segment_series
     from pipeline.scheduling import work_dir_lock
 
     with work_dir_lock(work_dir, "pacs watch"):

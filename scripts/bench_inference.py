@@ -79,8 +79,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from pipeline.inference import load_model
-    from pipeline.sliding_window import SlidingWindowInferer, window_size
+    from pipeline.inference import SlidingWindowInferer, load_model, window_size
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

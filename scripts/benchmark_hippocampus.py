@@ -149,7 +149,7 @@ def read_case_means(path: Path) -> dict[str, float]:
     """Per case, the mean Dice over its labels (labels absent from both masks, NaN, are skipped).
 
     Args:
-        path: a ``cases.csv`` written by ``pipeline.metrics.write_evaluation``.
+        path: a ``cases.csv`` written by ``pipeline.evaluation.metrics.write_evaluation``.
     """
     means: dict[str, float] = {}
     with path.open(newline="") as f:

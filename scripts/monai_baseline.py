@@ -11,7 +11,7 @@ The recipe is fixed on purpose (it is the "peer" our pipeline is compared agains
   ``CacheDataset`` + ``DataLoader``;
 * training stops at a wall-clock budget, checked after every iteration.
 
-It validates on the same fold as our pipeline (:func:`pipeline.splits.kfold_splits`, case id =
+It validates on the same fold as our pipeline (:func:`pipeline.data.splits.kfold_splits`, case id =
 label file name without ``.nii.gz``): each validation volume is predicted whole (padded), the
 padding and reorientation are inverted with ``Invertd``, and Dice per label is computed on the
 case's original voxel grid against its label file. Dice is NaN for a label absent from both
@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 try:
-    from pipeline.metrics import dice_per_label, write_evaluation
-    from pipeline.splits import kfold_splits
+    from pipeline.data import kfold_splits
+    from pipeline.evaluation import dice_per_label, write_evaluation
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline.metrics import dice_per_label, write_evaluation
-    from pipeline.splits import kfold_splits
+    from pipeline.data import kfold_splits
+    from pipeline.evaluation import dice_per_label, write_evaluation
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")

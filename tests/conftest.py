@@ -114,7 +114,7 @@ def tiny_config(tmp_path: Path) -> Path:
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """An untrained but valid checkpoint (architecture + plan + weights), for error-path tests."""
     from models.unet import UNet
-    from pipeline.checkpoints import save_checkpoint
+    from pipeline.inference.checkpoints import save_checkpoint
 
     kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",
               "deep_supervision": False}
@@ -134,7 +134,7 @@ def checkpoint_2mm(tiny_checkpoint: Path) -> Path:
     undo a real, anisotropic resampling (and the RAS reorientation) to land on the series' grid.
     Stored inference settings: no mirroring (fast), no postprocessing.
     """
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
     ckpt["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
@@ -156,7 +156,7 @@ def save_untrained_2mm_model(path: Path) -> Path:
     import torch
 
     from models.unet import UNet
-    from pipeline.checkpoints import save_checkpoint
+    from pipeline.inference.checkpoints import save_checkpoint
 
     torch.manual_seed(7)
     kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "features": [4, 8], "norm": "instance",

@@ -76,7 +76,7 @@ def test_missing_dataset(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.C
 
 
 def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from pipeline.demo_data import make_demo_dataset
+    from pipeline.data.demo import make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "d", 2, [32, 32, 32])
     code = main(["evaluate", "--model", str(tmp_path / "x.pt"), "--data", str(data), "--out", str(tmp_path / "e")])

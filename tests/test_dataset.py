@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dataset import load_dataset
+from pipeline.data.dataset import load_dataset
 from pipeline.errors import InputDataError
 
 

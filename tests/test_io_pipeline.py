@@ -337,7 +337,7 @@ def test_cli_dataset_path_escaping_its_folder(tmp_path: Path, kind: str) -> None
 
 @pytest.mark.slow
 def test_two_channel_dataset_end_to_end(tmp_path: Path) -> None:
-    from pipeline.demo_data import make_demo_dataset
+    from pipeline.data.demo import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path / "demo", 4, [32, 32, 32], seed=3).parent
     ds = tmp_path / "two"

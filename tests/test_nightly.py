@@ -26,7 +26,7 @@ MODEL = "nightly-unet"
 
 
 def _dataset(root: Path, n: int = 8, seed: int = 5) -> Path:
-    from pipeline.demo_data import make_demo_dataset
+    from pipeline.data.demo import make_demo_dataset
 
     return make_demo_dataset(root, n, [32, 32, 32], seed=seed).parent
 
@@ -121,7 +121,7 @@ def test_versions_carry_description_and_provenance(gated: dict) -> None:
     client = _client(gated["uri"])
     version = client.get_model_version(MODEL, "3")
     tags = version.tags
-    from pipeline.preprocess import ContentHashes, dataset_hash
+    from pipeline.data.preprocess import ContentHashes, dataset_hash
 
     for key in ("data.name", "data.num_cases", "data.content_sha256", "config.sha256", "code.package_version",
                 "code.git_commit", "data.fold", "plan.patch_size", "plan.spacing_mm", "val.dice.dim_sphere",
@@ -129,7 +129,7 @@ def test_versions_carry_description_and_provenance(gated: dict) -> None:
         assert tags.get(key) not in (None, ""), key
     assert tags["data.name"] == "SyntheticSpheres" and tags["data.num_cases"] == "8" and tags["data.fold"] == "0"
     # The content hash is the dataset's, recomputed here from the files.
-    from pipeline.dataset import load_dataset
+    from pipeline.data.dataset import load_dataset
 
     ds = load_dataset(gated["dataset"])
     hashes = ContentHashes(gated["root"] / "hash-cache.json")

@@ -94,8 +94,8 @@ def test_predict_from_the_champion_equals_its_validation_predictions(trained: di
     """The champion carries the settings it was validated with (mirroring, postprocessing): same masks."""
     import torch
 
-    from pipeline.inference import load_model
-    from pipeline.registry import resolve_model
+    from pipeline.inference.model import load_model
+    from pipeline.registry.registration import resolve_model
 
     work = trained["work"]
     client = _client(work)

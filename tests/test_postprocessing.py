@@ -13,7 +13,8 @@ import yaml
 from scipy import ndimage
 
 from pipeline.cli import main
-from pipeline.postprocessing import Postprocessing, decide, largest_component, variant_scores
+from pipeline.evaluation.postprocessing_choice import decide, variant_scores
+from pipeline.inference.postprocessing import Postprocessing, largest_component
 from tests.conftest import HIPPOCAMPUS, TINY, copy_hippocampus_subset
 
 
@@ -138,8 +139,8 @@ def test_decision_on_real_predictions_travels_with_the_registered_model(tmp_path
     # It travels with the registered model and predict applies it by default.
     import torch
 
-    from pipeline.inference import load_model
-    from pipeline.registry import resolve_model
+    from pipeline.inference.model import load_model
+    from pipeline.registry.registration import resolve_model
 
     model = load_model(resolve_model("models:/hippo-pp@champion", work, tmp_path / "dl").path, torch.device("cpu"))
     assert model.settings.postprocessing == decided

@@ -196,8 +196,10 @@ def test_torchrun_shards_cases_without_duplicates_or_gaps(tmp_path: Path, checkp
 
 
 def test_stored_settings_are_the_default_and_flags_override_one(tmp_path: Path, checkpoint_2mm: Path) -> None:
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.inference import Overrides, Predictor, load_model
+    from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
+    from pipeline.inference.model import load_model
+    from pipeline.inference.predictor import Predictor
+    from pipeline.inference.settings import Overrides
 
     ckpt = load_checkpoint(checkpoint_2mm)
     ckpt["inference"] = {"mirror": True, "overlap": 0.5, "mode": "gaussian", "sw_batch_size": 3,
@@ -230,7 +232,7 @@ def test_forced_fallback_gives_the_same_masks(tmp_path: Path, checkpoint_2mm: Pa
     assert _predict("--model", str(checkpoint_2mm), image, "--out", str(normal), "--work-dir", str(tmp_path / "w")) == 0
     # At 2 mm the case is smaller than one window: one job. Its input, window and activations take 2.4 MB of
     # the simulated device; with the stitched logits and weights too, 2.9 MB: a 2.7 MB cap forces the fallback.
-    with caplog.at_level("WARNING", logger="pipeline.sliding_window"):
+    with caplog.at_level("WARNING", logger="pipeline.inference.sliding_window"):
         assert _predict("--model", str(checkpoint_2mm), image, "--out", str(capped), "--work-dir", str(tmp_path / "w"),
                         "--device-memory-gb", str(2.7 / 1024)) == 0
     messages = [r.message for r in caplog.records]

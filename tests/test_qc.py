@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from pipeline.qc import CASE_SIZE_PX, CURVES_SIZE_PX, case_qc_image, training_curves
+from pipeline.evaluation.qc_pictures import CASE_SIZE_PX, CURVES_SIZE_PX, case_qc_image, training_curves
 
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 

@@ -79,7 +79,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(state["state_dict"][key], value, rtol=1e-5, atol=1e-6)
     # The resumed model loads and predicts.
-    from pipeline.inference import load_model
+    from pipeline.inference.model import load_model
 
     model = load_model(work / "checkpoints" / "fold_0" / "best.pt", torch.device("cpu"))
     with torch.no_grad():

@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import EXIT_LOCKED, InputDataError, LockHeldError
-from pipeline.scheduling import (
-    RunState,
-    code_version,
-    config_hash,
-    load_state,
-    save_state,
-    state_path,
-    work_dir_lock,
-)
+from pipeline.scheduling.lock import work_dir_lock
+from pipeline.scheduling.state import RunState, code_version, config_hash, load_state, save_state, state_path
 
 REPO = Path(__file__).resolve().parents[1]
 

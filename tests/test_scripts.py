@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from pipeline.splits import kfold_splits
+from pipeline.data.splits import kfold_splits
 from tests.conftest import REPO, copy_hippocampus_subset
 
 

@@ -11,7 +11,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from models.unet import UNet
-from pipeline.sliding_window import SlidingWindowInferer, WindowSettings, importance_map, tile_starts
+from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings, importance_map, tile_starts
 
 CPU = torch.device("cpu")
 
@@ -165,7 +165,7 @@ def test_memory_cap_falls_back_and_gives_the_same_result(caplog: pytest.LogCaptu
     assert normal.path == "windows and stitching on cpu"
     # Input 2.4 MB + one batch ~2.4 MB fit in 6 MB; the stitched logits and weights (9.4 MB) do not.
     capped = SlidingWindowInferer(net, [16, 16, 16], replace(settings, memory_cap_gb=6 / 1024), CPU)
-    with caplog.at_level(logging.WARNING, logger="pipeline.sliding_window"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference.sliding_window"):
         result = capped(image)
     assert capped.path == "fallback: windows on cpu, stitching in host memory, 8 window(s) per batch"
     assert any("out of memory" in r.message and "stitched logits" in r.message for r in caplog.records)
@@ -190,7 +190,7 @@ def test_compiled_network_gives_the_eager_result() -> None:
 
 
 def test_compile_decision_follows_the_job_and_sticks() -> None:
-    from pipeline.accelerate import compiled, should_compile
+    from pipeline.inference.accelerate import compiled, should_compile
 
     net = _net(3, seed=6)
     assert not should_compile(net, 64, "auto", volumes_left=1)  # one small volume: not worth a compile

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import surface_metrics
+from pipeline.evaluation.metrics import surface_metrics
 
 SHAPE = (16, 16, 16)
 

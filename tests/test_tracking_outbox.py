@@ -16,7 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.errors import EXIT_TRACKING_UNAVAILABLE, TrackingUnavailableError
-from pipeline.tracking_outbox import MetricsOutbox, check_tracking_server, flush_all, redact_uri
+from pipeline.registry.outbox import MetricsOutbox, flush_all
+from pipeline.registry.server import check_tracking_server, redact_uri
 from tests.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401
 
 # MLflow's own default (7 retries, backoff factor 2) waits minutes on a dead server; ours must not.

@@ -11,9 +11,11 @@ import torch
 import yaml
 
 from pipeline.config import load_config
-from pipeline.metrics import dice_per_label
-from pipeline.planning import plan_network
-from pipeline.training import DeepSupervisionLoss, PatchStream, patch_loader, train_transforms
+from pipeline.data.planning import plan_network
+from pipeline.evaluation.metrics import dice_per_label
+from pipeline.training.augmentation import train_transforms
+from pipeline.training.loss import DeepSupervisionLoss
+from pipeline.training.patches import PatchStream, patch_loader
 
 
 def _cfg(tmp_path: Path, spatial_dims: int, **train: object):
@@ -104,9 +106,9 @@ def test_planning_covers_the_median_case_on_the_pooling_grid() -> None:
 
 def test_fold_ensemble_from_a_checkpoints_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from models.unet import UNet
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
     from pipeline.cli import main
-    from pipeline.demo_data import make_demo_dataset
+    from pipeline.data.demo import make_demo_dataset
+    from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 
     data = make_demo_dataset(tmp_path / "d", 2, [32, 32, 32])
     image = data.parent / "imagesTr" / "demo_000.nii.gz"
@@ -129,8 +131,8 @@ def test_fold_ensemble_from_a_checkpoints_folder(tmp_path: Path, tiny_checkpoint
 
 def test_ensemble_refuses_models_with_different_plans(tmp_path: Path, tiny_checkpoint: Path, hippocampus: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
     from pipeline.cli import main
+    from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(tiny_checkpoint)
     other = tmp_path / "other.pt"

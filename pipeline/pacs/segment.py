@@ -15,9 +15,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.inference import Predictor
-from pipeline.outputs import Algorithm, Staged, write_dicom_seg, write_label_map
-from pipeline.pacs.client import PacsClient, SeriesSummary
+from pipeline.data import Staged
+from pipeline.inference import Algorithm, Predictor, write_dicom_seg, write_label_map
+from pipeline.pacs.client import PacsClient
+from pipeline.pacs.series import SeriesSummary
 
 
 @dataclass

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from pipeline.data import write_text_atomic
 from pipeline.errors import InputDataError, PacsAuthError, PacsUnavailableError, PartialFailureError, user_error
-from pipeline.outputs import write_text_atomic
-from pipeline.pacs.client import PacsClient, SeriesRules, SeriesSummary, matching_series, select_series
+from pipeline.pacs.client import PacsClient
+from pipeline.pacs.series import SeriesRules, SeriesSummary, matching_series, select_series
 
 logger = logging.getLogger(__name__)
 

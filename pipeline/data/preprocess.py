@@ -14,11 +14,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
-from pipeline.dataset import Case, Dataset
-from pipeline.devices import resolve_device
+from pipeline.data.dataset import Case, Dataset
+from pipeline.data.files import write_text_atomic
+from pipeline.data.planning import plan_network
 from pipeline.errors import InputDataError
-from pipeline.outputs import write_text_atomic
-from pipeline.planning import plan_network
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
 
 FOREGROUND_SAMPLES_PER_CASE = 10_000
@@ -212,7 +211,7 @@ def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[st
     }
 
 
-def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The plan: orientation, target spacing, per-channel normalisation, and the network/patch/batch plan.
 
     Config values override what the fingerprint suggests.
@@ -221,6 +220,7 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
         cfg: the pipeline configuration.
         dataset: the discovered dataset (modalities and labels).
         fingerprint: from :func:`compute_fingerprint`.
+        device: the device training will run on (the patch and batch size are planned for it).
     """
     schemes = []
     for c in sorted(dataset.modalities):
@@ -233,7 +233,6 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
         for s in fingerprint["foreground_intensity"]
     ]
     target_spacing = cfg.preprocess.target_spacing or fingerprint["median_spacing"]
-    device = resolve_device(cfg.train.device)
     memory = cfg.train.memory_budget_gb
     if memory is None and device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -273,7 +272,7 @@ class PreprocessResult:
     redone: list[str]
 
 
-def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> PreprocessResult:
+def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, device: torch.device) -> PreprocessResult:
     """Fingerprint, plan and preprocess every case into ``out_dir``, reusing what is up to date.
 
     Every input file's content is hashed. A case is preprocessed again only when its
@@ -285,6 +284,7 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
         cfg: the pipeline configuration.
         dataset: the discovered dataset.
         out_dir: where ``fingerprint.json``, ``plans.json`` and ``<case>.npz`` go.
+        device: the device training will run on (see :func:`make_plan`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     hashes = ContentHashes(out_dir / HASH_CACHE)
@@ -294,7 +294,7 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path) -> 
     fingerprint = {**compute_fingerprint(dataset, cfg.preprocess.orientation, case_hashes, out_dir / "fingerprint"),
                    "data_hash": data_hash}
     write_text_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
-    plan = make_plan(cfg, dataset, fingerprint)
+    plan = make_plan(cfg, dataset, fingerprint, device)
     write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     # The network part of the plan does not change the preprocessed voxels.
     voxel_plan = json.dumps({k: v for k, v in plan.items() if k != "network"}, sort_keys=True)

@@ -19,10 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.dataset import strip_nifti_suffix
+from pipeline.data import Staged, strip_nifti_suffix
 from pipeline.errors import InputDataError, user_error
-from pipeline.inference import Predictor, package_version
-from pipeline.outputs import Algorithm, CaseOutputs, Staged, write_dicom_seg, write_label_map, write_probabilities
+from pipeline.inference.dicom_seg import Algorithm, write_dicom_seg
+from pipeline.inference.outputs import CaseOutputs, write_label_map, write_probabilities
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.settings import package_version
 from transforms.readers import NIFTI_SUFFIXES
 
 

@@ -2,7 +2,7 @@
 
 Two passes. The first predicts each case (raw argmax, no postprocessing), checks it
 against its label file and keeps both on disk; when asked, it also scores the four
-keep-largest-component variants, from which :func:`pipeline.postprocessing.decide`
+keep-largest-component variants, from which :func:`pipeline.evaluation.postprocessing_choice.decide`
 chooses the postprocessing. The second pass applies the postprocessing (the decided
 one, or the model's stored one), scores the final predictions, writes them as NIfTI
 and draws a QC picture per case.
@@ -20,12 +20,11 @@ import numpy as np
 from monai.transforms import LoadImage
 from tqdm import tqdm
 
-from pipeline.dataset import Case
+from pipeline.data import Case
 from pipeline.errors import InputDataError
-from pipeline.inference import Predictor
-from pipeline.metrics import dice_per_label, nanmean, surface_metrics, write_evaluation
-from pipeline.outputs import write_label_map
-from pipeline.postprocessing import Decision, Postprocessing, decide, variant_scores
+from pipeline.evaluation.metrics import dice_per_label, nanmean, surface_metrics, write_evaluation
+from pipeline.evaluation.postprocessing_choice import Decision, decide, variant_scores
+from pipeline.inference import Postprocessing, Predictor, write_label_map
 from transforms.readers import MedicalImageReader
 
 SURFACE_METRICS = ("hd95", "surface_dice")
@@ -135,7 +134,7 @@ def evaluate_cases(
             if save_predictions:
                 predictions[case.case_id] = write_label_map(final, affine, out_dir / "predictions" / f"{case.case_id}.nii.gz")
             if qc:
-                from pipeline.qc import case_qc_image
+                from pipeline.evaluation.qc_pictures import case_qc_image
 
                 image = np.asarray(read(str(case.images[0])), dtype=np.float32)
                 pictures[case.case_id] = case_qc_image(image, truth, final, labels, out_dir / "qc" / f"{case.case_id}.png",
@@ -176,8 +175,7 @@ def validate_and_export(
     """
     import dataclasses
 
-    from pipeline.checkpoints import load_checkpoint, save_checkpoint
-    from pipeline.inference import LoadedModel, inference_section, load_model_from_checkpoint
+    from pipeline.inference import LoadedModel, inference_section, load_checkpoint, load_model_from_checkpoint, save_checkpoint
 
     state = load_checkpoint(chosen)
     model: LoadedModel = load_model_from_checkpoint(state, device)

@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from pipeline.mlflow_model import UNetPyfunc
+from pipeline.registry.pyfunc import UNetPyfunc
 
 mlflow.models.set_model(UNetPyfunc())

@@ -44,8 +44,8 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
         Args:
             context: MLflow's model context holding ``artifacts["checkpoint"]``.
         """
-        from pipeline.devices import resolve_device
         from pipeline.inference import Predictor, load_model
+        from pipeline.training import resolve_device
 
         device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
         self.model = load_model(Path(context.artifacts["checkpoint"]), device)
@@ -114,5 +114,5 @@ def requirements() -> list[str]:
 
 def code_paths() -> list[str]:
     """The project's package folders the model ships (``code/...`` in the MLflow model)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return [str(root / name) for name in ("pipeline", "models", "transforms")]

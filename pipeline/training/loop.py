@@ -1,12 +1,11 @@
-"""The train stage: patch sampling, augmentation, Dice+CE, validation, checkpoints."""
+"""The training loop: optimiser, schedule, validation, checkpoints every epoch, time budget, DDP.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,35 +14,27 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.transforms import (
-    Compose,
-    Rand3DElasticd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    SpatialPadd,
-)
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from models.unet import UNet
-from pipeline import distributed
-from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import PipelineConfig
-from pipeline.devices import resolve_device
+from pipeline.data import PreprocessedCase
 from pipeline.errors import TrainingFailedError
-from pipeline.inference import InferenceSettings, inference_section
-from pipeline.metrics import dice_per_label
-from pipeline.preprocess import PreprocessedCase
-from pipeline.sliding_window import SlidingWindowInferer, WindowSettings, window_size
+from pipeline.inference import (
+    InferenceSettings,
+    inference_section,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.training import distributed
+from pipeline.training.augmentation import train_transforms
+from pipeline.training.devices import resolve_device
+from pipeline.training.loss import DeepSupervisionLoss
+from pipeline.training.patches import PatchStream, patch_loader
+from pipeline.training.validation import validate
 
 MetricLogger = Callable[[dict[str, float], int], None]
 
@@ -92,112 +83,6 @@ def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def train_transforms(cfg: PipelineConfig, patch_size: Sequence[int]) -> Compose:
-    """Foreground-oversampled patch crops and on-the-fly augmentation.
-
-    Args:
-        cfg: the pipeline configuration (``train`` section).
-        patch_size: the patch size (2 or 3 entries, by ``model.spatial_dims``).
-    """
-    t = cfg.train
-    roi = window_size(patch_size, cfg.model.spatial_dims)
-    keys = ["image", "label"]
-    steps: list = [
-        SpatialPadd(keys=keys, spatial_size=roi),
-        RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=roi, pos=t.foreground_ratio, neg=1.0 - t.foreground_ratio,
-            num_samples=1, allow_smaller=False,
-        ),
-    ]
-    if t.augment:
-        in_plane = cfg.model.spatial_dims == 2
-        rotate = (0.0, 0.0, math.pi / 6) if in_plane else (math.pi / 6,) * 3
-        steps += [
-            RandAffined(
-                keys=keys, prob=0.2, rotate_range=rotate, scale_range=(0.15, 0.15, 0.0 if in_plane else 0.15),
-                mode=("bilinear", "nearest"), padding_mode="zeros",
-            ),
-            *([_elastic(cfg.model.spatial_dims, keys, roi)] if t.elastic else []),
-            *[RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(cfg.model.spatial_dims)],
-            RandGaussianNoised(keys="image", prob=0.1, std=0.1),
-            RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
-            RandAdjustContrastd(keys="image", prob=0.15, gamma=(0.7, 1.5)),
-        ]
-    return Compose(steps)
-
-
-def _elastic(spatial_dims: int, keys: list[str], roi: Sequence[int]) -> Any:
-    """Elastic deformation (off by default: costly on a CPU, and nnU-Net finds it rarely helps)."""
-    if spatial_dims == 2:
-        # 2D patches are (X, Y, 1) volumes here: deform in-plane only.
-        return RandAffined(keys=keys, prob=0.2, shear_range=(0.1, 0.1), mode=("bilinear", "nearest"))
-    # MONAI's tutorial values: the random field is smoothed with sigma, then scaled by magnitude (voxels).
-    return Rand3DElasticd(
-        keys=keys, prob=0.2, sigma_range=(5.0, 8.0), magnitude_range=(100.0, 200.0), spatial_size=list(roi),
-        mode=("bilinear", "nearest"), padding_mode="zeros",
-    )
-
-
-def _collate_patches(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [s for sample in batch for s in (sample if isinstance(sample, list) else [sample])]
-    image = torch.stack([torch.as_tensor(s["image"]) for s in items])
-    label = torch.stack([torch.as_tensor(s["label"]) for s in items])
-    return image, label
-
-
-class DeepSupervisionLoss(torch.nn.Module):
-    """Dice + cross-entropy, summed over deep-supervision outputs with weights halving per level.
-
-    Args:
-        loss: the per-output loss.
-    """
-
-    def __init__(self, loss: torch.nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, label)
-        weights = [0.5**i for i in range(len(outputs))]
-        total = 0.0
-        for w, out in zip(weights, outputs):
-            target = label if out.shape[2:] == label.shape[2:] else F.interpolate(
-                label.float(), size=out.shape[2:], mode="nearest"
-            )
-            total = total + w * self.loss(out, target)
-        return total / sum(weights)
-
-
-def validate(
-    network: UNet, cases: Sequence[dict[str, torch.Tensor]], cfg: PipelineConfig, patch_size: Sequence[int],
-    labels: Sequence[int], device: torch.device,
-) -> dict[int, float]:
-    """Mean Dice per label over the validation cases, by sliding window in the plan's voxel space.
-
-    Args:
-        network: the network (put in evaluation mode here).
-        cases: preprocessed ``image``/``label`` tensors.
-        cfg: the pipeline configuration (window settings).
-        patch_size: the training patch size (window size).
-        labels: foreground label values.
-        device: where the network runs.
-    """
-    network.eval()
-    e = cfg.evaluate
-    # Mirroring multiplies the cost by 4 (2D) or 8 (3D): keep it for the final evaluation. Weights change
-    # between validations, so compiling (which freezes them) would recompile every time.
-    settings = WindowSettings(overlap=e.overlap, mode=e.mode, mirror=False, batch_size=e.sw_batch_size, compile="off")
-    inferer = SlidingWindowInferer(network, patch_size, settings, device)
-    scores: dict[int, list[float]] = {v: [] for v in labels}
-    for case in cases:
-        logits = inferer(case["image"])
-        pred = torch.argmax(logits, 0).numpy()
-        for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
-            scores[v].append(d)
-    return {v: float(np.nanmean(s)) if not all(np.isnan(s)) else 0.0 for v, s in scores.items()}
-
-
 def _lr_factor(progress: float) -> float:
     """nnU-Net's polynomial decay."""
     return (1.0 - min(progress, 1.0)) ** 0.9
@@ -208,76 +93,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     set_determinism(seed=seed)
-
-
-class PatchStream(TorchDataset):
-    """The training patches of every epoch as one indexable stream; sample ``g`` depends on ``g`` alone.
-
-    Sample ``g`` is patch ``i = g % per_epoch`` of epoch ``g // per_epoch``: its case
-    and its augmentation are drawn from seeds of the epoch and ``i``, never from
-    a process's RNG. So one ``DataLoader`` (workers started once, prefetching
-    across epoch ends) yields the same patches whatever the number of workers,
-    and a resumed run, which starts the stream at its epoch, repeats exactly
-    the patches an uninterrupted run would have seen.
-
-    Args:
-        cases: preprocessed ``image``/``label`` tensors.
-        transforms: crop and augmentation chain.
-        seed: the run's seed (``train.seed``).
-        rank: this process's rank (each DDP process draws its own patches).
-        per_epoch: samples per epoch (iterations times batch size).
-    """
-
-    def __init__(self, cases: Sequence[dict], transforms: Compose, seed: int, rank: int, per_epoch: int) -> None:
-        self.cases, self.transforms, self.seed, self.rank, self.per_epoch = cases, transforms, seed, rank, per_epoch
-        self._local = threading.local()
-        self._picks: dict[int, np.ndarray] = {}
-
-    def epoch_picks(self, epoch: int) -> np.ndarray:
-        """The case index of each sample of ``epoch``.
-
-        Args:
-            epoch: the epoch (0-based).
-        """
-        if epoch not in self._picks:
-            self._picks = {epoch: np.random.RandomState(_epoch_seed(self.seed, epoch, self.rank)).randint(
-                0, len(self.cases), size=self.per_epoch)}
-        return self._picks[epoch]
-
-    def __len__(self) -> int:
-        return 2**62  # unbounded: the sampler says which epochs are drawn
-
-    def __getitem__(self, g: int) -> Any:
-        if not hasattr(self._local, "transforms"):
-            self._local.transforms = copy.deepcopy(self.transforms)
-        epoch, i = divmod(int(g), self.per_epoch)
-        tf = self._local.transforms
-        tf.set_random_state(seed=(_epoch_seed(self.seed, epoch, self.rank) + i) % 2**32)
-        return tf(self.cases[self.epoch_picks(epoch)[i]])
-
-
-def patch_loader(
-    stream: PatchStream, first_epoch: int, last_epoch: int, batch_size: int, workers: int, pin_memory: bool,
-) -> DataLoader:
-    """One loader over epochs ``[first_epoch, last_epoch)`` of a patch stream.
-
-    Args:
-        stream: the patch stream.
-        first_epoch: the first epoch to draw (the resumed epoch).
-        last_epoch: one past the last epoch.
-        batch_size: patches per batch (``stream.per_epoch`` is a multiple of it).
-        workers: worker processes (0: augment in this process).
-        pin_memory: page-lock batches for a fast copy to the GPU.
-    """
-    sampler = range(first_epoch * stream.per_epoch, last_epoch * stream.per_epoch)
-    return DataLoader(
-        stream, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate_patches,
-        pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-    )
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**31
 
 
 def _num_workers(configured: int | None, device: torch.device) -> int:

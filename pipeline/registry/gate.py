@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import Case
+from pipeline.data import Case
 from pipeline.errors import user_error
 from pipeline.evaluation import EvaluationResult
 
@@ -152,7 +152,7 @@ def eval_cases(evaluation_set: str | None, validation: Sequence[Case]) -> tuple[
     """
     if evaluation_set is None:
         return list(validation), f"validation fold ({len(validation)} cases)"
-    from pipeline.dataset import load_dataset
+    from pipeline.data import load_dataset
 
     dataset = load_dataset(evaluation_set)
     return list(dataset.cases), f"fixed evaluation set '{dataset.name}' ({len(dataset.cases)} cases)"
@@ -174,7 +174,7 @@ def score_and_log(
         val_cases: the candidate's validation cases.
         evaluation: the candidate's validation result.
         model_path: the candidate's exported ``model.pt``.
-        log: the run's :class:`~pipeline.tracking.RunLogger`.
+        log: the run's :class:`~pipeline.registry.tracking.RunLogger`.
 
     Returns:
         The gate's result and its cases in words.
@@ -182,10 +182,9 @@ def score_and_log(
     import mlflow
 
     from pipeline import registry
-    from pipeline.evaluation import evaluate_cases
+    from pipeline.evaluation import csv_text, evaluate_cases
     from pipeline.inference import Predictor, load_model
-    from pipeline.metrics import csv_text
-    from pipeline.tracking import metric_name
+    from pipeline.registry.tracking import metric_name
 
     cases, eval_set = eval_cases(evaluation_set, val_cases)
     names = list(evaluation.summary["dice_per_label"])

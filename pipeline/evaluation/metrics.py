@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.outputs import write_text_atomic
+from pipeline.data import write_text_atomic
 
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> dict[int, float]:

@@ -25,7 +25,7 @@ and why:
 * **CUDA**: ``torch.inference_mode``, autocast (float16), ``cudnn.benchmark``, the
   volume copied to the device once from pinned memory without blocking.
 * **CPU**: ``torch.compile`` (Inductor, frozen weights) once a job is long enough to
-  pay for the compile (see :mod:`pipeline.accelerate`). oneDNN pre-packed weights
+  pay for the compile (see :mod:`pipeline.inference.accelerate`). oneDNN pre-packed weights
   (``torch.utils.mkldnn``) were tried and dropped: no measurable gain over eager
   PyTorch (0.193 vs 0.194 s per batch of four 32x48x32 windows, 2 cores).
 * **Out of memory on the device**: retried with the stitched buffers on the CPU
@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
-from pipeline import accelerate
-from pipeline.accelerate import CompileMode
+from pipeline.inference import accelerate
+from pipeline.inference.accelerate import CompileMode
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class WindowSettings:
             ``None``: no cap.
         compile: on a CPU, run a ``torch.compile``-d copy of the network: ``auto`` once
             the process has enough windows to pay for compiling (see
-            :mod:`pipeline.accelerate`), ``on`` or ``off``.
+            :mod:`pipeline.inference.accelerate`), ``on`` or ``off``.
     """
 
     overlap: float = 0.5

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.files import write_text_atomic
 from pipeline.errors import PipelineError
-from pipeline.outputs import write_text_atomic
 
 
 def kfold_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:

@@ -4,7 +4,7 @@ A colleague looking at a version sees what it was trained on (dataset name, numb
 of cases, content hash, fold), with what (config hash, package version and git
 commit, the plan), how well it did (Dice, HD95 and surface Dice per label), what the
 champion gate decided, and how to use it with or without this project installed.
-Nothing here is a path or a case id (see :mod:`pipeline.privacy`).
+Nothing here is a path or a case id (see :mod:`pipeline.registry.privacy`).
 """
 
 from __future__ import annotations
@@ -157,11 +157,11 @@ def describe_version(facts: Provenance, extra_tags: Mapping[str, str], log: Any)
     Args:
         facts: the version's facts.
         extra_tags: further tags (the gate's).
-        log: the run's :class:`~pipeline.tracking.RunLogger` (retries while the server is away).
+        log: the run's :class:`~pipeline.registry.tracking.RunLogger` (retries while the server is away).
     """
     import mlflow
 
-    from pipeline.tracking import metric_name
+    from pipeline.registry.tracking import metric_name
 
     client = mlflow.MlflowClient()
     version_tags = {**tags(facts, metric_name), **extra_tags}

@@ -3,7 +3,7 @@
 * At start, an HTTP(S) tracking server that does not answer ends the call before
   preprocessing, with one line and exit code 5 (:func:`connect`). Metrics a previous
   call could not send are sent first.
-* During training, per-epoch metrics go through :class:`~pipeline.tracking_outbox.MetricsOutbox`:
+* During training, per-epoch metrics go through :class:`~pipeline.registry.outbox.MetricsOutbox`:
   when the server is gone they are kept on disk in the work directory and sent,
   in order and with their original steps and times, as soon as it answers again.
   Training never waits for the server.
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import TrackingUnavailableError
-from pipeline.tracking_outbox import check_tracking_server, flush_all, redact_uri
+from pipeline.registry.outbox import flush_all
+from pipeline.registry.server import check_tracking_server, redact_uri
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,7 +111,7 @@ class RunLogger:
 
     Per-epoch metrics go through the on-disk outbox (training never waits); all other
     calls wait for the server through :func:`when_reachable`. Case ids become
-    pseudonyms and paths never leave the work directory (see :mod:`pipeline.privacy`).
+    pseudonyms and paths never leave the work directory (see :mod:`pipeline.registry.privacy`).
 
     Args:
         uri: the tracking URI.
@@ -120,8 +121,8 @@ class RunLogger:
     """
 
     def __init__(self, uri: str, work_dir: Path, run_id: str, wait_minutes: float) -> None:
-        from pipeline.privacy import CaseAliases
-        from pipeline.tracking_outbox import MetricsOutbox
+        from pipeline.registry.outbox import MetricsOutbox
+        from pipeline.registry.privacy import CaseAliases
 
         self.uri, self.work_dir, self.run_id, self.wait = uri, work_dir, run_id, wait_minutes
         self.outbox = MetricsOutbox(work_dir, run_id, uri)
@@ -206,8 +207,7 @@ class RunLogger:
         """
         import mlflow
 
-        from pipeline.evaluation import SURFACE_METRICS
-        from pipeline.metrics import case_columns, csv_text
+        from pipeline.evaluation import SURFACE_METRICS, case_columns, csv_text
 
         columns = case_columns(label_names, SURFACE_METRICS)
 
@@ -241,7 +241,7 @@ class RunLogger:
 
         import mlflow
 
-        from pipeline.qc import training_curves
+        from pipeline.evaluation import training_curves
 
         if not history.is_file():
             return None

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline.outputs import atomic_file
+from pipeline.data import atomic_file
 
 DPI = 100
 CURVES_SIZE_PX = (1200, 400)

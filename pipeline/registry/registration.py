@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InputDataError, PipelineError
-from pipeline.tracking_outbox import redact_uri
+from pipeline.registry.server import redact_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 SELECTION_METRIC = "val_mean_dice"
@@ -78,7 +78,7 @@ def log_model(checkpoint: Path, registered_name: str | None = None) -> str | Non
     """Log the checkpoint as a self-contained pyfunc model in the active run, optionally registering it.
 
     The model ships this project's code and pinned requirements (see
-    :mod:`pipeline.mlflow_model`). Registering twice from one run (a call that
+    :mod:`pipeline.registry.pyfunc`). Registering twice from one run (a call that
     resumes after the tracking server went away) returns the version already there.
 
     Args:
@@ -90,8 +90,8 @@ def log_model(checkpoint: Path, registered_name: str | None = None) -> str | Non
     """
     import mlflow
 
-    from pipeline import mlflow_model_code
-    from pipeline.mlflow_model import code_paths, requirements
+    from pipeline.registry import pyfunc_entry
+    from pipeline.registry.pyfunc import code_paths, requirements
 
     run = mlflow.active_run()
     if registered_name and run is not None:
@@ -100,7 +100,7 @@ def log_model(checkpoint: Path, registered_name: str | None = None) -> str | Non
             return existing
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
-        python_model=mlflow_model_code.__file__,
+        python_model=pyfunc_entry.__file__,
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=code_paths(),
         pip_requirements=requirements(),

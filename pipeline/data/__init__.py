@@ -1,0 +1,30 @@
+"""Data: dataset discovery, k-fold splits, fingerprint and planning, preprocessing, the demo data.
+
+The first step of the flow: it turns a dataset folder (MSD/nnU-Net layout or a plain
+folder of NIfTI files) into preprocessed cases, a plan and the cross-validation
+splits, and holds the atomic file writers every later step uses. It imports nothing
+of the other subpackages of ``pipeline`` (only ``pipeline.config``,
+``pipeline.errors`` and ``transforms``): the device it plans for is passed in.
+"""
+
+from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
+from pipeline.data.demo import make_demo_dataset
+from pipeline.data.files import Staged, atomic_file, save_file, write_text_atomic
+from pipeline.data.preprocess import PreprocessedCase, preprocess_dataset
+from pipeline.data.splits import kfold_splits, stored_splits
+
+__all__ = [
+    "Case",
+    "Dataset",
+    "PreprocessedCase",
+    "Staged",
+    "atomic_file",
+    "kfold_splits",
+    "load_dataset",
+    "make_demo_dataset",
+    "preprocess_dataset",
+    "save_file",
+    "stored_splits",
+    "strip_nifti_suffix",
+    "write_text_atomic",
+]

@@ -1,0 +1,49 @@
+"""Inference: a handed-over model run on raw scans, from checkpoint to files on disk.
+
+The checkpoint format and the settings a model was validated with, the model rebuilt
+from its checkpoint, our sliding-window engine and its CPU acceleration, the
+keep-largest-component postprocessing, the output writers (NIfTI, DICOM SEG) and batch
+``predict`` over files and folders. It may import ``pipeline.data`` (and
+``models``, ``transforms``, ``pipeline.config``, ``pipeline.errors``), never
+evaluation, training, registry, scheduling or pacs: training-time validation uses
+this engine, not the other way round.
+"""
+
+from pipeline.inference import accelerate
+from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
+from pipeline.inference.model import LoadedModel, load_model, load_model_from_checkpoint
+from pipeline.inference.outputs import write_label_map
+from pipeline.inference.postprocessing import Postprocessing
+from pipeline.inference.predict import PredictReport, algorithm_for, exit_code, expand_inputs, group_cases, predict_cases, shard
+from pipeline.inference.predictor import Predictor
+from pipeline.inference.settings import InferenceSettings, Overrides, inference_section
+from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings, window_size
+
+__all__ = [
+    "PredictReport",
+    "expand_inputs",
+    "group_cases",
+    "predict_cases",
+    "shard",
+    "Algorithm",
+    "InferenceSettings",
+    "LoadedModel",
+    "Overrides",
+    "Postprocessing",
+    "Predictor",
+    "SlidingWindowInferer",
+    "WindowSettings",
+    "accelerate",
+    "algorithm_for",
+    "exit_code",
+    "inference_section",
+    "load_checkpoint",
+    "load_model",
+    "load_model_from_checkpoint",
+    "save_checkpoint",
+    "seg_series_description",
+    "window_size",
+    "write_dicom_seg",
+    "write_label_map",
+]

@@ -1,0 +1,133 @@
+"""The inference settings a model was validated with, stored in its checkpoint.
+
+A checkpoint carries, besides its weights and preprocessing plan, an ``inference``
+section: mirroring, overlap, blending, windows per batch, the postprocessing
+decision, label names and the package version. :class:`~pipeline.inference.predictor.Predictor`
+uses those by default, so ``predict`` and ``evaluate`` give exactly what was validated;
+explicit overrides (CLI flags) change one setting at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from pipeline.inference.postprocessing import Postprocessing
+from pipeline.inference.sliding_window import WindowSettings
+
+
+def package_version() -> str:
+    """This package's version (``0+unknown`` when run from a source tree that was not installed)."""
+    try:
+        return metadata.version("unet-pipeline")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model predicts: what it was validated with, stored in its checkpoint.
+
+    Args:
+        mirror: test-time mirroring (nnU-Net's default: on).
+        overlap: sliding-window overlap in [0, 1).
+        mode: window blending, ``gaussian`` or ``constant``.
+        sw_batch_size: windows (flips included) per forward pass.
+        postprocessing: the keep-largest-component decision (see :mod:`pipeline.inference.postprocessing`).
+    """
+
+    mirror: bool = True
+    overlap: float = 0.5
+    mode: str = "gaussian"
+    sw_batch_size: int = 4
+    postprocessing: Postprocessing = field(default_factory=Postprocessing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the checkpoint, MLflow and JSON."""
+        return {"mirror": self.mirror, "overlap": self.overlap, "mode": self.mode, "sw_batch_size": self.sw_batch_size,
+                "postprocessing": self.postprocessing.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> InferenceSettings:
+        """Inverse of :meth:`to_dict`; missing keys take the defaults (older checkpoints).
+
+        Args:
+            data: the stored settings.
+        """
+        data = dict(data or {})
+        defaults = cls()
+        return cls(
+            mirror=bool(data.get("mirror", defaults.mirror)),
+            overlap=float(data.get("overlap", defaults.overlap)),
+            mode=str(data.get("mode", defaults.mode)),
+            sw_batch_size=int(data.get("sw_batch_size", defaults.sw_batch_size)),
+            postprocessing=Postprocessing.from_dict(data.get("postprocessing")),
+        )
+
+    def window(self, **extra: Any) -> WindowSettings:
+        """The sliding-window engine's settings.
+
+        Args:
+            extra: further :class:`WindowSettings` fields (placement, memory cap, compile).
+        """
+        return WindowSettings(overlap=self.overlap, mode=self.mode, mirror=self.mirror,  # type: ignore[arg-type]
+                              batch_size=self.sw_batch_size, **extra)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Explicit changes to a model's stored settings (``None``: keep the model's).
+
+    Args:
+        mirror: ``--mirror`` / ``--no-mirror``.
+        overlap: ``--overlap``.
+        mode: ``--mode``.
+        sw_batch_size: ``--sw-batch-size``.
+        postprocess: ``--postprocess`` / ``--no-postprocess`` (off: raw argmax).
+        memory_cap_gb: ``--device-memory-gb``: cap the device memory (fallback paths).
+        compile: ``--compile auto|on|off`` (CPU).
+    """
+
+    mirror: bool | None = None
+    overlap: float | None = None
+    mode: str | None = None
+    sw_batch_size: int | None = None
+    postprocess: bool | None = None
+    memory_cap_gb: float | None = None
+    compile: str | None = None
+
+    def apply(self, settings: InferenceSettings) -> InferenceSettings:
+        """``settings`` with the given overrides.
+
+        Args:
+            settings: a model's stored settings.
+        """
+        changes: dict[str, Any] = {k: getattr(self, k) for k in ("mirror", "overlap", "mode", "sw_batch_size")
+                                   if getattr(self, k) is not None}
+        if self.postprocess is False:
+            changes["postprocessing"] = Postprocessing()
+        return dataclasses.replace(settings, **changes)
+
+    def engine(self) -> dict[str, Any]:
+        """Engine-only fields for :meth:`InferenceSettings.window`."""
+        out: dict[str, Any] = {}
+        if self.memory_cap_gb is not None:
+            out["memory_cap_gb"] = self.memory_cap_gb
+        if self.compile is not None:
+            out["compile"] = self.compile
+        return out
+
+
+def inference_section(settings: InferenceSettings, plan: Mapping[str, Any], validated: bool) -> dict[str, Any]:
+    """The ``inference`` section of a checkpoint.
+
+    Args:
+        settings: the settings to store.
+        plan: the plan (label names).
+        validated: whether the postprocessing was decided on validation cases.
+    """
+    return {**settings.to_dict(), "label_names": {str(k): v for k, v in plan["labels"].items()},
+            "package_version": package_version(), "validated": validated}

@@ -1,0 +1,48 @@
+"""Registry (MLflow): tracking and its outage outbox, registration, the champion gate, provenance, the pyfunc, privacy.
+
+Everything that leaves the work directory for MLflow goes through here, redacted:
+run parameters and tags, metrics (kept on disk while the server is away), the
+self-contained model, its version description and the champion alias. It may import
+data, inference, evaluation and training, never scheduling, pacs or the stages.
+"""
+
+from pipeline.registry.gate import score_and_log
+from pipeline.registry.gate import tags as gate_tags
+from pipeline.registry.privacy import dataset_label, redact_config, run_params
+from pipeline.registry.provenance import Provenance, describe_version
+from pipeline.registry.registration import (
+    SELECTION_METRIC,
+    Promotion,
+    ResolvedModel,
+    champion_version,
+    log_model,
+    resolve_model,
+    set_aliases,
+    setup,
+    tracking_uri,
+)
+from pipeline.registry.tracking import RunLogger, metric_name, when_reachable
+from pipeline.registry.tracking import connect as connect_tracking
+
+__all__ = [
+    "Provenance",
+    "RunLogger",
+    "connect_tracking",
+    "describe_version",
+    "gate_tags",
+    "when_reachable",
+    "SELECTION_METRIC",
+    "Promotion",
+    "ResolvedModel",
+    "champion_version",
+    "dataset_label",
+    "log_model",
+    "metric_name",
+    "redact_config",
+    "resolve_model",
+    "run_params",
+    "score_and_log",
+    "set_aliases",
+    "setup",
+    "tracking_uri",
+]
