@@ -17,7 +17,7 @@ from pipeline.errors import EXIT_LOCKED, InputDataError, LockHeldError
 from pipeline.scheduling.lock import work_dir_lock
 from pipeline.scheduling.state import RunState, code_version, config_hash, load_state, save_state, state_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 HOLDER = """
 import sys, time

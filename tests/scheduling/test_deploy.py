@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.cli import build_parser
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CALL = ["run", "configs/hippocampus.yaml", "--work-dir", "/srv/unet/work"]
 APP_DIR = "/srv/unet"
 
@@ -98,4 +98,4 @@ def test_the_three_schedulers_make_the_same_call_and_the_cli_accepts_it() -> Non
     assert args.config == "configs/hippocampus.yaml"
     assert str(args.work_dir) == "/srv/unet/work"
     # The config is relative to the application folder each scheduler starts in.
-    assert (Path(__file__).resolve().parents[1] / CALL[1]).is_file()
+    assert (Path(__file__).resolve().parents[2] / CALL[1]).is_file()

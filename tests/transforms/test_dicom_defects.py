@@ -33,7 +33,7 @@ from pydicom.uid import (
 
 from pipeline.errors import InputDataError
 from tests.conftest import dicom_series, run_main
-from tests.test_io_pipeline import _slices_by_position, assert_no_files, assert_one_line_error, run_cli
+from tests.data.test_io_pipeline import _slices_by_position, assert_no_files, assert_one_line_error, run_cli
 from transforms.dicom import list_dicom_series, read_dicom_series, series_files
 from transforms.readers import MedicalImageReader
 
