@@ -5,9 +5,10 @@ bad inputs surface as :class:`~transforms.errors.InputDataError` naming the file
 folder at fault and the problem in plain words, never as a raw nibabel / SimpleITK /
 pydicom traceback.
 
-The format-specific work lives in :mod:`transforms.dicom` (series scanning, header
-and slice geometry checks) and :mod:`transforms.nifti` (NIfTI checks, atomic
-writing); their public names are re-exported here, so ``from transforms.readers
+The format-specific work lives in :mod:`transforms.dicom` (series listing and reading;
+the folder scan and header checks in :mod:`transforms.dicom_files`, the slice geometry
+checks in :mod:`transforms.dicom_geometry`) and :mod:`transforms.nifti` (NIfTI checks,
+atomic writing); their public names are re-exported here, so ``from transforms.readers
 import read_dicom_series`` keeps working.
 
 Conventions:

@@ -24,8 +24,6 @@ batch that did arrive but whose answer was lost is not stored twice when re-sent
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import math
 import os
@@ -36,13 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import write_text_atomic
-
-OUTBOX_DIR = "mlflow-outbox"
-
-
-REJECTED_SUFFIX = ".rejected.jsonl"
-
+from pipeline.registry.outbox_file import OUTBOX_DIR, REJECTED_SUFFIX, OutboxFile, decode_value, encode_value
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch request
 
@@ -52,9 +44,6 @@ _PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXI
 
 
 _ENV_LOCK = threading.Lock()
-
-
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 logger = logging.getLogger(__name__)
@@ -92,22 +81,32 @@ def _http_policy(timeout_s: float, max_retries: int, backoff_factor: int) -> Ite
                     os.environ[key] = old
 
 
-def _encode(value: float) -> float | str:
-    """Finite floats as numbers; NaN/inf as strings, so every line stays strict JSON."""
-    return value if math.isfinite(value) else ("NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity"))
-
-
-def _decode(value: float | str) -> float:
-    return _NON_FINITE[value] if isinstance(value, str) else float(value)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
+def _chunks(records: list[dict[str, Any]]) -> Iterator[tuple[list[tuple[int, dict[str, Any]]], int]]:
+    """Requests of at most 1000 metrics as ``(line index, line or piece of it)``, each with the lines done after it."""
+    chunk: list[tuple[int, dict[str, Any]]] = []
+    size = 0
+    for i, record in enumerate(records):
+        items = list(record["metrics"].items())
+        if size + len(items) > MAX_METRICS_PER_BATCH and chunk:
+            yield chunk, i
+            chunk, size = [], 0
+        # A line too big for one request is split; the line is done after its last piece.
+        while len(items) > MAX_METRICS_PER_BATCH:
+            piece, items = items[:MAX_METRICS_PER_BATCH], items[MAX_METRICS_PER_BATCH:]
+            yield [(i, {**record, "metrics": dict(piece)})], i
+        chunk.append((i, {**record, "metrics": dict(items)}))
+        size += len(items)
+    if chunk:
+        yield chunk, len(records)
+
+
 class MetricsOutbox:
-    """Log one run's metrics to MLflow, keeping on disk whatever the server cannot take now.
+    """Log one run's metrics to MLflow, keeping on disk (:class:`OutboxFile`) whatever the server cannot take now.
 
     Args:
         work_dir: the work directory; the outbox is ``work_dir/mlflow-outbox/<run_id>.jsonl``.
@@ -124,9 +123,9 @@ class MetricsOutbox:
         from mlflow import MlflowClient
 
         self.run_id = run_id
-        self.folder = work_dir / OUTBOX_DIR
-        self.path = self.folder / f"{run_id}.jsonl"
-        self.rejected_path = self.folder / f"{run_id}{REJECTED_SUFFIX}"
+        self._file = OutboxFile(work_dir / OUTBOX_DIR, run_id)
+        # Callers (and the tests) read the outbox's paths here.
+        self.folder, self.path, self.rejected_path = self._file.folder, self._file.path, self._file.rejected_path
         self._client = MlflowClient(tracking_uri)
         self._policy = (timeout_s, max_retries, backoff_factor)
         self._offline = False
@@ -148,22 +147,22 @@ class MetricsOutbox:
         if not metrics:
             return True
         record = {"step": int(step), "timestamp": int(time.time() * 1000),
-                  "metrics": {str(k): _encode(float(v)) for k, v in metrics.items()}}
-        with self._locked():
-            if self.path.exists():
+                  "metrics": {str(k): encode_value(float(v)) for k, v in metrics.items()}}
+        with self._file.locked():
+            if self._file.path.exists():
                 self._flush_locked()
-                if self.path.exists():
+                if self._file.path.exists():
                     # Older batches are still waiting: this one queues behind them, keeping the order.
-                    self._append(record)
+                    self._file.append(record)
                     return False
             try:
                 self._send([record])
             except _Rejected as exc:
-                self._reject([record], str(exc))
+                self._file.reject([record], str(exc))
                 return False
             except Exception as exc:  # whatever the cause, the batch must reach the disk
                 self._went_offline(exc)
-                self._append(record)
+                self._file.append(record)
                 return False
             self._back_online(0)
             return True
@@ -178,34 +177,22 @@ class MetricsOutbox:
         Returns:
             The number of metric values the server accepted.
         """
-        with self._locked():
+        with self._file.locked():
             return self._flush_locked()
 
     def pending(self) -> int:
         """The number of metric values waiting in the outbox."""
-        with self._locked():
-            records, _ = self._read()
-            return sum(len(r["metrics"]) for r in records)
+        with self._file.locked():
+            return sum(len(r["metrics"]) for r in self._file.read())
 
     # -- internals (the caller holds the folder lock) --
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive ``flock`` on the outbox folder: one writer or flusher at a time, across threads and processes."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     def _send(self, records: list[dict[str, Any]]) -> None:
         """One ``log_batch`` call; raises :class:`_Rejected` when MLflow refused the data for good."""
         from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
 
-        metrics = [Metric(key, _decode(value), r["timestamp"], r["step"])
+        metrics = [Metric(key, decode_value(value), r["timestamp"], r["step"])
                    for r in records for key, value in r["metrics"].items()]
         try:
             with _http_policy(*self._policy):
@@ -215,30 +202,12 @@ class MetricsOutbox:
                 raise _Rejected(f"{exc.error_code}: {_first_line(exc)}") from exc
             raise
 
-    def _chunks(self, records: list[dict[str, Any]]) -> Iterator[tuple[list[tuple[int, dict[str, Any]]], int]]:
-        """Requests of at most 1000 metrics as ``(line index, line or piece of it)``, each with the lines done after it."""
-        chunk: list[tuple[int, dict[str, Any]]] = []
-        size = 0
-        for i, record in enumerate(records):
-            items = list(record["metrics"].items())
-            if size + len(items) > MAX_METRICS_PER_BATCH and chunk:
-                yield chunk, i
-                chunk, size = [], 0
-            # A line too big for one request is split; the line is done after its last piece.
-            while len(items) > MAX_METRICS_PER_BATCH:
-                piece, items = items[:MAX_METRICS_PER_BATCH], items[MAX_METRICS_PER_BATCH:]
-                yield [(i, {**record, "metrics": dict(piece)})], i
-            chunk.append((i, {**record, "metrics": dict(items)}))
-            size += len(items)
-        if chunk:
-            yield chunk, len(records)
-
     def _flush_locked(self) -> int:
-        records, _ = self._read()
+        records = self._file.read()
         sent = done = 0
         rejected: set[int] = set()
         failure: Exception | None = None
-        for chunk, lines_done in self._chunks(records):
+        for chunk, lines_done in _chunks(records):
             try:
                 self._send([piece for _, piece in chunk])
                 sent += sum(len(piece["metrics"]) for _, piece in chunk)
@@ -249,7 +218,7 @@ class MetricsOutbox:
                         self._send([piece])
                         sent += len(piece["metrics"])
                     except _Rejected as exc:
-                        self._reject([piece], str(exc))
+                        self._file.reject([piece], str(exc))
                         rejected.add(i)
                     except Exception as exc:  # a connection failure half-way: stop here
                         failure = exc
@@ -260,76 +229,17 @@ class MetricsOutbox:
                 break
             done = lines_done
         # A line only partly sent stays whole: re-sending its metrics with their timestamps stores nothing twice.
-        self._rewrite([r for i, r in enumerate(records) if i >= done and i not in rejected])
+        self._file.rewrite([r for i, r in enumerate(records) if i >= done and i not in rejected])
         if failure is not None:
             self._went_offline(failure)
         else:
             self._back_online(sent)
         return sent
 
-    def _read(self) -> tuple[list[dict[str, Any]], int]:
-        """The outbox's readable lines in order; unreadable ones go to the rejected file (count returned)."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return [], 0
-        records, bad = [], 0
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                metrics = record["metrics"]
-                # Checked here, not when sending: a bad value would otherwise fail every flush and block the queue.
-                if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
-                    raise ValueError("no metrics")
-                for value in metrics.values():
-                    _decode(value)
-                records.append({"step": int(record["step"]), "timestamp": int(record["timestamp"]), "metrics": metrics})
-            except (ValueError, KeyError, TypeError, AttributeError):
-                bad += 1
-                self._reject_line(line, "unreadable outbox line (a torn write or a bad value)")
-        if bad:
-            self._rewrite(records)
-        return records, bad
-
-    def _append(self, record: dict[str, Any]) -> None:
-        """One JSON line, appended and fsync-ed before returning: the batch is on disk once we say so."""
-        line = json.dumps(record, allow_nan=False) + "\n"
-        with self.path.open("a+b") as f:
-            # A crash mid-write can leave a last line without its newline: do not glue onto it.
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    line = "\n" + line
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        """Replace the outbox by ``records`` atomically (remove it when empty)."""
-        if not records:
-            self.path.unlink(missing_ok=True)
-            return
-        write_text_atomic(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
-
-    def _reject(self, records: list[dict[str, Any]], reason: str) -> None:
-        for record in records:
-            self._reject_line(json.dumps(record, allow_nan=False), reason)
-
-    def _reject_line(self, line: str, reason: str) -> None:
-        entry = json.dumps({"reason": reason, "line": line})
-        with self.rejected_path.open("a") as f:
-            f.write(entry + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        logger.warning("MLflow run %s: a metrics batch was refused (%s); kept in %s", self.run_id, reason,
-                       self.rejected_path)
-
     def _went_offline(self, exc: BaseException) -> None:
         if not self._offline:
             logger.warning("MLflow tracking server unreachable (%s); metrics are kept in %s until it answers",
-                           _first_line(exc), self.path)
+                           _first_line(exc), self._file.path)
         self._offline = True
 
     def _back_online(self, sent: int) -> None:
