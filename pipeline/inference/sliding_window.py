@@ -168,6 +168,126 @@ class _DeviceBudget:
         self.used += nbytes
 
 
+#: one window to evaluate: its start in the padded buffer per axis, and the axes it is flipped along.
+_Job = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    """Where one volume's windows go: the padding, and the tiles each group of flips shares.
+
+    Coordinates are those of the padded buffer: the volume with ``margin`` zeros on both sides of each axis.
+    """
+
+    size: list[int]
+    window: list[int]
+    margin: list[int]
+    #: window starts per axis -> the flips that see exactly those tiles (one normalisation per group).
+    groups: dict[tuple, list[tuple[int, ...]]]
+
+    @property
+    def jobs_total(self) -> int:
+        return sum(math.prod(len(a) for a in key) * len(flips) for key, flips in self.groups.items())
+
+    def jobs(self, key: tuple, flips: list[tuple[int, ...]]) -> list[_Job]:
+        return [(pos, flip) for pos in itertools.product(*key) for flip in flips]
+
+    def tile(self, pos: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(p, p + w) for p, w in zip(pos, self.window))
+
+    def crop(self) -> tuple[slice, ...]:
+        return tuple(slice(m, m + n) for m, n in zip(self.margin, self.size))
+
+
+class _Network:
+    """The network one volume runs on: the compiled copy, or the eager network if there is none or it fails."""
+
+    def __init__(self, eager: torch.nn.Module, fast: torch.nn.Module | None, spatial_dims: int, cuda: bool) -> None:
+        self.eager, self.fast, self.spatial_dims, self.cuda = eager, fast, spatial_dims, cuda
+
+    def __call__(self, batch: torch.Tensor, count: int) -> torch.Tensor:
+        """The outputs of the first ``count`` windows of ``batch``."""
+        with torch.autocast("cuda", enabled=self.cuda):
+            if self.fast is None:
+                return self._forward(self.eager, batch[:count])
+            # Always the full batch: a smaller last batch would trigger a recompilation.
+            try:
+                return self._forward(self.fast, batch)[:count]
+            except Exception as error:  # the compiler fails at the first call, not at torch.compile
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                accelerate.compile_failed(self.eager, error)
+                self.fast = None
+                return self._forward(self.eager, batch[:count])
+
+    def _forward(self, network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims == 2:
+            return network(batch[..., 0])[..., None]
+        return network(batch)
+
+
+class _Accumulator:
+    """Blended windows summed in place, normalised per group of flips, the groups added up.
+
+    The buffers are allocated at the first batch (its outputs give the number of classes) and reused by every group.
+    """
+
+    def __init__(
+        self, plan: _TilePlan, buffer: list[int], weight_map: torch.Tensor, device: torch.device,
+        budget: _DeviceBudget | None,
+    ) -> None:
+        self.plan, self.buffer, self.weight_map, self.device, self.budget = plan, buffer, weight_map, device, budget
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.acc: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+
+    def start_group(self) -> None:
+        if self.acc is not None:
+            self.acc.zero_()
+            self.weights.zero_()
+
+    def add(self, pred: torch.Tensor, chunk: list[_Job], first_flip: tuple[int, ...]) -> None:
+        """Blend a batch of window outputs in; each tile's weights count once per group (for ``first_flip``)."""
+        if self.acc is None:
+            self._allocate(pred.shape[1])
+        pred = pred.to(self.dtype)
+        for i, (pos, flip) in enumerate(chunk):
+            sl = self.plan.tile(pos)
+            out = torch.flip(pred[i], [d + 1 for d in flip]) if flip else pred[i]
+            self.acc[(slice(None), *sl)].addcmul_(out.to(self.device), self.blend)
+            if flip == first_flip:
+                self.weights[sl] += self.blend_f32
+
+    def _allocate(self, out_channels: int) -> None:
+        if self.budget is not None:
+            self.budget.take(out_channels * math.prod(self.buffer) * (2 if self.dtype == torch.float16 else 4),
+                             "the stitched logits")
+            self.budget.take(math.prod(self.buffer) * 4, "the stitched weights")
+        self.acc = torch.zeros((out_channels, *self.buffer), dtype=self.dtype, device=self.device)
+        self.weights = torch.zeros(self.buffer, dtype=torch.float32, device=self.device)
+        self.blend_f32 = self.weight_map.to(self.device)
+        self.blend = self.blend_f32.to(self.dtype)
+
+    def end_group(self) -> None:
+        # In place: for a CT-sized volume each extra copy of the logits is hundreds of MB.
+        part = self.acc if self.acc.dtype == torch.float32 else self.acc.float()
+        part.div_(self.weights)
+        if len(self.plan.groups) == 1:
+            self.total = part
+        elif self.total is None:
+            self.total = part.to("cpu", copy=True)  # acc is reused by the next group
+        else:
+            self.total += part.to("cpu")
+
+    def result(self, flips: int) -> torch.Tensor:
+        """The mean over the ``flips`` flips, cropped to the volume: float32 on the CPU."""
+        total = self.total
+        assert total is not None
+        total /= flips
+        return total[(slice(None), *self.plan.crop())].float().cpu().contiguous()
+
+
 class SlidingWindowInferer:
     """Stitch a network's windowed outputs over whole volumes.
 
@@ -206,32 +326,18 @@ class SlidingWindowInferer:
             ``(num_classes, X, Y, Z)`` float32 logits on the CPU (averaged over flips with
             mirroring).
         """
-        s = self.settings
-        cuda = self.device.type == "cuda"
-        if cuda and s.memory_cap_gb is not None:
+        cap = self.settings.memory_cap_gb
+        if self.device.type == "cuda" and cap is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, s.memory_cap_gb * 2**30 / total), self.device)
-        attempts = [(True, s.batch_size)]
-        if cuda or s.memory_cap_gb is not None:
-            attempts.append((False, s.batch_size))
-            size = s.batch_size // 2
-            while size >= 1:
-                attempts.append((False, size))
-                size //= 2
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total), self.device)
         last_error: BaseException | None = None
-        for on_device, batch_size in attempts:
+        for on_device, batch_size in self._attempts():
             try:
                 out = self._run(image, on_device, batch_size)
                 self.volumes_left = max(1, self.volumes_left - 1)
             except torch.OutOfMemoryError as error:
                 last_error = error
-                if cuda:
-                    torch.cuda.empty_cache()
-                logger.warning(
-                    "sliding window: out of memory on %s with stitching %s and %d window(s) per batch (%s); retrying",
-                    self.device, "on the device" if on_device else "in host memory", batch_size,
-                    str(error).splitlines()[0][:160],
-                )
+                self._retrying(error, on_device, batch_size)
                 continue
             self.path = (
                 f"windows and stitching on {self.device}" if on_device
@@ -239,20 +345,40 @@ class SlidingWindowInferer:
             )
             (logger.warning if self.path.startswith("fallback") else logger.info)("sliding window: %s", self.path)
             return out
-        from pipeline.errors import PipelineError
-
-        advice = "use --device cpu" if cuda else "raise --device-memory-gb"
-        raise PipelineError(
-            f"out of memory on {self.device} even with the stitching in host memory and one window per batch "
-            f"({str(last_error).splitlines()[0][:160]}); {advice}"
-        )
+        raise self._out_of_memory(last_error)
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, network: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        if self.spatial_dims == 2:
-            return network(batch[..., 0])[..., None]
-        return network(batch)
+    def _attempts(self) -> list[tuple[bool, int]]:
+        """(stitching on the device, windows per batch) to try in turn until one fits in memory (nnU-Net's fallback)."""
+        s = self.settings
+        attempts = [(True, s.batch_size)]
+        if self.device.type == "cuda" or s.memory_cap_gb is not None:
+            attempts.append((False, s.batch_size))
+            size = s.batch_size // 2
+            while size >= 1:
+                attempts.append((False, size))
+                size //= 2
+        return attempts
+
+    def _retrying(self, error: torch.OutOfMemoryError, on_device: bool, batch_size: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning(
+            "sliding window: out of memory on %s with stitching %s and %d window(s) per batch (%s); retrying",
+            self.device, "on the device" if on_device else "in host memory", batch_size,
+            str(error).splitlines()[0][:160],
+        )
+
+    def _out_of_memory(self, last_error: BaseException | None) -> Exception:
+        """The one error for a volume that no attempt could fit in memory."""
+        from pipeline.errors import PipelineError
+
+        advice = "use --device cpu" if self.device.type == "cuda" else "raise --device-memory-gb"
+        return PipelineError(
+            f"out of memory on {self.device} even with the stitching in host memory and one window per batch "
+            f"({str(last_error).splitlines()[0][:160]}); {advice}"
+        )
 
     def _flips(self) -> list[tuple[int, ...]]:
         if not self.settings.mirror:
@@ -260,36 +386,14 @@ class SlidingWindowInferer:
         axes = range(2) if self.spatial_dims == 2 else range(3)
         return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
-    @torch.inference_mode()
-    def _run(self, image: torch.Tensor, results_on_device: bool, batch_size: int) -> torch.Tensor:
-        s = self.settings
-        results_device = self.device if results_on_device else torch.device("cpu")
-        cuda = self.device.type == "cuda"
-        simulate = s.memory_cap_gb is not None and not cuda
-        budget = _DeviceBudget(int(s.memory_cap_gb * 2**30) if simulate else None)
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-
-        channels, *size = image.shape
-        window = self.window
+    def _plan(self, size: list[int]) -> _TilePlan:
+        s, window = self.settings, self.window
         # Volumes smaller than the window are padded with zeros, the smaller half first (as MONAI does).
         # A flipped volume is padded the same way *after* flipping, so in the original frame its padding
         # is mirrored: the buffer gets the larger half on both sides and windows are placed by their
         # start ``q`` in original coordinates (negative where they begin in the padding).
         pad = [max(w - n, 0) for w, n in zip(window, size)]
         margin = [(p + 1) // 2 for p in pad]
-        budget.take(image.numel() * 4, "the input volume")
-        x = image.float()
-        if cuda and x.device.type == "cpu":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        else:
-            x = x.to(self.device)
-        if any(margin):
-            x = F.pad(x, [v for m in reversed(margin) for v in (m, m)])
-        buffer = list(x.shape[1:])
-
-        acc_dtype = torch.float16 if results_device.type == "cuda" else torch.float32
-        weight_map = importance_map(tuple(window), s.mode, s.sigma_scale, str(self.device), torch.float32)
         starts = [tile_starts(n + p, w, s.overlap, s.placement) for n, p, w in zip(size, pad, window)]
         groups: dict[tuple, list[tuple[int, ...]]] = {}
         for flip in self._flips():
@@ -298,77 +402,64 @@ class SlidingWindowInferer:
                 for a, (axis, n, w, p, m) in enumerate(zip(starts, size, window, pad, margin))
             )
             groups.setdefault(key, []).append(flip)
+        return _TilePlan(size, window, margin, groups)
 
-        jobs_total = sum(math.prod(len(a) for a in key) * len(flips) for key, flips in groups.items())
+    def _to_device(self, image: torch.Tensor, margin: list[int], budget: _DeviceBudget) -> torch.Tensor:
+        """The volume as float32 on the device, padded by ``margin`` on both sides of each axis."""
+        budget.take(image.numel() * 4, "the input volume")
+        x = image.float()
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        if any(margin):
+            x = F.pad(x, [v for m in reversed(margin) for v in (m, m)])
+        return x
+
+    def _network_for(self, jobs_total: int) -> _Network:
+        fast = None
+        if self.device.type == "cpu" and accelerate.should_compile(self.network, jobs_total, self.settings.compile,
+                                                                   self.volumes_left):
+            fast = accelerate.compiled(self.network)
+        return _Network(self.network, fast, self.spatial_dims, self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def _run(self, image: torch.Tensor, results_on_device: bool, batch_size: int) -> torch.Tensor:
+        s = self.settings
+        cuda = self.device.type == "cuda"
+        budget = _DeviceBudget(int(s.memory_cap_gb * 2**30) if s.memory_cap_gb is not None and not cuda else None)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+
+        channels, *size = image.shape
+        plan = self._plan(size)
+        x = self._to_device(image, plan.margin, budget)
+        results_device = self.device if results_on_device else torch.device("cpu")
+        weight_map = importance_map(tuple(self.window), s.mode, s.sigma_scale, str(self.device), torch.float32)
+        # Only buffers on the compute device count against its cap.
+        stitched = _Accumulator(plan, list(x.shape[1:]), weight_map, results_device, budget if results_on_device else None)
         # No bigger batches than there are windows (a small volume may need a single one).
-        batch_size = min(batch_size, jobs_total)
+        batch_size = min(batch_size, plan.jobs_total)
         self.batch_size = batch_size
-        network, compiled = self.network, False
-        if self.device.type == "cpu":
-            fast = accelerate.compiled(self.network) if accelerate.should_compile(
-                self.network, jobs_total, s.compile, self.volumes_left) else None
-            network, compiled = (fast, True) if fast is not None else (self.network, False)
+        network = self._network_for(plan.jobs_total)
 
-        out_channels: int | None = None
-        acc = weights = total = None
-        batch_in = torch.empty((batch_size, channels, *window), device=self.device)
+        batch_in = torch.empty((batch_size, channels, *self.window), device=self.device)
         budget.take(batch_in.numel() * 4 * 2, "one batch of windows")
         budget.take(self._activation_bytes(batch_size, channels), "the network's activations for one batch")
         self.windows_evaluated = 0
-        for key, flips in groups.items():
-            jobs = [(pos, flip) for pos in itertools.product(*key) for flip in flips]
-            if acc is not None:
-                acc.zero_()
-                weights.zero_()
+        for key, flips in plan.groups.items():
+            jobs = plan.jobs(key, flips)
+            stitched.start_group()
             for first in range(0, len(jobs), batch_size):
                 chunk = jobs[first : first + batch_size]
                 for i, (pos, flip) in enumerate(chunk):
-                    win = x[(slice(None), *(slice(p, p + w) for p, w in zip(pos, window)))]
+                    win = x[(slice(None), *plan.tile(pos))]
                     batch_in[i].copy_(torch.flip(win, [d + 1 for d in flip]) if flip else win)
-                with torch.autocast("cuda", enabled=cuda):
-                    if compiled:
-                        # Always the full batch: a smaller last batch would trigger a recompilation.
-                        try:
-                            pred = self._forward(network, batch_in)[: len(chunk)]
-                        except Exception as error:  # the compiler fails at the first call, not at torch.compile
-                            if isinstance(error, torch.OutOfMemoryError):
-                                raise
-                            accelerate.compile_failed(self.network, error)
-                            network, compiled = self.network, False
-                            pred = self._forward(network, batch_in[: len(chunk)])
-                    else:
-                        pred = self._forward(network, batch_in[: len(chunk)])
+                pred = network(batch_in, len(chunk))
                 self.windows_evaluated += len(chunk)
-                if acc is None:
-                    out_channels = pred.shape[1]
-                    if results_on_device:
-                        budget.take(out_channels * math.prod(buffer) * (2 if acc_dtype == torch.float16 else 4),
-                                    "the stitched logits")
-                        budget.take(math.prod(buffer) * 4, "the stitched weights")
-                    acc = torch.zeros((out_channels, *buffer), dtype=acc_dtype, device=results_device)
-                    weights = torch.zeros(buffer, dtype=torch.float32, device=results_device)
-                    blend_f32 = weight_map.to(results_device)
-                    blend = blend_f32.to(acc_dtype)
-                pred = pred.to(acc_dtype)
-                for i, (pos, flip) in enumerate(chunk):
-                    sl = tuple(slice(p, p + w) for p, w in zip(pos, window))
-                    out = torch.flip(pred[i], [d + 1 for d in flip]) if flip else pred[i]
-                    acc[(slice(None), *sl)].addcmul_(out.to(results_device), blend)
-                    if flip == flips[0]:
-                        weights[sl] += blend_f32
-            # In place: for a CT-sized volume each extra copy of the logits is hundreds of MB.
-            part = acc if acc.dtype == torch.float32 else acc.float()
-            part.div_(weights)
-            if len(groups) == 1:
-                total = part
-            elif total is None:
-                total = part.to("cpu", copy=True)  # acc is reused by the next group
-            else:
-                total += part.to("cpu")
-        assert total is not None and out_channels is not None
-        total /= len(self._flips())
-        crop = tuple(slice(m, m + n) for m, n in zip(margin, size))
-        return total[(slice(None), *crop)].float().cpu().contiguous()
+                stitched.add(pred, chunk, flips[0])
+            stitched.end_group()
+        return stitched.result(len(self._flips()))
 
     def _activation_bytes(self, batch_size: int, channels: int) -> int:
         """A rough upper bound of one batch's activations (the CPU simulation's only estimate)."""
