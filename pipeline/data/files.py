@@ -121,3 +121,15 @@ def save_file(path: Path, staged: Staged | None, suffix: str, write: Callable[[P
         return
     with atomic_file(path, suffix) as tmp:
         write(tmp)
+
+
+#: The per-user cache folder (registered models, compiled networks); ``~/.cache/unet-pipeline`` by default.
+CACHE_ENV = "UNET_PIPELINE_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache root: ``UNET_PIPELINE_CACHE``, else ``$XDG_CACHE_HOME/unet-pipeline``, else ``~/.cache/unet-pipeline``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "unet-pipeline"

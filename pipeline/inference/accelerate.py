@@ -1,17 +1,19 @@
-"""Networks made fast for CPU inference, once per network: ``torch.compile``.
+"""Networks made fast for CPU inference: a package compiled ahead of time, else ``torch.compile``.
 
-For long jobs, ``torch.compile`` (Inductor, with frozen weights) gives about 1.6x the
-windows per second of eager PyTorch on this project's 2-core machine, at a
-one-off compile cost of several seconds per window-batch shape (cached on disk by
-Inductor across processes). So the engine compiles only when a job is long enough
-to pay for it: ``compile="auto"`` switches a network to its compiled copy once this
-process has more than :data:`COMPILE_AFTER_WINDOWS` windows to evaluate with it (the
-batch still ahead, or what it has already evaluated).
-Compilation needs a C++ compiler; where it fails, inference goes on with the
-eager network (logged once).
+* **Ahead of time** (:mod:`pipeline.inference.aot`): a package of this network compiled
+  for this torch, device and window batch is kept in the per-user cache. Any job uses
+  it once it exists, a single scan included: it loads in well under a second.
+* **Building it** costs about as much as a ``torch.compile`` warm-up (tens of seconds on
+  2 cores), so a job builds it only when it is long enough to pay for it:
+  ``compile="auto"`` does so once this process has more than
+  :data:`COMPILE_AFTER_WINDOWS` windows to evaluate with the network (the batch still
+  ahead, or what it has already evaluated); every later process then finds it. Where
+  AOTInductor cannot build it, ``torch.compile`` (Inductor, frozen weights; about 1.6x
+  eager on 2 cores) serves the process instead, as before.
 
-The compiled copy is cached per network object and rebuilt when its weights change in
-place (training-time validation).
+Compilation needs a C++ compiler; where it fails, inference goes on with the eager
+network (logged once). The compiled copy is cached per network object and rebuilt when
+its weights change in place (training-time validation, which never compiles).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+
+from pipeline.inference import aot
 
 logger = logging.getLogger(__name__)
 
@@ -32,35 +37,54 @@ COMPILE_AFTER_WINDOWS = 1000
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _WINDOWS_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILE_FAILED: set[str] = set()
+Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _weights_version(network: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in network.parameters())
 
 
-def compiled(network: torch.nn.Module) -> torch.nn.Module | None:
-    """``torch.compile`` of a copy of ``network`` with frozen weights (Inductor), cached; ``None`` if unavailable.
+def ahead_of_time(network: torch.nn.Module, input_shape: Sequence[int]) -> Runner | None:
+    """The package compiled earlier for ``network`` and ``input_shape`` on the CPU, if the cache holds one.
 
     Args:
         network: a float32 network on the CPU, in evaluation mode.
+        input_shape: the batch it will take.
+    """
+    if str(type(network)) in _COMPILE_FAILED:
+        return None
+    return aot.load(aot.key_for(network, input_shape, "cpu"))
+
+
+def compiled(network: torch.nn.Module, input_shape: Sequence[int]) -> Runner | None:
+    """A compiled ``network`` for ``input_shape``: the ahead-of-time package, built now, else ``torch.compile``.
+
+    Cached per network object; ``None`` where nothing can be compiled.
+
+    Args:
+        network: a float32 network on the CPU, in evaluation mode.
+        input_shape: the batch it will take.
     """
     key = str(type(network))
     if key in _COMPILE_FAILED:
         return None
+    shape = tuple(input_shape)
     cached = _COMPILED.get(network)
-    if cached is not None and cached[0] == _weights_version(network):
+    if cached is not None and cached[0] == (_weights_version(network), shape):
         return cached[1]
-    try:
-        import torch._inductor.config as inductor_config
+    fast = aot.build(network, aot.key_for(network, shape, "cpu"))
+    if fast is None:
+        try:
+            import torch._inductor.config as inductor_config
 
-        # Frozen weights let Inductor pre-pack them and fold constants: inference only.
-        inductor_config.freezing = True
-        fast = torch.compile(copy.deepcopy(network).eval(), dynamic=False)
-    except Exception as error:  # no compiler backend on this platform
-        _COMPILE_FAILED.add(key)
-        logger.warning("torch.compile unavailable (%s); using the eager network", str(error).splitlines()[0][:120])
-        return None
-    _COMPILED[network] = (_weights_version(network), fast)
+            # Frozen weights let Inductor pre-pack them and fold constants: inference only.
+            inductor_config.freezing = True
+            fast = torch.compile(copy.deepcopy(network).eval(), dynamic=False)
+        except Exception as error:  # no compiler backend on this platform
+            _COMPILE_FAILED.add(key)
+            logger.warning("torch.compile unavailable (%s); using the eager network", str(error).splitlines()[0][:120])
+            return None
+    _COMPILED[network] = ((_weights_version(network), shape), fast)
     return fast
 
 
@@ -94,6 +118,6 @@ def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode, vo
     seen = _WINDOWS_SEEN.get(network, 0) + windows
     _WINDOWS_SEEN[network] = seen
     cached = _COMPILED.get(network)
-    if cached is not None and cached[0] == _weights_version(network):
+    if cached is not None and cached[0][0] == _weights_version(network):
         return True  # already paid for: never fall back to the slower copy near the end of a batch
     return mode == "on" or max(seen, windows * max(1, volumes_left)) > COMPILE_AFTER_WINDOWS

@@ -416,11 +416,15 @@ class SlidingWindowInferer:
             x = F.pad(x, [v for m in reversed(margin) for v in (m, m)])
         return x
 
-    def _network_for(self, jobs_total: int) -> _Network:
+    def _network_for(self, jobs_total: int, batch_size: int, channels: int) -> _Network:
         fast = None
-        if self.device.type == "cpu" and accelerate.should_compile(self.network, jobs_total, self.settings.compile,
-                                                                   self.volumes_left):
-            fast = accelerate.compiled(self.network)
+        if self.device.type == "cpu" and self.settings.compile != "off":
+            shape = (batch_size, channels, *self.window[: self.spatial_dims])
+            # A package compiled earlier costs nothing to use, even for one small volume.
+            fast = accelerate.ahead_of_time(self.network, shape)
+            if fast is None and accelerate.should_compile(self.network, jobs_total, self.settings.compile,
+                                                          self.volumes_left):
+                fast = accelerate.compiled(self.network, shape)
         return _Network(self.network, fast, self.spatial_dims, self.device.type == "cuda")
 
     @torch.inference_mode()
@@ -441,7 +445,7 @@ class SlidingWindowInferer:
         # No bigger batches than there are windows (a small volume may need a single one).
         batch_size = min(batch_size, plan.jobs_total)
         self.batch_size = batch_size
-        network = self._network_for(plan.jobs_total)
+        network = self._network_for(plan.jobs_total, batch_size, channels)
 
         batch_in = torch.empty((batch_size, channels, *self.window), device=self.device)
         budget.take(batch_in.numel() * 4 * 2, "one batch of windows")

@@ -195,7 +195,7 @@ def test_compile_decision_follows_the_job_and_sticks() -> None:
     net = _net(3, seed=6)
     assert not should_compile(net, 64, "auto", volumes_left=1)  # one small volume: not worth a compile
     assert should_compile(net, 64, "auto", volumes_left=20)  # a batch of 20 such volumes is
-    assert compiled(net) is not None  # (compiles lazily, at its first call)
+    assert compiled(net, (4, 1, 16, 16, 16)) is not None
     # Once compiled, the batch keeps the compiled copy to its last volume.
     assert should_compile(net, 64, "auto", volumes_left=1)
     assert not should_compile(net, 64, "off", volumes_left=100)

@@ -1,0 +1,189 @@
+"""Networks compiled ahead of time, once per model version and platform (``torch.export`` + AOTInductor).
+
+``torch.compile`` pays its compile (about 10 s on 2 cores) in every process, so a short
+``predict`` job never earns it back. An AOTInductor package is compiled once, stored in
+the per-user cache (:func:`pipeline.data.cache_root` ``/compiled``) and loaded by every
+later process in well under a second.
+
+A package is found by its key: a hash of the weights and architecture, the torch
+version, the device type and the exact input shape (the engine always feeds full
+batches of one window shape). A sidecar JSON repeats the key; a package whose sidecar
+does not match what is asked for is rebuilt, never trusted. A package that does not
+load, or whose output differs from the eager network's by more than
+:data:`TOLERANCE` when it is built, is not used: the engine goes on with ``torch.compile``
+or the eager network, with one log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+import weakref
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.data import cache_root, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+#: The largest difference from the eager network a freshly built package may show.
+TOLERANCE = 1e-4
+SUFFIX = ".pt2"
+
+_WEIGHTS_DIGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOADED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+@dataclass(frozen=True)
+class AotKey:
+    """What a compiled package is only valid for.
+
+    Args:
+        weights: sha256 of the network's architecture and weights.
+        torch_version: ``torch.__version__`` that compiled it.
+        device_type: ``cpu`` or ``cuda``.
+        input_shape: the one input shape it takes.
+    """
+
+    weights: str
+    torch_version: str
+    device_type: str
+    input_shape: tuple[int, ...]
+
+    def digest(self) -> str:
+        """The key as a file name."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def weights_digest(network: torch.nn.Module) -> str:
+    """sha256 of a network's class, parameters and buffers, cached until its weights change in place.
+
+    Args:
+        network: the network.
+    """
+    version = tuple(p._version for p in network.parameters())
+    cached = _WEIGHTS_DIGEST.get(network)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    h = hashlib.sha256(type(network).__qualname__.encode())
+    for name, tensor in network.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    _WEIGHTS_DIGEST[network] = (version, digest)
+    return digest
+
+
+def key_for(network: torch.nn.Module, input_shape: Sequence[int], device_type: str) -> AotKey:
+    """The key of ``network`` compiled for ``input_shape`` on ``device_type`` with this torch.
+
+    Args:
+        network: the network.
+        input_shape: the input it will take, batch included.
+        device_type: ``cpu`` or ``cuda``.
+    """
+    return AotKey(weights_digest(network), torch.__version__, device_type, tuple(int(n) for n in input_shape))
+
+
+def package_path(key: AotKey) -> Path:
+    """Where the package of ``key`` lives in the cache.
+
+    Args:
+        key: the package's key.
+    """
+    return cache_root() / "compiled" / f"{key.digest()}{SUFFIX}"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def load(key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The compiled network of ``key`` from the cache, or ``None`` when there is none that can be trusted.
+
+    Args:
+        key: what the package must have been built for.
+    """
+    path = package_path(key)
+    if str(path) in _LOADED:
+        return _LOADED[str(path)]
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        stored = None
+    wanted = json.loads(json.dumps(asdict(key)))
+    if stored != wanted:
+        logger.warning("compiled network %s was built for another model, torch, device or shape; it will be rebuilt",
+                       path.name)
+        return None
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a package: torn or overwritten")
+        # torch warns on its own about a torn file; the one line below says what happens next.
+        quiet = logging.getLogger("torch._inductor.package.package")
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        finally:
+            quiet.setLevel(level)
+    except Exception as error:  # a torn or foreign file: torch raises many types
+        logger.warning("compiled network %s does not load (%s); using the network without it", path.name,
+                       str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__)
+        return None
+    _LOADED[str(path)] = runner
+    return runner
+
+
+def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Compile ``network`` for ``key`` into the cache (checked against the eager network) and load it.
+
+    Args:
+        network: the network, in evaluation mode, on ``key.device_type``.
+        key: the input shape, device and versions to build for.
+
+    Returns:
+        The compiled network, or ``None`` (logged once) when this platform cannot build it.
+    """
+    path = package_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{SUFFIX}")
+    device = torch.device(key.device_type)
+    example = torch.randn(key.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    started = time.monotonic()
+    try:
+        import torch._inductor.config as inductor_config
+
+        # Frozen weights let Inductor pre-pack them and fold constants: inference only.
+        inductor_config.freezing = True
+        with torch.no_grad():
+            exported = torch.export.export(network.eval(), (example,))
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
+        runner = torch._inductor.aoti_load_package(str(tmp))
+        with torch.inference_mode():
+            difference = float((runner(example) - network(example)).abs().max())
+    except Exception as error:  # no compiler on this platform, or an operator AOTInductor cannot take
+        tmp.unlink(missing_ok=True)
+        logger.warning("ahead-of-time compile unavailable (%s)", str(error).splitlines()[0][:120] if str(error)
+                       else error.__class__.__name__)
+        return None
+    if not difference <= TOLERANCE:
+        tmp.unlink(missing_ok=True)
+        logger.warning("ahead-of-time compiled network differs from the eager one by %.2g; not used", difference)
+        return None
+    write_text_atomic(_sidecar(path), json.dumps(asdict(key), indent=1))
+    os.replace(tmp, path)
+    logger.info("compiled the network ahead of time for %s %s in %.0f s (%s)", key.device_type,
+                "x".join(map(str, key.input_shape)), time.monotonic() - started, path.name)
+    _LOADED[str(path)] = runner
+    return runner

@@ -1,0 +1,131 @@
+"""Networks compiled ahead of time: built once, loaded by later jobs, rebuilt or bypassed when they cannot be trusted."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.unet import UNet
+from pipeline.inference import aot
+from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings
+
+CPU = torch.device("cpu")
+SHAPE = (2, 1, 16, 16, 16)
+
+
+def _net(seed: int) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, features=[4, 8], norm="instance").eval()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One network compiled once for the module (a build takes seconds), in a cache folder of its own."""
+    cache = tmp_path_factory.mktemp("aot-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNET_PIPELINE_CACHE", str(cache))
+        net = _net(3)
+        key = aot.key_for(net, SHAPE, "cpu")
+        runner = aot.build(net, key)
+    if runner is None:
+        pytest.skip("AOTInductor cannot compile on this platform (no C++ compiler?)")
+    return {"cache": cache, "net": net, "key": key}
+
+
+@pytest.fixture
+def cache(built: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("UNET_PIPELINE_CACHE", str(built["cache"]))
+    monkeypatch.setattr(aot, "_LOADED", {})  # as a new process: nothing loaded yet
+    return built["cache"]
+
+
+def test_a_later_process_loads_the_package_and_it_equals_eager(built: dict, cache: Path) -> None:
+    path = aot.package_path(built["key"])
+    assert path.is_file() and path.parent == cache / "compiled"
+    runner = aot.load(built["key"])
+    assert runner is not None
+    x = torch.randn(SHAPE)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(x), built["net"](x), rtol=0, atol=1e-4)
+
+
+def test_other_weights_torch_device_or_shape_find_no_package(built: dict, cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    net = built["net"]
+    assert aot.load(aot.key_for(_net(4), SHAPE, "cpu")) is None
+    assert aot.load(aot.key_for(net, (3, *SHAPE[1:]), "cpu")) is None
+    assert aot.load(aot.key_for(net, SHAPE, "cuda")) is None
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert aot.load(aot.key_for(net, SHAPE, "cpu")) is None
+
+
+def test_a_package_whose_key_does_not_match_is_rebuilt_not_trusted(built: dict, cache: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # Another torch wrote a package under this file name (faked: the sidecar names its version).
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    net = _net(5)
+    key = aot.key_for(net, SHAPE, "cpu")
+    path = aot.package_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(aot.package_path(built["key"]).read_bytes())  # a valid package, of another network
+    stored = json.loads(json.dumps(aot.asdict(key)))
+    path.with_suffix(".json").write_text(json.dumps({**stored, "torch_version": "9.9.9"}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference.aot"):
+        assert aot.load(key) is None
+    assert [r.message for r in caplog.records if "rebuilt" in r.message]
+    from pipeline.inference import accelerate
+
+    fast = accelerate.compiled(net, SHAPE)
+    assert fast is not None and json.loads(path.with_suffix(".json").read_text()) == stored
+    x = torch.randn(SHAPE)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=1e-4)
+
+
+def test_a_corrupt_package_falls_back_with_one_line(built: dict, cache: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    copy = tmp_path / "cache"
+    (copy / "compiled").mkdir(parents=True)
+    path = aot.package_path(built["key"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\0" * 4096
+    (copy / "compiled" / path.name).write_bytes(bytes(data[: len(data) // 2]))
+    (copy / "compiled" / path.with_suffix(".json").name).write_text(path.with_suffix(".json").read_text())
+    import os
+
+    os.environ["UNET_PIPELINE_CACHE"] = str(copy)  # restored by the fixture's monkeypatch
+    image = torch.randn(1, 24, 20, 18)
+    settings = WindowSettings(batch_size=SHAPE[0], compile="auto", mirror=False)
+    with caplog.at_level(logging.WARNING):
+        out = SlidingWindowInferer(built["net"], [16, 16, 16], settings, CPU)(image)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "does not load" in warnings[0].message and "\n" not in warnings[0].message
+    eager = SlidingWindowInferer(built["net"], [16, 16, 16], WindowSettings(batch_size=2, compile="off",
+                                                                           mirror=False), CPU)(image)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+def test_one_small_volume_uses_a_package_built_earlier(built: dict, cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = aot.load(built["key"])
+    assert real is not None
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setitem(aot._LOADED, str(aot.package_path(built["key"])), counting)
+    image = torch.randn(1, 24, 20, 18)
+    settings = WindowSettings(batch_size=SHAPE[0], compile="auto", mirror=False)
+    engine = SlidingWindowInferer(built["net"], [16, 16, 16], settings, CPU)
+    out = engine(image)
+    assert calls and set(calls) == {SHAPE}  # the job alone (8 windows) would never have paid for a compile
+    eager = SlidingWindowInferer(built["net"], [16, 16, 16], WindowSettings(batch_size=2, compile="off",
+                                                                           mirror=False), CPU)(image)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-4)
