@@ -19,12 +19,14 @@ warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _isolated_mlflow_module() -> None:
+def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Module-scoped fixtures (runs done once per module) must not follow a store an earlier module set:
     ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI`` for the whole process."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        # Module fixtures register and predict too: never in the user's own cache.
+        mp.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
         yield
 
 
@@ -32,6 +34,12 @@ def _isolated_mlflow_module() -> None:
 def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test picks its own SQLite store in its work dir unless it sets one."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_model_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test gets an empty model cache of its own: none touches the user's, none sees another test's copies."""
+    monkeypatch.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
 
 
 @pytest.fixture

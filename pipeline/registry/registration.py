@@ -7,9 +7,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import InputDataError, PipelineError
+from pipeline.registry import model_cache
 from pipeline.registry.server import redact_uri
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 SELECTION_METRIC = "val_mean_dice"
@@ -62,8 +67,12 @@ def setup(configured_uri: str | None, work_dir: Path, experiment: str | None = N
     global _uri_we_set
     uri = tracking_uri(configured_uri, work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    _uri_we_set = os.environ.get("MLFLOW_TRACKING_URI")
+    # Only a value this call changed is ours: the user's own variable, set again unchanged, stays the user's
+    # (else a second model in one process, an ensemble's, would be looked up in the work dir's store).
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        _uri_we_set = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_registry_uri(uri)
     if experiment:
         client = mlflow.MlflowClient()
@@ -187,7 +196,8 @@ class ResolvedModel:
     """A model reference resolved to a local checkpoint, with the identity a DICOM SEG states.
 
     Args:
-        path: the local ``.pt`` checkpoint.
+        path: the local ``.pt`` checkpoint; a registered version's lies in the shared model cache
+            (read it, never change or delete it).
         name: registered model name (``local`` for a file, ``run`` for a run's model).
         version: registry version, run id or checkpoint file name.
     """
@@ -200,10 +210,14 @@ class ResolvedModel:
 def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | None = None) -> ResolvedModel:
     """A local checkpoint path for any model reference.
 
+    A registered version (``models:/``) is downloaded once into the per-user model cache
+    (:mod:`pipeline.registry.model_cache`) and reused; an alias is looked up on every call.
+
     Args:
         ref: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model`` or a ``.pt`` file.
         work_dir: work directory whose SQLite store is used when no tracking URI is set.
-        download_dir: where registry artifacts are downloaded (the caller removes it).
+        download_dir: where a run's artifacts are downloaded, and a registered version's when the
+            cache cannot be written (the caller removes it).
         tracking: the tracking URI to use (a run's own); ``None``: ``MLFLOW_TRACKING_URI``, else the work dir's store.
     """
     if not ref.startswith(("models:/", "runs:/")):
@@ -216,29 +230,51 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | 
     from mlflow.exceptions import MlflowException
 
     try:
-        name, version = _identity(ref)
+        if ref.startswith("models:/"):
+            return _registered_model(ref, download_dir)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_dir)))
+        return ResolvedModel(_checkpoint_in(local, ref), "run", ref[len("runs:/"):].split("/")[0])
     except (MlflowException, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise PipelineError(f"{ref}: model not found in {redact_uri(mlflow.get_tracking_uri())} ({message})") from None
+
+
+def _registered_model(ref: str, download_dir: Path) -> ResolvedModel:
+    """A ``models:/`` reference's checkpoint, from the model cache (or ``download_dir`` when it cannot be written)."""
+    import mlflow
+
+    mv = _model_version(ref)
+    name, version = mv.name, str(mv.version)
+
+    def download(dst: Path) -> Path:
+        # The version just looked up, not the alias again: it may have moved since.
+        uri = f"models:/{name}/{version}"
+        return _checkpoint_in(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))), ref)
+
+    models_dir = model_cache.usable_models_dir()
+    if models_dir is None:
+        return ResolvedModel(download(download_dir), name, version)
+    key = model_cache.cache_key(mlflow.get_registry_uri(), name, version, mv.run_id, mv.creation_timestamp)
+    return ResolvedModel(model_cache.cached_checkpoint(models_dir, key, f"{name} version {version}", download),
+                         name, version)
+
+
+def _checkpoint_in(local: Path, ref: str) -> Path:
+    """The checkpoint among a model's downloaded artifacts."""
     candidates = sorted(local.rglob("checkpoint.pt")) or sorted(local.rglob("*.pt"))
     if not candidates:
         raise PipelineError(f"{ref}: the model's artifacts hold no checkpoint")
-    return ResolvedModel(candidates[0], name, version)
+    return candidates[0]
 
 
-def _identity(ref: str) -> tuple[str, str]:
-    """(name, version) of a ``models:/`` or ``runs:/`` reference."""
+def _model_version(ref: str) -> ModelVersion:
+    """The registry's record (``ModelVersion``) behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``: one request."""
     import mlflow
 
-    if ref.startswith("runs:/"):
-        return "run", ref[len("runs:/"):].split("/")[0]
     body = ref[len("models:/"):]
     client = mlflow.MlflowClient()
     if "@" in body:
         name, alias = body.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
+        return client.get_model_version_by_alias(name, alias)
     name, _, version = body.rpartition("/")
-    return name, str(client.get_model_version(name, version).version)
-
-
+    return client.get_model_version(name, version)
