@@ -130,11 +130,14 @@ class RegistryConfig:
     cases: ``evaluation_set`` (a ``dataset.json`` or its folder, relative to the
     config file; a fixed set that no model trained on is the fair choice), or by default
     the candidate's validation fold. ``champion`` moves only when the candidate's mean
-    Dice beats the champion's by more than ``promote_margin``.
+    Dice beats the champion's by more than ``promote_margin``. ``compile_ahead_of_time``
+    compiles a registered version's network for the CPU once, at registration, so that
+    every later ``predict`` on this platform loads it instead of compiling.
     """
 
     promote_margin: float = 0.0
     evaluation_set: str | None = None
+    compile_ahead_of_time: bool = True
 
 
 @dataclass

@@ -253,7 +253,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
         return RunSummary(run_id, session.uri or "", epochs=result.epochs, checkpoint=chosen)
     log.tags({"evaluate.checkpoint": cfg.evaluate.checkpoint})
     from pipeline.evaluation import validate_and_export
-    from pipeline.inference import InferenceSettings
+    from pipeline.inference import InferenceSettings, compile_ahead_of_time
     from pipeline.registry import Provenance, describe_version, gate_tags, metric_name, score_and_log
 
     device = resolve_device(cfg.train.device)
@@ -275,6 +275,8 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
         cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device, work_dir,
         prepared.raw_cases("val"), evaluation, model_path, log)
     version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
+    if version is not None and cfg.registry.compile_ahead_of_time:
+        compile_ahead_of_time(model_path)
     promotion = None
     if version is not None:
         keys = session.keys

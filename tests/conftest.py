@@ -107,6 +107,9 @@ TINY = {
     },
     "evaluate": {"overlap": 0.25, "sw_batch_size": 2},
     "mlflow": {"experiment": "tests", "model_name": "tiny-unet"},
+    # Compiling each registered tiny model would add seconds to every test that registers one;
+    # tests/inference/test_aot.py covers it.
+    "registry": {"compile_ahead_of_time": False},
 }
 
 

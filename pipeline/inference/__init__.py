@@ -12,7 +12,7 @@ this engine, not the other way round.
 from pipeline.inference import accelerate
 from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
-from pipeline.inference.model import LoadedModel, load_model, load_model_from_checkpoint
+from pipeline.inference.model import LoadedModel, compile_ahead_of_time, load_model, load_model_from_checkpoint
 from pipeline.inference.outputs import write_label_map
 from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.predict import PredictReport, algorithm_for, exit_code, expand_inputs, group_cases, predict_cases, shard
@@ -36,6 +36,7 @@ __all__ = [
     "WindowSettings",
     "accelerate",
     "algorithm_for",
+    "compile_ahead_of_time",
     "exit_code",
     "inference_section",
     "load_checkpoint",

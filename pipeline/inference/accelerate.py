@@ -121,3 +121,4 @@ def should_compile(network: torch.nn.Module, windows: int, mode: CompileMode, vo
     if cached is not None and cached[0][0] == _weights_version(network):
         return True  # already paid for: never fall back to the slower copy near the end of a batch
     return mode == "on" or max(seen, windows * max(1, volumes_left)) > COMPILE_AFTER_WINDOWS
+

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from models.unet import UNet
+from pipeline.inference import aot
 from pipeline.inference.checkpoints import load_checkpoint
 from pipeline.inference.settings import InferenceSettings
+from pipeline.inference.sliding_window import window_size
 
 
 @dataclass
@@ -62,3 +64,23 @@ def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) ->
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scaler", "torch_rng")}
     settings = InferenceSettings.from_dict(ckpt.get("inference"))
     return LoadedModel(network, ckpt["plan"], list(ckpt["patch_size"]), settings, meta)
+
+
+def compile_ahead_of_time(path: Path) -> bool:
+    """Compile a checkpoint's network once for ``predict`` on the CPU (at registration): the package later jobs load.
+
+    The package takes what the engine feeds it with the stored settings: full batches
+    of ``sw_batch_size`` windows.
+
+    Args:
+        path: a ``.pt`` checkpoint.
+
+    Returns:
+        Whether the package is in the cache now (``False``: this platform cannot build one).
+    """
+    model = load_model(path, torch.device("cpu"))
+    dims = model.network.spatial_dims
+    window = window_size(model.patch_size, dims)
+    shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
+    key = aot.key_for(model.network, shape, "cpu")
+    return aot.load(key) is not None or aot.build(model.network, key) is not None

@@ -129,3 +129,13 @@ def test_one_small_volume_uses_a_package_built_earlier(built: dict, cache: Path,
     eager = SlidingWindowInferer(built["net"], [16, 16, 16], WindowSettings(batch_size=2, compile="off",
                                                                            mirror=False), CPU)(image)
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-4)
+
+
+def test_registration_compiles_what_predict_will_look_for(cache: Path, tiny_checkpoint: Path) -> None:
+    from pipeline.inference import Predictor, compile_ahead_of_time, load_model
+
+    assert compile_ahead_of_time(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, CPU)
+    engine = Predictor([model], CPU).engines[0]
+    shape = (engine.settings.batch_size, 1, *engine.window)
+    assert aot.package_path(aot.key_for(model.network, shape, "cpu")).is_file()

@@ -1,0 +1,211 @@
+"""Whole ``predict`` jobs, as a user runs them: ours against the same job with MONAI's sliding window substituted.
+
+Three jobs, each run twice in cold processes (interpreter start, imports, model
+resolution, reading, preprocessing, the sliding window, inversion to the input's grid,
+postprocessing, NIfTI and DICOM SEG writing all counted):
+
+* **(a)** one hippocampus scan, the model's stored settings (mirroring on);
+* **(b)** 20 hippocampus scans, the model's stored settings (mirroring on);
+* **(c)** the real chest CT series (``../shared/data/dicom/chest_ct``) without mirroring.
+
+``ours`` is ``unet-pipeline predict`` as shipped. ``monai`` is the same command in which
+our engine's call is replaced by MONAI's ``sliding_window_inference`` with the same
+windows (the model's patch), overlap, Gaussian blending, windows per batch and mirroring
+flips (one full call per flipped volume, averaged, as a MONAI user writes it): what
+``predict`` cost before our engine. A model version is compiled ahead of time once (at
+registration or by its first long job); the script does that first, untimed, and
+prints what it cost.
+
+Printed per job: wall seconds of each, peak RSS, the time per stage inside the process
+(read+preprocess, engine, inversion, postprocessing, writing, SEG, model resolution),
+and ``job ratio vs MONAI: X.XX`` (MONAI's wall time over ours). Results also go to ``--out``.
+
+    .venv/bin/python scripts/bench_predict.py --model models:/hippocampus-3d@champion --work-dir unet-work/hippo
+    .venv/bin/python scripts/bench_predict.py --model PATH/model.pt --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus" / "imagesTr"
+CT = REPO.parent / "shared" / "data" / "dicom" / "chest_ct"
+JOBS = {"a": "one hippocampus scan", "b": "20 hippocampus scans, mirroring", "c": "chest CT, no mirroring"}
+METHODS = ("ours", "monai")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(owner: Any, name: str, stage: str, times: dict[str, float]) -> None:
+    """Wrap ``owner.name`` so that its wall time adds to ``times[stage]``."""
+    real = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            times[stage] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def _monai_engine() -> None:
+    """Replace our engine's call by MONAI's ``sliding_window_inference`` with the engine's own settings."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from pipeline.inference import sliding_window
+
+    def call(self: sliding_window.SlidingWindowInferer, image: torch.Tensor) -> torch.Tensor:
+        s, network, cuda = self.settings, self.network, self.device.type == "cuda"
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", enabled=cuda):
+                out = network(x[..., 0])[..., None] if self.spatial_dims == 2 else network(x)
+            return out.float()
+
+        axes = range(2) if self.spatial_dims == 2 else range(3)
+        flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if s.mirror else [()]
+        total = None
+        with torch.inference_mode():
+            x = image.float()[None].to(self.device)
+            for dims in flips:
+                axes_ = [d + 2 for d in dims]
+                xi = torch.flip(x, axes_) if axes_ else x
+                out = sliding_window_inference(xi, self.window, s.batch_size, predictor, overlap=s.overlap, mode=s.mode,
+                                               sigma_scale=s.sigma_scale)
+                out = torch.flip(out, axes_) if axes_ else out
+                total = out if total is None else total + out
+        return (total / len(flips))[0].float().cpu().contiguous()
+
+    sliding_window.SlidingWindowInferer.__call__ = call
+
+
+def _worker(method: str, predict_args: list[str]) -> None:
+    """One ``predict`` call in this (cold) process; prints a JSON line with its stage times and peak RSS."""
+    from monai.transforms import Invertd
+
+    import pipeline.inference.predict as batch
+    from pipeline import registry
+    from pipeline.cli import main
+    from pipeline.inference import predictor, sliding_window
+    from pipeline.inference.postprocessing import Postprocessing
+
+    if method == "monai":
+        _monai_engine()
+    times: dict[str, float] = defaultdict(float)
+    _timed(registry, "resolve_model", "model resolution", times)
+    _timed(predictor.Predictor, "load", "read+preprocess", times)
+    _timed(sliding_window.SlidingWindowInferer, "__call__", "engine", times)
+    _timed(Invertd, "__call__", "inversion", times)
+    _timed(Postprocessing, "apply", "postprocessing", times)
+    _timed(batch, "write_label_map", "writing", times)
+    _timed(batch, "write_probabilities", "writing", times)
+    _timed(batch, "write_dicom_seg", "SEG", times)
+    start = time.perf_counter()
+    code = main(["predict", *predict_args])
+    times["predict call"] = time.perf_counter() - start
+    print(json.dumps({"code": code, "stages": times, "peak_rss_mb": _peak_rss_mb()}))
+
+
+def _job_args(job: str, args: argparse.Namespace, out: Path) -> list[str]:
+    cases = sorted(HIPPOCAMPUS.glob("*.nii.gz"))
+    inputs = {"a": [cases[-1]], "b": cases[-20:], "c": [CT]}[job]
+    extra = ["--no-mirror"] if job == "c" else []
+    return ["--model", args.model, "--device", args.device, "--work-dir", args.work_dir, "--out", str(out), *extra,
+            *map(str, inputs)]
+
+
+def _run(method: str, job: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    out = tmp / f"{job}-{method}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--", *_job_args(job, args, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{method} job ({job}) failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["code"] != 0:
+        raise SystemExit(f"{method} job ({job}) exited {result['code']}:\n{done.stderr[-3000:]}")
+    return {"wall_s": wall, **result}
+
+
+def _compile_once(args: argparse.Namespace) -> float:
+    """Build the model's ahead-of-time package (what registration or a first long job does); seconds it took."""
+    from pipeline import registry
+    from pipeline.inference import compile_ahead_of_time
+
+    if args.device != "cpu":
+        return 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = registry.resolve_model(args.model, Path(args.work_dir), Path(tmp))
+        start = time.perf_counter()
+        compile_ahead_of_time(resolved.path)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models:/hippocampus-3d@champion")
+    parser.add_argument("--work-dir", default="unet-work/hippo")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the jobs (0: as set)")
+    parser.add_argument("--jobs", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--out", default="bench_predict.json")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.worker:
+        _worker(args.worker, [a for a in rest if a != "--"])
+        return
+    if not HIPPOCAMPUS.is_dir() or not CT.is_dir():
+        raise SystemExit(f"shared data not found under {REPO.parent / 'shared' / 'data'}")
+    print(f"ahead-of-time compile (once per model version, untimed in the jobs): {_compile_once(args):.1f} s")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        for job in args.jobs:
+            results[job] = {m: _run(m, job, args, Path(tmp)) for m in METHODS}
+            _print(job, results[job])
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def _print(job: str, result: dict[str, Any]) -> None:
+    ours, monai = result["ours"], result["monai"]
+    print(f"\n({job}) {JOBS[job]}")
+    print(f"  {'':22s} {'ours':>9s} {'monai':>9s}")
+    print(f"  {'wall s':22s} {ours['wall_s']:9.1f} {monai['wall_s']:9.1f}")
+    print(f"  {'peak RSS MB':22s} {ours['peak_rss_mb']:9.0f} {monai['peak_rss_mb']:9.0f}")
+    for stage in sorted(set(ours["stages"]) | set(monai["stages"])):
+        print(f"  {stage:22s} {ours['stages'].get(stage, 0.0):9.1f} {monai['stages'].get(stage, 0.0):9.1f}")
+    start_o = ours["wall_s"] - ours["stages"]["predict call"]
+    start_m = monai["wall_s"] - monai["stages"]["predict call"]
+    print(f"  {'start and imports':22s} {start_o:9.1f} {start_m:9.1f}")
+    print(f"  job ratio vs MONAI: {monai['wall_s'] / ours['wall_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
