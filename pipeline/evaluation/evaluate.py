@@ -55,6 +55,84 @@ def _spacing(affine: np.ndarray) -> list[float]:
     return [float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
 
 
+def _read_reference(read: LoadImage, case: Case, known: list[int]) -> tuple[Any, np.ndarray]:
+    """A case's label image and its values as an array, checked against the values the model predicts."""
+    if case.label is None:
+        raise InputDataError(case.images[0], "has no label to evaluate against")
+    label = read(str(case.label))  # a bad label file fails before the costly prediction
+    truth = np.asarray(label).astype(np.uint8 if int(np.max(label)) < 256 else np.int32)
+    # A value the model cannot predict would be silently scored as background everywhere.
+    unknown = sorted(set(np.unique(truth).tolist()) - set(known))
+    if unknown:
+        raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
+                                         f"(its labels: {known})")
+    return label, truth
+
+
+def _raw_pass(
+    predictor: Predictor, cases: Sequence[Case], read: LoadImage, work: Path, values: list[int],
+    decide_postprocessing: bool,
+) -> tuple[list[dict[str, dict[int, float]]], list[dict[int, float]]]:
+    """Pass 1: predict each case without postprocessing, check it against its label and keep both in ``work``.
+
+    Returns the postprocessing variants' Dice per case (only when deciding) and the raw Dice per case.
+    """
+    known = sorted(predictor.labels)
+    variants, raw_scores = [], []
+    loaded_cases = predictor.iter_loaded([c.images for c in cases])
+    for index, (case, loaded) in enumerate(tqdm(zip(cases, loaded_cases), total=len(cases), desc="evaluate",
+                                                unit="case", leave=False)):
+        label, truth = _read_reference(read, case, known)
+        if isinstance(loaded, BaseException):
+            raise loaded
+        pred = predictor.predict_loaded(loaded, postprocess=False)
+        if truth.shape != pred.labels.shape:
+            raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.labels.shape}")
+        # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against
+        # the wrong anatomy. Same tolerance as the preprocess stage's image/label check.
+        if not np.allclose(np.asarray(label.affine, dtype=np.float64), pred.affine, atol=1e-3):
+            raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
+        if decide_postprocessing:
+            variants.append(variant_scores(pred.labels, truth, values))
+            raw_scores.append(variants[-1]["raw"])
+        else:
+            raw_scores.append(dice_per_label(pred.labels, truth, values))
+        np.savez(work / f"{index}.npz", raw=pred.labels, truth=truth, affine=pred.affine)
+    return variants, raw_scores
+
+
+def _final_pass(
+    cases: Sequence[Case], read: LoadImage, work: Path, post: Postprocessing, labels: dict[int, str], out_dir: Path,
+    save_predictions: bool, surface_tolerance_mm: float, qc: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Path], dict[str, Path]]:
+    """Pass 2: apply ``post`` to each raw prediction kept in ``work``, score it, write its NIfTI and QC picture.
+
+    Returns the rows of ``cases.csv``, and case id -> prediction file and -> QC picture.
+    """
+    values = list(labels)
+    rows, predictions, pictures = [], {}, {}
+    for index, case in enumerate(cases):
+        with np.load(work / f"{index}.npz") as stored:
+            raw, truth, affine = stored["raw"], stored["truth"], stored["affine"]
+        final = post.apply(raw) if post.active else raw
+        scores = dice_per_label(final, truth, values)
+        spacing = _spacing(affine)
+        surface = surface_metrics(final, truth, values, spacing, surface_tolerance_mm)
+        row: dict[str, Any] = {"case": case.case_id, **{labels[v]: d for v, d in scores.items()}}
+        for metric in SURFACE_METRICS:
+            row.update({f"{metric} {labels[v]}": surface[v][metric] for v in values})
+        rows.append(row)
+        if save_predictions:
+            predictions[case.case_id] = write_label_map(final, affine, out_dir / "predictions" / f"{case.case_id}.nii.gz")
+        if qc:
+            from pipeline.evaluation.qc_pictures import case_qc_image
+
+            image = np.asarray(read(str(case.images[0])), dtype=np.float32)
+            pictures[case.case_id] = case_qc_image(image, truth, final, labels, out_dir / "qc" / f"{case.case_id}.png",
+                                                   spacing)
+    return rows, predictions, pictures
+
+
 def evaluate_cases(
     predictor: Predictor,
     cases: Sequence[Case],
@@ -80,65 +158,18 @@ def evaluate_cases(
         surface_tolerance_mm: the surface Dice tolerance.
         qc: draw a QC picture per case.
     """
-    known = sorted(predictor.labels)
     labels = {v: n for v, n in predictor.labels.items() if v != 0}
     values = list(labels)
     read = LoadImage(reader=MedicalImageReader(), image_only=True)
     work = out_dir / ".pass1"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    variants, raw_scores = [], []
     try:
-        loaded_cases = predictor.iter_loaded([c.images for c in cases])
-        for index, (case, loaded) in enumerate(tqdm(zip(cases, loaded_cases), total=len(cases), desc="evaluate",
-                                                    unit="case", leave=False)):
-            if case.label is None:
-                raise InputDataError(case.images[0], "has no label to evaluate against")
-            label = read(str(case.label))  # a bad label file fails before the costly prediction
-            truth = np.asarray(label).astype(np.uint8 if int(np.max(label)) < 256 else np.int32)
-            # A value the model cannot predict would be silently scored as background everywhere.
-            unknown = sorted(set(np.unique(truth).tolist()) - set(known))
-            if unknown:
-                raise InputDataError(case.label, f"holds label value(s) {unknown} that the model does not predict "
-                                                 f"(its labels: {known})")
-            if isinstance(loaded, BaseException):
-                raise loaded
-            pred = predictor.predict_loaded(loaded, postprocess=False)
-            if truth.shape != pred.labels.shape:
-                raise InputDataError(case.label, f"label shape {truth.shape} differs from its image's {pred.labels.shape}")
-            # Same shape is not enough: a label on a shifted/rotated grid would be scored voxel by voxel against
-            # the wrong anatomy. Same tolerance as the preprocess stage's image/label check.
-            if not np.allclose(np.asarray(label.affine, dtype=np.float64), pred.affine, atol=1e-3):
-                raise InputDataError(case.label, "label affine (orientation/spacing/origin) differs from the image's")
-            if decide_postprocessing:
-                variants.append(variant_scores(pred.labels, truth, values))
-                raw_scores.append(variants[-1]["raw"])
-            else:
-                raw_scores.append(dice_per_label(pred.labels, truth, values))
-            np.savez(work / f"{index}.npz", raw=pred.labels, truth=truth, affine=pred.affine)
-
+        variants, raw_scores = _raw_pass(predictor, cases, read, work, values, decide_postprocessing)
         decision = decide(variants, values) if decide_postprocessing else None
         post = decision.postprocessing if decision else predictor.postprocessing
-        rows, predictions, pictures = [], {}, {}
-        for index, case in enumerate(cases):
-            with np.load(work / f"{index}.npz") as stored:
-                raw, truth, affine = stored["raw"], stored["truth"], stored["affine"]
-            final = post.apply(raw) if post.active else raw
-            scores = dice_per_label(final, truth, values)
-            spacing = _spacing(affine)
-            surface = surface_metrics(final, truth, values, spacing, surface_tolerance_mm)
-            row: dict[str, Any] = {"case": case.case_id, **{labels[v]: d for v, d in scores.items()}}
-            for metric in SURFACE_METRICS:
-                row.update({f"{metric} {labels[v]}": surface[v][metric] for v in values})
-            rows.append(row)
-            if save_predictions:
-                predictions[case.case_id] = write_label_map(final, affine, out_dir / "predictions" / f"{case.case_id}.nii.gz")
-            if qc:
-                from pipeline.evaluation.qc_pictures import case_qc_image
-
-                image = np.asarray(read(str(case.images[0])), dtype=np.float32)
-                pictures[case.case_id] = case_qc_image(image, truth, final, labels, out_dir / "qc" / f"{case.case_id}.png",
-                                                       spacing)
+        rows, predictions, pictures = _final_pass(cases, read, work, post, labels, out_dir, save_predictions,
+                                                  surface_tolerance_mm, qc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     extra: dict[str, Any] = {"postprocessing": post.to_dict(), "postprocessing_applied": post.describe(labels),

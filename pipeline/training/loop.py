@@ -7,7 +7,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.unet import UNet
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import PreprocessedCase
 from pipeline.errors import TrainingFailedError
 from pipeline.inference import (
@@ -106,6 +106,203 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if isinstance(network, DistributedDataParallel) else network
 
 
+def _load(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
+    return [dict(zip(("image", "label"), c.load())) for c in cases]
+
+
+@dataclass
+class _Parts:
+    """The network and what trains it."""
+
+    network: torch.nn.Module  # wrapped in DistributedDataParallel under torchrun
+    loss_fn: DeepSupervisionLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+
+
+@dataclass
+class _State:
+    """What changes as training goes; ``last.pt`` stores it and ``resume`` restores it."""
+
+    start_epoch: int = 0
+    best_dice: float = -1.0
+    elapsed_before: float = 0.0  # training time of the runs this one resumes
+    start: float = 0.0  # time.monotonic() when this run's first epoch began
+    stopped: bool = False  # by the time budget
+    patches: int = 0  # trained on in this run, over all processes
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.start
+
+
+@dataclass
+class _Run:
+    """What every epoch of one training run uses, fixed before the first one."""
+
+    cfg: PipelineConfig
+    env: distributed.DistEnv
+    device: torch.device
+    parts: _Parts
+    base: dict[str, Any]  # what every checkpoint stores beside the weights
+    best_path: Path
+    last_path: Path
+    iterations: int  # per epoch
+    budget_s: float | None
+    val_data: list[dict[str, Any]]  # empty off rank 0: only rank 0 validates
+    labels: list[int]  # the foreground label values
+    log_metrics: MetricLogger | None
+    extra_state: dict[str, Any] | None
+
+
+def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
+    """Pick the device, join the process group under ``torchrun``, seed, and set the CPU threads."""
+    device = resolve_device(t.device)
+    env = distributed.init(device.type)
+    if env.enabled and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    _seed_everything(t.seed)
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    elif env.enabled and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    return device, env
+
+
+def _build(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> _Parts:
+    """The U-Net, the loss, the optimiser and the AMP scaler."""
+    network: torch.nn.Module = UNet(**kwargs).to(device)
+    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            network.parameters(), lr=t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    use_amp = t.amp and device.type == "cuda"
+    return _Parts(network, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=use_amp), use_amp)
+
+
+def _restore(parts: _Parts, last_path: Path, epochs: int) -> _State:
+    """Load ``last.pt``'s weights, optimiser, scaler and torch RNG into ``parts`` and return its training state."""
+    saved = load_checkpoint(last_path)
+    parts.network.load_state_dict(saved["state_dict"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    state = _State(int(saved["epoch"]), float(saved["best_val_dice"]), float(saved["elapsed_s"]))
+    if saved.get("stopped_by_budget"):
+        state.start_epoch = epochs  # the budget was spent: nothing left to train
+    return state
+
+
+def _checkpoint_base(cfg: PipelineConfig, plan: dict[str, Any], kwargs: dict[str, Any],
+                     patch_size: list[int]) -> dict[str, Any]:
+    """What every checkpoint stores beside the weights: the network, the plan and the inference settings."""
+    e = cfg.evaluate
+    stored = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    return {"model": kwargs, "plan": plan, "patch_size": patch_size,
+            "inference": inference_section(stored, plan, validated=False)}
+
+
+def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -> dict[str, float]:
+    """One epoch's training iterations; returns its mean loss and learning rate.
+
+    Sets ``state.stopped`` when the time budget runs out (on every process together).
+    """
+    t, parts, device = run.cfg.train, run.parts, run.device
+    progress = max(epoch / t.epochs, state.elapsed() / run.budget_s if run.budget_s else 0.0)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = t.learning_rate * _lr_factor(progress)
+    parts.network.train()
+    losses = []
+    for _ in range(run.iterations):
+        image, label = next(batches)
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        if run.cfg.model.spatial_dims == 2:
+            image, label = image[..., 0], label[..., 0]
+        parts.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=parts.use_amp):
+            loss = parts.loss_fn(parts.network(image), label)
+        value = float(loss.detach())
+        # Every process stops together: one rank's NaN would otherwise hang the others in all-reduce.
+        if distributed.any_true(not math.isfinite(value)):
+            raise TrainingFailedError(
+                f"training diverged at epoch {epoch + 1}, iteration {len(losses) + 1}: the loss is not finite "
+                f"({value}); lower train.learning_rate or check the data. The last good state is "
+                f"{run.last_path.name} of epoch {epoch}"
+            )
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.network.parameters(), 12.0)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        losses.append(value)
+        state.patches += image.shape[0] * run.env.world_size
+        if run.budget_s and distributed.any_true(state.elapsed() > run.budget_s):
+            state.stopped = True
+            break
+    return {"train_loss": float(np.mean(losses)), "lr": parts.optimizer.param_groups[0]["lr"]}
+
+
+def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], bar: tqdm) -> None:
+    """Rank 0 after an epoch: validate when due (``best.pt`` on a better Dice), log the metrics, write ``last.pt``."""
+    t, parts = run.cfg.train, run.parts
+    model = _unwrap(parts.network)
+    last_epoch = epoch + 1 == t.epochs or state.stopped
+    if run.val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
+        per_label = validate(model, run.val_data, run.cfg, run.base["patch_size"], run.labels, run.device)
+        metrics["val_dice"] = float(np.mean(list(per_label.values())))
+        metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
+        if metrics["val_dice"] > state.best_dice:
+            state.best_dice = metrics["val_dice"]
+            save_checkpoint({**run.base, "state_dict": model.state_dict(), "val_dice": state.best_dice,
+                             "epoch": epoch + 1}, run.best_path)
+    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
+    # Metrics before the checkpoint: a crash in between redoes (and re-logs) this epoch instead of losing it.
+    if run.log_metrics:
+        run.log_metrics(metrics, epoch + 1)
+    save_checkpoint({
+        **run.base, "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": state.best_dice,
+        "elapsed_s": state.elapsed(), "stopped_by_budget": state.stopped, **(run.extra_state or {}),
+    }, run.last_path)
+
+
+def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
+    """The epochs left to train, each ended on rank 0 and then by a barrier; returns the epochs completed."""
+    t, env = run.cfg.train, run.env
+    state.start = time.monotonic()
+    bar = tqdm(range(state.start_epoch, t.epochs), desc="train", unit="epoch", disable=not env.is_main,
+               initial=state.start_epoch, total=t.epochs)
+    epoch = state.start_epoch
+    for epoch in bar:
+        metrics = _train_epoch(run, state, batches, epoch)
+        if env.is_main:
+            _end_epoch(run, state, epoch, metrics, bar)
+        distributed.barrier()
+        if state.stopped:
+            break
+    bar.close()
+    return epoch + 1 if t.epochs > state.start_epoch else state.start_epoch
+
+
+def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
+    """Write ``final.pt`` (and ``best.pt`` when no validation wrote one) and gather every process's checksum."""
+    model = _unwrap(run.parts.network)
+    final_path = run.best_path.with_name("final.pt")
+    if run.env.is_main:
+        save_checkpoint({**run.base, "state_dict": model.state_dict(), "epoch": completed}, final_path)
+        if not run.best_path.is_file():
+            save_checkpoint({**run.base, "state_dict": model.state_dict(), "val_dice": state.best_dice,
+                             "epoch": completed}, run.best_path)
+    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    checksums = distributed.gather(checksum)
+    run_s = time.monotonic() - state.start
+    return TrainResult(run.best_path, run.last_path, final_path, state.best_dice, completed, state.stopped,
+                       state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums)
+
+
 def train(
     cfg: PipelineConfig,
     plan: dict[str, Any],
@@ -134,135 +331,29 @@ def train(
         extra_state: stored in ``last.pt`` (e.g. the MLflow run id).
     """
     t = cfg.train
-    device = resolve_device(t.device)
-    env = distributed.init(device.type)
-    if env.enabled and device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-    _seed_everything(t.seed)
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    elif env.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    device, env = _init_process(t)
     net_plan = plan["network"]
     patch_size, batch_size = list(net_plan["patch_size"]), int(net_plan["batch_size"])
     labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
     kwargs = model_kwargs(cfg, plan)
-    network: torch.nn.Module = UNet(**kwargs).to(device)
-    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            network.parameters(), lr=t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    use_amp = t.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-
+    parts = _build(t, kwargs, device)
     best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
-    start_epoch, best_dice, elapsed_before = 0, -1.0, 0.0
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best_dice = int(state["epoch"]), float(state["best_val_dice"])
-        elapsed_before = float(state["elapsed_s"])
-        if state.get("stopped_by_budget"):
-            start_epoch = t.epochs  # the budget was spent: nothing left to train
+    state = _restore(parts, last_path, t.epochs) if resume and last_path.is_file() else _State()
     if env.enabled:
-        network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+        parts.network = DistributedDataParallel(parts.network, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_data = [dict(zip(("image", "label"), c.load())) for c in train_cases]
-    val_data = [dict(zip(("image", "label"), c.load())) for c in val_cases] if env.is_main else []
+    train_data = _load(train_cases)
+    val_data = _load(val_cases) if env.is_main else []
     transforms = train_transforms(cfg, patch_size)
     iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / (batch_size * env.world_size)))
     budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
     workers = _num_workers(t.num_workers, device)
+    run = _Run(cfg, env, device, parts, _checkpoint_base(cfg, plan, kwargs, patch_size), best_path, last_path,
+               iterations, budget_s, val_data, labels, log_metrics, extra_state)
 
-    e = cfg.evaluate
-    stored = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
-    base = {"model": kwargs, "plan": plan, "patch_size": patch_size,
-            "inference": inference_section(stored, plan, validated=False)}
-    epoch, stopped, patches = start_epoch, False, 0
     stream = PatchStream(train_data, transforms, t.seed, env.rank, iterations * batch_size)
     # One iterator for the whole run: workers start once and keep prefetching across epoch ends.
-    batches = iter(patch_loader(stream, start_epoch, t.epochs, batch_size, workers, device.type == "cuda"))
-    start = time.monotonic()
-    bar = tqdm(range(start_epoch, t.epochs), desc="train", unit="epoch", disable=not env.is_main,
-               initial=start_epoch, total=t.epochs)
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start
-
-    for epoch in bar:
-        progress = max(epoch / t.epochs, elapsed() / budget_s if budget_s else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = t.learning_rate * _lr_factor(progress)
-        network.train()
-        losses = []
-        for _ in range(iterations):
-            image, label = next(batches)
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-            if cfg.model.spatial_dims == 2:
-                image, label = image[..., 0], label[..., 0]
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(network(image), label)
-            value = float(loss.detach())
-            # Every process stops together: one rank's NaN would otherwise hang the others in all-reduce.
-            if distributed.any_true(not math.isfinite(value)):
-                raise TrainingFailedError(
-                    f"training diverged at epoch {epoch + 1}, iteration {len(losses) + 1}: the loss is not finite "
-                    f"({value}); lower train.learning_rate or check the data. The last good state is "
-                    f"{last_path.name} of epoch {epoch}"
-                )
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(value)
-            patches += image.shape[0] * env.world_size
-            if budget_s and distributed.any_true(elapsed() > budget_s):
-                stopped = True
-                break
-        metrics = {"train_loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"]}
-        last_epoch = epoch + 1 == t.epochs or stopped
-        if env.is_main:
-            model = _unwrap(network)
-            if val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
-                per_label = validate(model, val_data, cfg, patch_size, labels, device)
-                metrics["val_dice"] = float(np.mean(list(per_label.values())))
-                metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
-                if metrics["val_dice"] > best_dice:
-                    best_dice = metrics["val_dice"]
-                    save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice,
-                                     "epoch": epoch + 1}, best_path)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
-            # Metrics before the checkpoint: a crash in between redoes (and re-logs) this epoch instead of losing it.
-            if log_metrics:
-                log_metrics(metrics, epoch + 1)
-            save_checkpoint({
-                **base, "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": best_dice,
-                "elapsed_s": elapsed(), "stopped_by_budget": stopped, **(extra_state or {}),
-            }, last_path)
-        distributed.barrier()
-        if stopped:
-            break
-    bar.close()
+    batches = iter(patch_loader(stream, state.start_epoch, t.epochs, batch_size, workers, device.type == "cuda"))
+    completed = _run_epochs(run, state, batches)
     del batches  # stops the loader's workers
-    completed = epoch + 1 if t.epochs > start_epoch else start_epoch
-    model = _unwrap(network)
-    final_path = checkpoint_dir / "final.pt"
-    if env.is_main:
-        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": completed}, final_path)
-        if not best_path.is_file():
-            save_checkpoint({**base, "state_dict": model.state_dict(), "val_dice": best_dice, "epoch": completed},
-                            best_path)
-    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
-    checksums = distributed.gather(checksum)
-    run_s = time.monotonic() - start
-    return TrainResult(best_path, last_path, final_path, best_dice, completed, stopped, elapsed(),
-                       patches / run_s if run_s > 0 else 0.0, checksums)
+    return _finish(run, state, completed)
