@@ -172,6 +172,8 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
     device = torch.device(key.device_type)
     example = torch.randn(key.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     started = time.monotonic()
+    # Importing the compiler warns on every CPU-only machine that it found no CUDA runtime: not news here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         import torch._inductor.config as inductor_config
 
