@@ -7,6 +7,7 @@ not the 0600 of a temporary file, so colleagues in the same group can read it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -133,3 +134,16 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "unet-pipeline"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, hex, read in 1 MiB blocks.
+
+    Args:
+        path: the file.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

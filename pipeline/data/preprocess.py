@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.config import PipelineConfig
 from pipeline.data.dataset import Case, Dataset
-from pipeline.data.files import write_text_atomic
+from pipeline.data.files import file_sha256, write_text_atomic
 from pipeline.data.planning import plan_network
 from pipeline.errors import InputDataError
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
@@ -48,14 +48,6 @@ def _files_of(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ContentHashes:
     """SHA-256 of input files, remembered by (path, size, modification time) so unchanged files are not re-read.
 
@@ -85,7 +77,7 @@ class ContentHashes:
         cached = self.cache.get(key)
         if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
             return cached[2]
-        digest = _sha256(path)
+        digest = file_sha256(path)
         self.cache[key] = [st.st_size, st.st_mtime_ns, digest]
         self._changed = True
         return digest

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.data import cache_root, write_text_atomic
+from pipeline.data import cache_root, file_sha256, write_text_atomic
 from pipeline.errors import PipelineError
 from pipeline.registry.server import redact_uri
 
@@ -115,7 +115,7 @@ def cached_checkpoint(models_dir: Path, key: str, label: str, download: Callable
 def _write_manifest(entry: Path, checkpoint: Path) -> None:
     """Record every file's size and the checkpoint's sha256, relative to the cache entry."""
     files = {str(p.relative_to(entry)): p.stat().st_size for p in sorted(entry.rglob("*")) if p.is_file()}
-    manifest = {"checkpoint": str(checkpoint.relative_to(entry)), "checkpoint_sha256": _sha256(checkpoint),
+    manifest = {"checkpoint": str(checkpoint.relative_to(entry)), "checkpoint_sha256": file_sha256(checkpoint),
                 "files": files}
     write_text_atomic(entry / MANIFEST, json.dumps(manifest, indent=1))
 
@@ -131,7 +131,7 @@ def _verified(entry: Path) -> tuple[Path | None, str]:
             if path.stat().st_size != size:
                 return None, f"{name} has a different size"
         checkpoint = entry / manifest["checkpoint"]
-        if _sha256(checkpoint) != manifest["checkpoint_sha256"]:
+        if file_sha256(checkpoint) != manifest["checkpoint_sha256"]:
             return None, "the checkpoint's sha256 differs"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         # The class only: the message would repeat paths.
@@ -147,11 +147,3 @@ def _discard(folder: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
