@@ -52,6 +52,7 @@ from monai.data.utils import compute_importance_map
 
 from pipeline.inference import accelerate
 from pipeline.inference.accelerate import CompileMode
+from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan
 
 logger = logging.getLogger(__name__)
 
@@ -149,56 +150,6 @@ def importance_map(
     return weights.to(device=device, dtype=dtype)
 
 
-class SimulatedOutOfMemory(torch.OutOfMemoryError):
-    """Raised by the CPU-side memory-cap simulation where CUDA would run out of memory."""
-
-
-class _DeviceBudget:
-    """Accounts the engine's allocations on the compute device against a cap (CPU simulation)."""
-
-    def __init__(self, cap_bytes: int | None) -> None:
-        self.cap, self.used = cap_bytes, 0
-
-    def take(self, nbytes: int, what: str) -> None:
-        if self.cap is not None and self.used + nbytes > self.cap:
-            raise SimulatedOutOfMemory(
-                f"{what} needs {nbytes / 2**20:.0f} MiB, {self.cap / 2**20:.0f} MiB cap, "
-                f"{self.used / 2**20:.0f} MiB in use"
-            )
-        self.used += nbytes
-
-
-#: one window to evaluate: its start in the padded buffer per axis, and the axes it is flipped along.
-_Job = tuple[tuple[int, ...], tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class _TilePlan:
-    """Where one volume's windows go: the padding, and the tiles each group of flips shares.
-
-    Coordinates are those of the padded buffer: the volume with ``margin`` zeros on both sides of each axis.
-    """
-
-    size: list[int]
-    window: list[int]
-    margin: list[int]
-    #: window starts per axis -> the flips that see exactly those tiles (one normalisation per group).
-    groups: dict[tuple, list[tuple[int, ...]]]
-
-    @property
-    def jobs_total(self) -> int:
-        return sum(math.prod(len(a) for a in key) * len(flips) for key, flips in self.groups.items())
-
-    def jobs(self, key: tuple, flips: list[tuple[int, ...]]) -> list[_Job]:
-        return [(pos, flip) for pos in itertools.product(*key) for flip in flips]
-
-    def tile(self, pos: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(p, p + w) for p, w in zip(pos, self.window))
-
-    def crop(self) -> tuple[slice, ...]:
-        return tuple(slice(m, m + n) for m, n in zip(self.margin, self.size))
-
-
 class _Network:
     """The network one volume runs on: the compiled copy, or the eager network if there is none or it fails."""
 
@@ -224,68 +175,6 @@ class _Network:
         if self.spatial_dims == 2:
             return network(batch[..., 0])[..., None]
         return network(batch)
-
-
-class _Accumulator:
-    """Blended windows summed in place, normalised per group of flips, the groups added up.
-
-    The buffers are allocated at the first batch (its outputs give the number of classes) and reused by every group.
-    """
-
-    def __init__(
-        self, plan: _TilePlan, buffer: list[int], weight_map: torch.Tensor, device: torch.device,
-        budget: _DeviceBudget | None,
-    ) -> None:
-        self.plan, self.buffer, self.weight_map, self.device, self.budget = plan, buffer, weight_map, device, budget
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.acc: torch.Tensor | None = None
-        self.weights: torch.Tensor | None = None
-        self.total: torch.Tensor | None = None
-
-    def start_group(self) -> None:
-        if self.acc is not None:
-            self.acc.zero_()
-            self.weights.zero_()
-
-    def add(self, pred: torch.Tensor, chunk: list[_Job], first_flip: tuple[int, ...]) -> None:
-        """Blend a batch of window outputs in; each tile's weights count once per group (for ``first_flip``)."""
-        if self.acc is None:
-            self._allocate(pred.shape[1])
-        pred = pred.to(self.dtype)
-        for i, (pos, flip) in enumerate(chunk):
-            sl = self.plan.tile(pos)
-            out = torch.flip(pred[i], [d + 1 for d in flip]) if flip else pred[i]
-            self.acc[(slice(None), *sl)].addcmul_(out.to(self.device), self.blend)
-            if flip == first_flip:
-                self.weights[sl] += self.blend_f32
-
-    def _allocate(self, out_channels: int) -> None:
-        if self.budget is not None:
-            self.budget.take(out_channels * math.prod(self.buffer) * (2 if self.dtype == torch.float16 else 4),
-                             "the stitched logits")
-            self.budget.take(math.prod(self.buffer) * 4, "the stitched weights")
-        self.acc = torch.zeros((out_channels, *self.buffer), dtype=self.dtype, device=self.device)
-        self.weights = torch.zeros(self.buffer, dtype=torch.float32, device=self.device)
-        self.blend_f32 = self.weight_map.to(self.device)
-        self.blend = self.blend_f32.to(self.dtype)
-
-    def end_group(self) -> None:
-        # In place: for a CT-sized volume each extra copy of the logits is hundreds of MB.
-        part = self.acc if self.acc.dtype == torch.float32 else self.acc.float()
-        part.div_(self.weights)
-        if len(self.plan.groups) == 1:
-            self.total = part
-        elif self.total is None:
-            self.total = part.to("cpu", copy=True)  # acc is reused by the next group
-        else:
-            self.total += part.to("cpu")
-
-    def result(self, flips: int) -> torch.Tensor:
-        """The mean over the ``flips`` flips, cropped to the volume: float32 on the CPU."""
-        total = self.total
-        assert total is not None
-        total /= flips
-        return total[(slice(None), *self.plan.crop())].float().cpu().contiguous()
 
 
 class SlidingWindowInferer:
@@ -326,6 +215,29 @@ class SlidingWindowInferer:
             ``(num_classes, X, Y, Z)`` float32 logits on the CPU (averaged over flips with
             mirroring).
         """
+        return self._infer(image, spread=False)[0]
+
+    @torch.inference_mode()
+    def with_spread(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of a whole volume and, per voxel, how much the passes behind them disagree.
+
+        The spread is the standard deviation of the logit vectors around their mean, over
+        every mirrored pass and overlapping window that saw the voxel (blend-weighted): zero
+        where all passes agree. It costs one single-channel buffer and no extra network pass.
+
+        Args:
+            image: ``(C, X, Y, Z)`` preprocessed volume (any device).
+
+        Returns:
+            The logits as :meth:`__call__` gives them, and the ``(X, Y, Z)`` float32 spread on the CPU.
+        """
+        logits, squares = self._infer(image, spread=True)
+        assert squares is not None
+        # E|l|^2 - |E l|^2, in place; rounding can make it a hair negative where the passes agree.
+        squares -= logits.square().sum(0)
+        return logits, squares.clamp_(min=0).sqrt_()
+
+    def _infer(self, image: torch.Tensor, spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         cap = self.settings.memory_cap_gb
         if self.device.type == "cuda" and cap is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -333,7 +245,7 @@ class SlidingWindowInferer:
         last_error: BaseException | None = None
         for on_device, batch_size in self._attempts():
             try:
-                out = self._run(image, on_device, batch_size)
+                out = self._run(image, on_device, batch_size, spread)
                 self.volumes_left = max(1, self.volumes_left - 1)
             except torch.OutOfMemoryError as error:
                 last_error = error
@@ -386,7 +298,7 @@ class SlidingWindowInferer:
         axes = range(2) if self.spatial_dims == 2 else range(3)
         return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
-    def _plan(self, size: list[int]) -> _TilePlan:
+    def _plan(self, size: list[int]) -> TilePlan:
         s, window = self.settings, self.window
         # Volumes smaller than the window are padded with zeros, the smaller half first (as MONAI does).
         # A flipped volume is padded the same way *after* flipping, so in the original frame its padding
@@ -402,9 +314,9 @@ class SlidingWindowInferer:
                 for a, (axis, n, w, p, m) in enumerate(zip(starts, size, window, pad, margin))
             )
             groups.setdefault(key, []).append(flip)
-        return _TilePlan(size, window, margin, groups)
+        return TilePlan(size, window, margin, groups)
 
-    def _to_device(self, image: torch.Tensor, margin: list[int], budget: _DeviceBudget) -> torch.Tensor:
+    def _to_device(self, image: torch.Tensor, margin: list[int], budget: DeviceBudget) -> torch.Tensor:
         """The volume as float32 on the device, padded by ``margin`` on both sides of each axis."""
         budget.take(image.numel() * 4, "the input volume")
         x = image.float()
@@ -428,10 +340,12 @@ class SlidingWindowInferer:
         return _Network(self.network, fast, self.spatial_dims, self.device.type == "cuda")
 
     @torch.inference_mode()
-    def _run(self, image: torch.Tensor, results_on_device: bool, batch_size: int) -> torch.Tensor:
+    def _run(
+        self, image: torch.Tensor, results_on_device: bool, batch_size: int, spread: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.settings
         cuda = self.device.type == "cuda"
-        budget = _DeviceBudget(int(s.memory_cap_gb * 2**30) if s.memory_cap_gb is not None and not cuda else None)
+        budget = DeviceBudget(int(s.memory_cap_gb * 2**30) if s.memory_cap_gb is not None and not cuda else None)
         if cuda:
             torch.backends.cudnn.benchmark = True
 
@@ -441,7 +355,8 @@ class SlidingWindowInferer:
         results_device = self.device if results_on_device else torch.device("cpu")
         weight_map = importance_map(tuple(self.window), s.mode, s.sigma_scale, str(self.device), torch.float32)
         # Only buffers on the compute device count against its cap.
-        stitched = _Accumulator(plan, list(x.shape[1:]), weight_map, results_device, budget if results_on_device else None)
+        stitched = Accumulator(plan, list(x.shape[1:]), weight_map, results_device, budget if results_on_device else None,
+                                spread)
         # No bigger batches than there are windows (a small volume may need a single one).
         batch_size = min(batch_size, plan.jobs_total)
         self.batch_size = batch_size
@@ -463,7 +378,8 @@ class SlidingWindowInferer:
                 self.windows_evaluated += len(chunk)
                 stitched.add(pred, chunk, flips[0])
             stitched.end_group()
-        return stitched.result(len(self._flips()))
+        flips = len(self._flips())
+        return stitched.result(flips), stitched.mean_squares(flips)
 
     def _activation_bytes(self, batch_size: int, channels: int) -> int:
         """A rough upper bound of one batch's activations (the CPU simulation's only estimate)."""
