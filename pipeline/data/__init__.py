@@ -10,6 +10,7 @@ of the other subpackages of ``pipeline`` (only ``pipeline.config``,
 from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
+from pipeline.data.fingerprint import intensity_distance, intensity_percentiles, obliquity_deg, training_fingerprint
 from pipeline.data.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.data.splits import kfold_splits, stored_splits
 
@@ -21,6 +22,10 @@ __all__ = [
     "atomic_file",
     "cache_root",
     "file_sha256",
+    "intensity_distance",
+    "intensity_percentiles",
+    "obliquity_deg",
+    "training_fingerprint",
     "kfold_splits",
     "load_dataset",
     "make_demo_dataset",

@@ -45,6 +45,17 @@ class Staged:
         self._files.append((Path(name), final))
         return Path(name)
 
+    def written(self, final: Path) -> Path:
+        """Where ``final``'s content is now, before the commit (a later file of the set may need to read it).
+
+        Args:
+            final: a file already written through :meth:`path`.
+        """
+        for tmp, target in self._files:
+            if target == final:
+                return tmp
+        raise KeyError(final)
+
     def __enter__(self) -> Staged:
         return self
 

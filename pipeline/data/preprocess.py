@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.data.dataset import Case, Dataset
 from pipeline.data.files import file_sha256, write_text_atomic
+from pipeline.data.fingerprint import intensity_percentiles, obliquity_deg, training_fingerprint
 from pipeline.data.planning import plan_network
 from pipeline.errors import InputDataError
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
@@ -139,8 +140,9 @@ def _case_fingerprint(case: Case, content: str, orientation: str, labels: dict[i
     key = f"{content}:{orientation}"
     if cache.is_file():
         with np.load(cache) as npz:
-            if str(npz["key"]) == key:
+            if str(npz["key"]) == key and "obliquity" in npz:
                 return {"spacing": npz["spacing"].tolist(), "shape": npz["shape"].tolist(),
+                        "obliquity": float(npz["obliquity"]),
                         "samples": [npz[f"samples_{c}"] for c in range(int(npz["channels"]))]}
     loader = load_transforms(with_label=True)
     reorient = spatial_transforms({"orientation": orientation, "target_spacing": None}, True)[0]
@@ -156,10 +158,12 @@ def _case_fingerprint(case: Case, content: str, orientation: str, labels: dict[i
         if fg.size > FOREGROUND_SAMPLES_PER_CASE:
             fg = rs.choice(fg, FOREGROUND_SAMPLES_PER_CASE, replace=False)
         samples.append(fg.astype(np.float64))
-    entry = {"spacing": [float(s) for s in image.pixdim], "shape": [int(s) for s in image.shape[1:]], "samples": samples}
+    entry = {"spacing": [float(s) for s in image.pixdim], "shape": [int(s) for s in image.shape[1:]],
+             "obliquity": obliquity_deg(np.asarray(image.affine)), "samples": samples}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, key=key, spacing=entry["spacing"], shape=entry["shape"], channels=len(samples),
+    np.savez(tmp, key=key, spacing=entry["spacing"], shape=entry["shape"], obliquity=entry["obliquity"],
+             channels=len(samples),
              **{f"samples_{c}": v for c, v in enumerate(samples)})
     os.replace(tmp, cache)
     return entry
@@ -176,12 +180,13 @@ def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[st
         case_hashes: case id -> content hash.
         cache_dir: where the per-case parts are kept.
     """
-    spacings, shapes = [], []
+    spacings, shapes, obliquities = [], [], []
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
         entry = _case_fingerprint(case, case_hashes[case.case_id], orientation, dataset.labels, cache_dir)
         spacings.append(entry["spacing"])
         shapes.append(entry["shape"])
+        obliquities.append(entry["obliquity"])
         for c, values in enumerate(entry["samples"]):
             samples[c].append(values)
     stats = []
@@ -197,6 +202,7 @@ def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[st
         "orientation": orientation,
         "spacings": spacings,
         "shapes": shapes,
+        "obliquities": obliquities,
         "median_spacing": [float(x) for x in np.median(spacings, axis=0)],
         "median_shape": [float(x) for x in np.median(shapes, axis=0)],
         "foreground_intensity": stats,
@@ -289,10 +295,12 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
     plan = make_plan(cfg, dataset, fingerprint, device)
     write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     # The network part of the plan does not change the preprocessed voxels.
-    voxel_plan = json.dumps({k: v for k, v in plan.items() if k != "network"}, sort_keys=True)
+    voxel_plan = json.dumps({k: v for k, v in plan.items() if k not in ("network", "fingerprint")}, sort_keys=True)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     chain = preprocessing(plan, with_label=True)
+    percentiles_path = out_dir / "intensity_percentiles.json"
+    percentiles = json.loads(percentiles_path.read_text()) if percentiles_path.is_file() else {}
     result, redone = [], []
     for case in tqdm(dataset.cases, desc="preprocess", unit="case", leave=False):
         target = out_dir / f"{case.case_id}.npz"
@@ -303,8 +311,31 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
             np.savez(tmp, image=d["image"].numpy().astype(np.float32), label=d["label"].numpy().astype(np.uint8))
             os.replace(tmp, target)
             manifest[case.case_id] = key
+            percentiles[case.case_id] = [key, intensity_percentiles(d["image"].numpy())]
             redone.append(case.case_id)
             # Saved per case: an interrupted call keeps what it finished.
             write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
+    plan["fingerprint"] = _conformity_fingerprint(dataset, fingerprint, result, manifest, percentiles)
+    write_text_atomic(percentiles_path, json.dumps(percentiles))
+    write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     return PreprocessResult(plan, result, data_hash, case_hashes, redone)
+
+
+def _conformity_fingerprint(
+    dataset: Dataset, fingerprint: dict[str, Any], cases: list[PreprocessedCase], manifest: dict[str, str],
+    percentiles: dict[str, list],
+) -> dict[str, Any]:
+    """The training fingerprint the plan carries for the input check at prediction (see :mod:`pipeline.data.fingerprint`).
+
+    Each case's normalised-intensity percentiles are kept by its preprocessing key, so only new or
+    changed cases are read again.
+    """
+    for case in cases:
+        cached = percentiles.get(case.case_id)
+        if not cached or cached[0] != manifest[case.case_id]:
+            image, _ = case.load()
+            percentiles[case.case_id] = [manifest[case.case_id], intensity_percentiles(image.numpy())]
+    return training_fingerprint(
+        {str(k): v for k, v in dataset.modalities.items()}, fingerprint["spacings"], fingerprint["shapes"],
+        fingerprint["obliquities"], [percentiles[c.case_id][1] for c in cases])
