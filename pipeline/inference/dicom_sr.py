@@ -1,0 +1,226 @@
+"""DICOM SR (highdicom, TID 1500 Measurement Report) of a DICOM SEG's segment volumes and estimated Dice.
+
+The report belongs in the source study: it references the SEG (one measurement group per
+segment, by segment number) and the series the SEG was predicted from. Volumes are in mL;
+the estimated Dice, having no standard concept, is a private code (``99UNETPIPE``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.data import Staged, save_file
+from pipeline.errors import InputDataError
+from pipeline.inference.dicom_seg import Algorithm, _quiet_dicom_libraries, _with_type2_attributes
+
+#: Coding scheme designator of this package's private codes (declared in the SR's coding schemes).
+PRIVATE_SCHEME = "99UNETPIPE"
+_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass(frozen=True)
+class SegmentMeasurement:
+    """What the report states about one segment of the SEG.
+
+    Args:
+        name: the segment's label in the SEG (its SegmentLabel).
+        volume_ml: the segment's volume in mL.
+        estimated_dice: the Dice similarity coefficient estimated for it; ``None``: not estimated (no Dice
+            measurement is written).
+    """
+
+    name: str
+    volume_ml: float
+    estimated_dice: float | None = None
+
+
+def write_dicom_sr(
+    seg_path: Path, source_files: Sequence[Path], measurements: Sequence[SegmentMeasurement], algorithm: Algorithm,
+    path: Path, staged: Staged | None = None,
+) -> Path:
+    """Write a Comprehensive 3D SR (TID 1500) of per-segment volumes and estimated Dice, atomically.
+
+    Each measurement is matched to the SEG's segment of the same label; its group references
+    that segment (SEG SOP instance and segment number) and the source series, and is tracked
+    by the label. Patient and study are copied from the sources; the SEG and every source
+    instance are listed as evidence. The device observer is the algorithm.
+
+    Args:
+        seg_path: the DICOM SEG the measurements are of (as :func:`write_dicom_seg` writes it).
+        source_files: the files of the series the SEG was predicted from.
+        measurements: one per reported segment, each naming a segment of the SEG.
+        algorithm: the model's identity.
+        path: the target ``.dcm``.
+        staged: write as part of these staged files (committed together); default: on its own.
+
+    Raises:
+        InputDataError: a file cannot be read, the SEG is not a SEG of the source series, a
+            measurement names no segment of it (or one of several) or is not a finite number.
+    """
+    if not source_files:
+        raise InputDataError(seg_path, "no source series files were given for the DICOM SR")
+    folder = Path(source_files[0]).parent
+    with _quiet_dicom_libraries():
+        seg = _read_header(Path(seg_path))
+        sources = [_with_type2_attributes(_read_header(Path(f))) for f in source_files]
+        groups = _matched_segments(seg, Path(seg_path), sources, measurements)
+        try:
+            sr = _build_sr(seg, sources, groups, algorithm)
+            save_file(path, staged, ".dcm", sr.save_as)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            # highdicom's messages may quote header values (patient data): only the kind of error is shown.
+            raise InputDataError(folder, f"cannot be referenced by a DICOM SR (highdicom raised "
+                                         f"{type(error).__name__})") from None
+    return path
+
+
+def read_dicom_sr(path: Path) -> dict[str, dict[str, float | None]]:
+    """The per-segment measurements of a report :func:`write_dicom_sr` wrote, read with highdicom.
+
+    Args:
+        path: the SR file.
+
+    Returns:
+        Segment label -> ``{"volume_ml": ..., "estimated_dice": ...}``; the Dice is ``None`` where
+        the report has none.
+
+    Raises:
+        InputDataError: the file cannot be read or is not such a measurement report.
+    """
+    import highdicom as hd
+    from pydicom.errors import InvalidDicomError
+    from pydicom.sr.codedict import codes
+
+    with _quiet_dicom_libraries():
+        try:
+            report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(path).content)
+            groups = report.get_volumetric_roi_measurement_groups()
+            result: dict[str, dict[str, float | None]] = {}
+            for group in groups:
+                label = group.tracking_identifier
+                volume = group.get_measurements(name=codes.SCT.Volume)
+                dice = group.get_measurements(name=_dice_concept())
+                if label is None or label in result or len(volume) != 1 or len(dice) > 1:
+                    raise InputDataError(path, "is not a segment measurement report (a measurement group lacks "
+                                               "its label or volume, or repeats one)")
+                if volume[0].unit.value.lower() != "ml":
+                    raise InputDataError(path, "states a segment volume in a unit other than mL")
+                result[label] = {"volume_ml": volume[0].value, "estimated_dice": dice[0].value if dice else None}
+        except FileNotFoundError:
+            raise InputDataError(path, "does not exist") from None
+        except OSError as error:
+            raise InputDataError(path, f"cannot be read ({error.strerror or type(error).__name__})") from None
+        except (InvalidDicomError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+            # srread raises RuntimeError for a SOP class that is no SR it knows (e.g. a SEG).
+            raise InputDataError(path, f"is not a DICOM SR measurement report (highdicom raised "
+                                       f"{type(error).__name__})") from None
+    return result
+
+
+def _read_header(path: Path) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except FileNotFoundError:
+        raise InputDataError(path, "does not exist") from None
+    except OSError as error:
+        raise InputDataError(path, f"cannot be read ({error.strerror or type(error).__name__})") from None
+    except InvalidDicomError:
+        raise InputDataError(path, "is not a DICOM file") from None
+
+
+def _matched_segments(seg: Any, seg_path: Path, sources: Sequence[Any],
+                     measurements: Sequence[SegmentMeasurement]) -> list[tuple[SegmentMeasurement, Any]]:
+    """Each measurement with the SEG's segment item it names, after checking the SEG belongs to the sources."""
+    if seg.get("SOPClassUID") != _SEGMENTATION_STORAGE:
+        raise InputDataError(seg_path, "is not a DICOM SEG")
+    series = {str(d.get("SeriesInstanceUID", "")) for d in sources}
+    referenced = {str(r.get("SeriesInstanceUID", "")) for r in seg.get("ReferencedSeriesSequence", [])}
+    if len(series) != 1 or not series <= referenced:
+        raise InputDataError(seg_path, "does not reference the given source series")
+    segments: dict[str, list[Any]] = {}
+    for item in seg.get("SegmentSequence", []):
+        segments.setdefault(str(item.get("SegmentLabel", "")), []).append(item)
+    names = [m.name for m in measurements]
+    pairs = []
+    for m in measurements:
+        # Segment labels are the model's label names, never patient data: they may be quoted.
+        found = segments.get(m.name, [])
+        if len(found) != 1 or names.count(m.name) != 1:
+            problem = "has no segment" if not found else "has several segments" if len(found) > 1 else "is measured twice"
+            raise InputDataError(seg_path, f"{problem} named {m.name!r}")
+        dice_ok = m.estimated_dice is None or (math.isfinite(m.estimated_dice) and 0.0 <= m.estimated_dice <= 1.0)
+        if not (math.isfinite(m.volume_ml) and m.volume_ml >= 0.0 and dice_ok):
+            raise InputDataError(seg_path, f"segment {m.name!r}: volume or estimated Dice out of range")
+        pairs.append((m, found[0]))
+    return pairs
+
+
+def _dice_concept() -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value="EST-DICE", scheme_designator=PRIVATE_SCHEME,
+                              meaning="Estimated Dice similarity coefficient")
+
+
+def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMeasurement, Any]],
+              algorithm: Algorithm) -> Any:
+    import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name[:64], version=algorithm.version[:64])
+    source_series = hd.sr.SourceSeriesForSegmentation(str(sources[0].SeriesInstanceUID))
+    millilitre = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+    rois = []
+    for m, item in groups:
+        measured = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(m.volume_ml), unit=millilitre)]
+        if m.estimated_dice is not None:
+            measured.append(hd.sr.Measurement(name=_dice_concept(), value=float(m.estimated_dice),
+                                              unit=codes.UCUM.NoUnits))
+        property_type = item.get("SegmentedPropertyTypeCodeSequence")
+        rois.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=m.name),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+                segment_number=int(item.SegmentNumber), source_series=source_series,
+            ),
+            finding_type=hd.sr.CodedConcept.from_dataset(property_type[0]) if property_type else codes.SCT.Tissue,
+            algorithm_id=algorithm_id, measurements=measured,
+        ))
+    # The same algorithm is the same device in every report: its UID is derived from its identity.
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["unet-pipeline", algorithm.name, algorithm.version]),
+        name=algorithm.name[:64], manufacturer_name="unet-pipeline", model_name=algorithm.name[:64],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device)),
+        procedure_reported=codes.cid100.ImagingProcedure, imaging_measurements=rois,
+    )
+    scheme = CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="unet-pipeline private codes",
+                                            responsible_organization="unet-pipeline")
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*sources, seg], content=report, series_instance_uid=hd.UID(), series_number=_series_number(seg),
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="unet-pipeline",
+        # An algorithm's output no one has reviewed: complete, but neither verified nor final.
+        is_complete=True, is_final=False, is_verified=False, coding_schemes=[scheme],
+        # Never the SEG's description (a PACS pass recognises its SEGs by it), even when that is 64 characters.
+        series_description=f"{algorithm.series_description[:61]} SR", manufacturer_model_name=algorithm.name[:64],
+        software_versions=algorithm.software_version[:64], device_serial_number="0",
+    )
+
+
+def _series_number(seg: Any) -> int:
+    """The SEG's series number + 1 (the SEG's own scheme: the source's + 1000, + 1 for its report)."""
+    try:
+        return int(seg.SeriesNumber) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1001
