@@ -16,16 +16,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/unet-pipeline run
 
-# The PACS tests run a real Orthanc (skipped without it). As root (CI) the Debian packages are installed
-# when missing; elsewhere nothing is installed. /usr/sbin is often not in a user's PATH: test the file.
+# The PACS tests run a real Orthanc, the report tests a headless Chromium (each skipped without it). As root (CI)
+# the Debian packages of whichever is missing are installed; elsewhere nothing is installed. /usr/sbin is often
+# not in a user's PATH: test the files.
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
+CHROMIUM_PACKAGES := chromium chromium-driver
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	@{ [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } \
-	  || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
-	  || { echo "installing $(ORTHANC_PACKAGES) for the PACS tests"; apt-get update -qq \
-	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ORTHANC_PACKAGES) >/dev/null; }
+	@missing=; \
+	  { [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } || missing="$(ORTHANC_PACKAGES)"; \
+	  { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing="$$missing $(CHROMIUM_PACKAGES)"; \
+	  [ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || { echo "installing" $$missing "for the PACS and report tests"; apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 	$(BIN)/python -m pytest -ra
 
 lint: $(STAMP)
