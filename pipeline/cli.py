@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="NIfTI file, DICOM series folder, or a folder holding NIfTI files and/or series folders")
     p.add_argument("--out", type=Path, required=True,
-                   help="output folder: CASE.nii.gz per case (+ CASE.seg.dcm for DICOM inputs)")
+                   help="output folder: CASE.nii.gz and CASE.json (volumes, estimated Dice, review flag) per case "
+                        "(+ CASE.seg.dcm and CASE.sr.dcm for DICOM inputs), summary.csv and report.html")
     p.add_argument("--series-uid", default=None,
                    help="SeriesInstanceUID to read from DICOM folders holding several series")
     p.add_argument("--save-probabilities", action="store_true",
@@ -106,15 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-seg", dest="write_seg", action="store_false",
                    help="do not write a DICOM SEG for DICOM series inputs")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    p.add_argument("--min-expected-dice", type=float, default=None,
+                   help="flag cases whose estimated Dice of any label is below this (default: the model's, "
+                        "chosen on its validation cases)")
     _add_common(p)
     _add_pacs_parsers(sub)
     return parser
 
 
 def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
-    pacs = sub.add_parser("pacs", help="segment series from a PACS over DICOMweb and store the DICOM SEG back")
+    pacs = sub.add_parser("pacs", help="segment series from a PACS over DICOMweb and store the DICOM SEG and SR back")
     psub = pacs.add_subparsers(dest="pacs_command")
-    for name, text in (("predict", "segment one study's series and store the SEG into the study"),
+    for name, text in (("predict", "segment one study's series and store the SEG and SR into the study"),
                        ("watch", "one scheduled pass: every study with a matching series and no SEG of this model yet")):
         p = psub.add_parser(name, help=text, description=text + ". Credentials come from DICOMWEB_USER/"
                             "DICOMWEB_PASSWORD or DICOMWEB_TOKEN, never from the command line.")
@@ -129,7 +133,7 @@ def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--study", required=True, help="StudyInstanceUID")
             p.add_argument("--series", default=None, help="SeriesInstanceUID (default: chosen by the series rules)")
             p.add_argument("--out", type=Path, default=None,
-                           help="also keep the NIfTI mask and the SEG here (named by the series UID)")
+                           help="also keep the NIfTI mask, SEG, SR and case record here (named by the series UID)")
         else:
             p.add_argument("--since", default=None, help="only studies from this date on (YYYY-MM-DD)")
 
@@ -248,10 +252,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline.inference import exit_code
 
     report = stages.predict_stage(args.models, args.inputs, args.out, work_dir, overrides, args.device,
-                                  args.series_uid, args.save_probabilities, args.write_seg, args.overwrite)
+                                  args.series_uid, args.save_probabilities, args.write_seg, args.overwrite,
+                                  args.min_expected_dice)
     for files in report.written.values():
         for path in files:
             print(path)
+    if report.summary:
+        flagged = sum(r["flagged"] for r in report.records.values())
+        print(f"{len(report.records)} case(s), {flagged} flagged for review: {report.summary[1]} "
+              f"(and {report.summary[0].name})", file=sys.stderr)
     if report.skipped:
         print(f"{len(report.skipped)} case(s) already complete in {args.out}, skipped (--overwrite redoes them)",
               file=sys.stderr)

@@ -108,6 +108,22 @@ class EvaluateConfig:
 
 
 @dataclass
+class QcConfig:
+    """The review flag of every prediction (see README "Quality and volumes").
+
+    ``run`` fits, on the validation cases, the map from each prediction's quality
+    signals (disagreement of the mirrored passes, boundary entropy) to its Dice and
+    stores it with the model. A case is flagged for review when any label's estimated
+    Dice is below ``min_expected_dice`` (empty: chosen on validation so that
+    ``flag_quantile`` of the validation cases are flagged) or its input is unlike the
+    training data.
+    """
+
+    min_expected_dice: float | None = None
+    flag_quantile: float = 0.10
+
+
+@dataclass
 class MlflowConfig:
     """Tracking and registry. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else SQLite in the work dir.
 
@@ -165,6 +181,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)

@@ -261,7 +261,8 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
     settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
     evaluation, model_path, inference = validate_and_export(
         settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation",
-        decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images)
+        decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,
+        min_expected_dice=cfg.qc.min_expected_dice, flag_quantile=cfg.qc.flag_quantile)
     summary = evaluation.summary
     names = list(summary["dice_per_label"])
     log.metrics({registry.SELECTION_METRIC: summary["mean_dice"],
@@ -271,6 +272,12 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
                  "val_mean_dice_without_postprocessing": summary["mean_dice_without_postprocessing"]},
                 "logging the evaluation")
     log.evaluation(evaluation, names)
+    if evaluation.calibration is not None and evaluation.calibration.labels:
+        v = evaluation.calibration.validation
+        log.metrics({"quality_spearman": v["spearman"], "quality_spearman_loo": v["spearman_loo"],
+                     "quality_min_expected_dice": evaluation.calibration.min_expected_dice,
+                     "quality_flagged_fraction": sum(r["flagged"] for r in evaluation.records) / max(1, len(evaluation.records))},
+                    "logging the quality calibration")
     gate_result, eval_set = score_and_log(
         cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device, work_dir,
         prepared.raw_cases("val"), evaluation, model_path, log)
@@ -360,9 +367,10 @@ def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides=None, de
             resolved = registry.resolve_model(ref, work_dir, Path(tmp))
             models.append(load_model(resolved.path, device))
             identities.append(resolved)
-    voxel_plan = {k: v for k, v in models[0].plan.items() if k != "network"}
+    # The fingerprint differs between folds (each saw other cases); the voxel part must not.
+    voxel_plan = {k: v for k, v in models[0].plan.items() if k not in ("network", "fingerprint")}
     for ref, m in zip(model_refs, models):
-        if {k: v for k, v in m.plan.items() if k != "network"} != voxel_plan:
+        if {k: v for k, v in m.plan.items() if k not in ("network", "fingerprint")} != voxel_plan:
             raise PipelineError(f"{ref}: its preprocessing plan differs from the first model's; cannot ensemble")
     return Predictor(models, device, overrides, series_uid), identities[0]
 
@@ -383,13 +391,14 @@ def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir
     from pipeline.evaluation import evaluate_cases
 
     dataset = load_dataset(data)
-    predictor, _ = load_predictor(model_refs, work_dir, overrides, device)
-    return evaluate_cases(predictor, dataset.cases, out_dir).summary
+    predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
+    return evaluate_cases(predictor, dataset.cases, out_dir,
+                          model={"name": identity.name, "version": str(identity.version)}).summary
 
 
 def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, overrides=None,
                   device: str = "auto", series_uid: str | None = None, save_probabilities: bool = False,
-                  write_seg: bool = True, overwrite: bool = False):
+                  write_seg: bool = True, overwrite: bool = False, min_expected_dice: float | None = None):
     """Segment NIfTI files and DICOM series (or folders of them): one NIfTI label map per case on the
     input's grid, optional probabilities, and a DICOM SEG for DICOM inputs; under ``torchrun`` the cases
     are shared across ranks.
@@ -406,6 +415,7 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
         save_probabilities: also write per-class probability maps.
         write_seg: write a DICOM SEG for DICOM series inputs.
         overwrite: redo cases whose outputs already exist.
+        min_expected_dice: the review threshold (``None``: the model's).
 
     Returns:
         The :class:`~pipeline.inference.predict.PredictReport`.
@@ -416,8 +426,8 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
     found = expand_inputs(inputs)
     cases = group_cases(found, len(predictor.plan["modalities"]))
     algorithm = algorithm_for(identity.name, identity.version)
-    return predict_cases(predictor, shard(cases), out_dir, algorithm, series_uid,
-                         save_probabilities, write_seg, overwrite)
+    return predict_cases(predictor, shard(cases), out_dir, algorithm, series_uid, save_probabilities, write_seg,
+                         overwrite, min_expected_dice=min_expected_dice, batch=cases)
 
 
 def _pacs_setup(url: str, rules_cfg: Any, verify_tls: bool):

@@ -2,7 +2,7 @@
 
 The checkpoint format and the settings a model was validated with, the model rebuilt
 from its checkpoint, our sliding-window engine and its CPU acceleration, the
-keep-largest-component postprocessing, the output writers (NIfTI, DICOM SEG) and batch
+keep-largest-component postprocessing, the output writers (NIfTI, DICOM SEG and SR, case records) and batch
 ``predict`` over files and folders. It may import ``pipeline.data`` (and
 ``models``, ``transforms``, ``pipeline.config``, ``pipeline.errors``), never
 evaluation, training, registry, scheduling or pacs: training-time validation uses
@@ -12,6 +12,7 @@ this engine, not the other way round.
 from pipeline.inference import accelerate
 from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
+from pipeline.inference.dicom_sr import SegmentMeasurement, read_dicom_sr, write_dicom_sr
 from pipeline.inference.model import LoadedModel, compile_ahead_of_time, load_model, load_model_from_checkpoint
 from pipeline.inference.outputs import write_label_map
 from pipeline.inference.postprocessing import Postprocessing
@@ -32,6 +33,7 @@ __all__ = [
     "Overrides",
     "Postprocessing",
     "Predictor",
+    "SegmentMeasurement",
     "SlidingWindowInferer",
     "WindowSettings",
     "accelerate",
@@ -42,9 +44,11 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_model_from_checkpoint",
+    "read_dicom_sr",
     "save_checkpoint",
     "seg_series_description",
     "window_size",
     "write_dicom_seg",
+    "write_dicom_sr",
     "write_label_map",
 ]

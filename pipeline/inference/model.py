@@ -15,6 +15,7 @@ from pipeline.inference import aot
 from pipeline.inference.checkpoints import load_checkpoint
 from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.sliding_window import window_size
+from pipeline.quality import Calibration
 
 
 @dataclass
@@ -39,6 +40,11 @@ class LoadedModel:
     def labels(self) -> dict[int, str]:
         """Label value -> name, background included."""
         return {int(k): v for k, v in self.plan["labels"].items()}
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The quality-estimate calibration fitted on validation (``None`` for models saved before it existed)."""
+        return Calibration.from_dict((self.checkpoint.get("inference") or {}).get("quality"))
 
 
 def load_model(path: Path, device: torch.device) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""What ``predict`` writes for a case: a NIfTI label map, optional probabilities, a DICOM SEG.
+"""What ``predict`` writes for a case: a NIfTI label map, its record, optional probabilities, a DICOM SEG and SR.
 
 Every file is written through :class:`~pipeline.data.files.Staged` (temporary name,
 flush, rename, ordinary permissions), so a reader never sees half a file. A case
@@ -22,6 +22,9 @@ from pipeline.data import Staged, save_file
 LABELS_SUFFIX = ".nii.gz"
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
 SEG_SUFFIX = ".seg.dcm"
+SR_SUFFIX = ".sr.dcm"
+RECORD_SUFFIX = ".json"
+THUMBNAILS = ".thumbnails"
 
 
 def write_label_map(labels: np.ndarray, affine: np.ndarray, path: Path, staged: Staged | None = None) -> Path:
@@ -66,11 +69,17 @@ class CaseOutputs:
         labels: the NIfTI label map.
         probabilities: the probabilities file, when asked for.
         seg: the DICOM SEG, when the input is a DICOM series.
+        record: the case record (``CASE.json``: volumes, estimated Dice, flag and reasons).
+        sr: the DICOM SR (TID 1500) of the volumes and estimated Dice, beside the SEG.
+        thumbnail: the review thumbnail the batch report embeds (not required for a case to be done).
     """
 
     labels: Path
     probabilities: Path | None = None
     seg: Path | None = None
+    record: Path | None = None
+    sr: Path | None = None
+    thumbnail: Path | None = None
 
     @classmethod
     def for_case(cls, out_dir: Path, name: str, probabilities: bool, seg: bool) -> CaseOutputs:
@@ -84,12 +93,15 @@ class CaseOutputs:
         """
         return cls(out_dir / f"{name}{LABELS_SUFFIX}",
                    out_dir / f"{name}{PROBABILITIES_SUFFIX}" if probabilities else None,
-                   out_dir / f"{name}{SEG_SUFFIX}" if seg else None)
+                   out_dir / f"{name}{SEG_SUFFIX}" if seg else None,
+                   out_dir / f"{name}{RECORD_SUFFIX}",
+                   out_dir / f"{name}{SR_SUFFIX}" if seg else None,
+                   out_dir / THUMBNAILS / f"{name}.png")
 
     @property
     def paths(self) -> list[Path]:
         """Every expected file."""
-        return [p for p in (self.labels, self.probabilities, self.seg) if p is not None]
+        return [p for p in (self.labels, self.probabilities, self.seg, self.record, self.sr) if p is not None]
 
     def complete(self) -> bool:
         """Whether every expected file exists (each is written atomically, so existing means whole)."""

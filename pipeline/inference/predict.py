@@ -16,15 +16,18 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.data import Staged, strip_nifti_suffix
+from pipeline.data import Staged, save_file, strip_nifti_suffix
 from pipeline.errors import InputDataError, user_error
 from pipeline.inference.dicom_seg import Algorithm, write_dicom_seg
-from pipeline.inference.outputs import CaseOutputs, write_label_map, write_probabilities
+from pipeline.inference.dicom_sr import SegmentMeasurement, write_dicom_sr
+from pipeline.inference.outputs import RECORD_SUFFIX, THUMBNAILS, CaseOutputs, write_label_map, write_probabilities
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.settings import package_version
+from pipeline.quality import case_record, overlay_thumbnail, read_record, write_record, write_report, write_summary_csv
 from transforms.readers import NIFTI_SUFFIXES
 
 
@@ -140,11 +143,25 @@ class PredictReport:
         written: the output files written, per case name.
         skipped: cases whose outputs were already complete.
         failed: ``(case input, one-line reason)`` per failed case.
+        records: the case records of the batch (written and skipped cases), by case name.
+        summary: ``summary.csv`` and ``report.html``, once every case of the batch has its record.
     """
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The fixed parts of one batch."""
+
+    predictor: Predictor
+    algorithm: Algorithm
+    series_uid: str | None
+    min_expected_dice: float | None
 
 
 def predict_cases(
@@ -157,21 +174,30 @@ def predict_cases(
     write_seg: bool = True,
     overwrite: bool = False,
     on_error: Callable[[Path, str], None] | None = None,
+    min_expected_dice: float | None = None,
+    batch: Sequence[CaseInput] | None = None,
 ) -> PredictReport:
     """Predict each case and write its outputs (skipping complete ones unless ``overwrite``).
+
+    Per case: the label map, the record ``CASE.json`` (volumes, estimated Dice, input check,
+    review flag and reasons) and, for DICOM inputs, the SEG and an SR of the measurements.
+    For the batch: ``summary.csv`` and ``report.html``, written once every case has its record.
 
     Args:
         predictor: the model(s).
         cases: the cases (already sharded).
         out_dir: the output folder (created).
-        algorithm: the model's identity for DICOM SEG.
+        algorithm: the model's identity for DICOM SEG and SR and the records.
         series_uid: the series to read from DICOM folders holding several.
         save_probabilities: also write per-class probabilities.
-        write_seg: write a DICOM SEG for DICOM series inputs.
+        write_seg: write a DICOM SEG (and SR) for DICOM series inputs.
         overwrite: redo cases whose outputs exist.
         on_error: called with (input, reason) for each failed case (default: print ``error: ...``).
+        min_expected_dice: the review threshold (``None``: the model's, chosen on validation).
+        batch: every case of the batch, all ranks together (default: ``cases``): the summary covers them.
     """
     report = PredictReport()
+    job = _Job(predictor, algorithm, series_uid, min_expected_dice)
     todo = []
     for case in cases:
         outputs = CaseOutputs.for_case(out_dir, case.name, save_probabilities, write_seg and case.dicom)
@@ -179,30 +205,26 @@ def predict_cases(
             report.skipped.append(case.name)
         else:
             todo.append((case, outputs))
-    if not todo:
-        return report
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if todo:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _predict_todo(job, todo, report, on_error)
+    _write_summary(out_dir, batch if batch is not None else cases, report, algorithm)
+    return report
+
+
+def _predict_todo(job: _Job, todo: list[tuple[CaseInput, CaseOutputs]], report: PredictReport,
+                  on_error: Callable[[Path, str], None] | None) -> None:
     rank = int(os.environ.get("RANK", 0))
     bar = tqdm(total=len(todo), desc=f"predict{f' rank {rank}' if rank else ''}", unit="case", position=rank,
                leave=False, file=sys.stderr)
     try:
-        loaded_cases = predictor.iter_loaded([case.images for case, _ in todo])
+        loaded_cases = job.predictor.iter_loaded([case.images for case, _ in todo])
         for (case, outputs), loaded in zip(todo, loaded_cases):
             bar.set_postfix_str(f"case {len(report.written) + len(report.failed) + 1}/{len(todo)}")
             try:
                 if isinstance(loaded, BaseException):
                     raise loaded
-                result = predictor.predict_loaded(loaded, probabilities=save_probabilities)
-                # All of a case's files appear together or not at all.
-                with Staged() as staged:
-                    files = [write_label_map(result.labels, result.affine, outputs.labels, staged)]
-                    if outputs.probabilities is not None:
-                        files.append(write_probabilities(result.probabilities, result.affine, outputs.probabilities,
-                                                         staged))
-                    if outputs.seg is not None:
-                        files.append(_write_seg(case, result.labels, predictor, algorithm, outputs.seg, series_uid,
-                                                staged))
-                report.written[case.name] = files
+                report.written[case.name] = _predict_one(job, case, outputs, loaded)
             except Exception as error:
                 cause = user_error(error)
                 if cause is None:
@@ -218,15 +240,66 @@ def predict_cases(
             bar.update()
     finally:
         bar.close()
-    return report
 
 
-def _write_seg(case: CaseInput, labels, predictor: Predictor, algorithm: Algorithm, path: Path,
-               series_uid: str | None, staged: Staged) -> Path:
+def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) -> list[Path]:
+    """Predict one case and write all of its files together (or none of them)."""
+    predictor = job.predictor
+    result = predictor.predict_loaded(loaded, probabilities=outputs.probabilities is not None, quality=True)
+    names = {v: n for v, n in predictor.labels.items() if v != 0}
+    files = {"mask": outputs.labels.name, "seg": outputs.seg.name if outputs.seg else None,
+             "sr": outputs.sr.name if outputs.sr else None}
+    assert result.conformity is not None and result.view is not None
+    record = case_record(case.name, result.labels, result.affine, names, result.signals, predictor.calibration,
+                         result.conformity, {"name": job.algorithm.name, "version": job.algorithm.version},
+                         predictor.settings[0].to_dict(), files, job.min_expected_dice)
+    thumbnail = overlay_thumbnail(result.view[0], result.view[1], result.view[2], list(names))
+    with Staged() as staged:
+        written = [write_label_map(result.labels, result.affine, outputs.labels, staged)]
+        if outputs.probabilities is not None:
+            written.append(write_probabilities(result.probabilities, result.affine, outputs.probabilities, staged))
+        if outputs.seg is not None and outputs.sr is not None:
+            sources = _sources(case, job.series_uid)
+            written.append(_write_seg(sources, result.labels, names, job.algorithm, outputs.seg, staged))
+            measurements = [SegmentMeasurement(n, e["volume_ml"], e["estimated_dice"]) for n, e in record["labels"].items()]
+            written.append(write_dicom_sr(staged.written(outputs.seg), sources, measurements, job.algorithm,
+                                          outputs.sr, staged))
+        if outputs.thumbnail is not None:
+            outputs.thumbnail.parent.mkdir(exist_ok=True)
+            save_file(outputs.thumbnail, staged, ".png", lambda tmp: Path(tmp).write_bytes(thumbnail))
+        # The record last: a case is done when its record exists.
+        written.append(write_record(record, outputs.record, staged))
+    return written
+
+
+def _write_summary(out_dir: Path, batch: Sequence[CaseInput], report: PredictReport, algorithm: Algorithm) -> None:
+    """``summary.csv`` and ``report.html`` of the batch, once every case of it has a record (the last rank writes them)."""
+    for case in batch:
+        record = read_record(out_dir / f"{case.name}{RECORD_SUFFIX}")
+        if record is None:
+            return
+        report.records[case.name] = record
+    if not batch:
+        return
+    thumbnails = {}
+    for name in report.records:
+        png = out_dir / THUMBNAILS / f"{name}.png"
+        if png.is_file():
+            thumbnails[name] = png.read_bytes()
+    records = list(report.records.values())
+    report.summary = [write_summary_csv(records, out_dir / "summary.csv"),
+                      write_report(records, out_dir / "report.html", thumbnails,
+                                   f"{algorithm.name} v{algorithm.version}: {len(records)} case(s)")]
+
+
+def _sources(case: CaseInput, series_uid: str | None) -> list[Path]:
     from transforms.dicom import series_files
 
-    names = {v: n for v, n in predictor.labels.items() if v != 0}
-    sources = series_files(case.images[0], series_uid)
+    return series_files(case.images[0], series_uid)
+
+
+def _write_seg(sources: list[Path], labels, names: dict[int, str], algorithm: Algorithm, path: Path,
+               staged: Staged) -> Path:
     try:
         return write_dicom_seg(labels, sources, names, algorithm, path, staged)
     except InputDataError as error:

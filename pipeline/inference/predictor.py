@@ -16,6 +16,7 @@ from monai.transforms import Invertd
 from pipeline.inference.model import LoadedModel
 from pipeline.inference.settings import Overrides
 from pipeline.inference.sliding_window import SlidingWindowInferer
+from pipeline.quality import Calibration, Conformity, check_conformity, quality_signals
 from transforms.preprocessing import preprocessing
 
 
@@ -33,11 +34,18 @@ class CasePrediction:
         labels: the label map (uint8), post-processed as set.
         affine: the input's RAS affine.
         probabilities: ``(num_classes, *spatial)`` float32 softmax, when asked for.
+        signals: label value -> quality signals (:func:`pipeline.quality.quality_signals`), when asked for.
+        conformity: the input compared with the training fingerprint, when asked for.
+        view: the image's first channel and the label map on the network's grid, with its spacing:
+            what a review thumbnail shows (when asked for).
     """
 
     labels: np.ndarray
     affine: np.ndarray
     probabilities: np.ndarray | None = None
+    signals: dict[int, dict[str, float]] | None = None
+    conformity: Conformity | None = None
+    view: tuple[np.ndarray, np.ndarray, list[float]] | None = None
 
 
 class Predictor:
@@ -130,30 +138,77 @@ class Predictor:
                     pending = pool.submit(safe_load, nxt)
                 yield loaded
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The quality-estimate calibration of the (first) model."""
+        return self.models[0].calibration
+
+    def _probabilities(self, image: torch.Tensor, spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Softmax averaged over the models, and the spread of all their passes' logits (see ``with_spread``)."""
+        n = len(self.engines)
+        probs = squares = logit_sum = sd = None
+        for engine in self.engines:
+            if not spread:
+                logits = engine(image)
+            else:
+                logits, sd = engine.with_spread(image)
+                if n > 1:
+                    # Pooled over the models: E|l|^2 - |E l|^2 over every pass of every model.
+                    part = sd.square_().add_(logits.square().sum(0))
+                    squares = part if squares is None else squares.add_(part)
+                    logit_sum = logits.clone() if logit_sum is None else logit_sum.add_(logits)
+            p = _softmax_(logits)  # in place: the logits are gone from here on
+            probs = p if probs is None else probs.add_(p)
+        assert probs is not None
+        if n == 1:
+            return probs, sd
+        probs /= n
+        if squares is None or logit_sum is None:
+            return probs, None
+        squares.div_(n).sub_(logit_sum.div_(n).square().sum(0))
+        return probs, squares.clamp_(min=0).sqrt_()
+
     @torch.inference_mode()
-    def predict_loaded(self, d: dict[str, Any], probabilities: bool = False, postprocess: bool = True) -> CasePrediction:
+    def predict_loaded(
+        self, d: dict[str, Any], probabilities: bool = False, postprocess: bool = True, quality: bool = False,
+    ) -> CasePrediction:
         """Segment one preprocessed case (from :meth:`load`).
 
         Args:
             d: the preprocessed case.
             probabilities: also return the class probabilities on the input's grid.
             postprocess: apply the postprocessing decision (off: raw argmax).
+            quality: also compute the quality signals, the input check and the review view.
         """
         image = d["image"]
-        probs = None
-        for engine in self.engines:
-            p = _softmax_(engine(image.as_tensor()))
-            probs = p if probs is None else probs.add_(p)
-        assert probs is not None
-        if len(self.engines) > 1:
-            probs /= len(self.engines)
+        probs, spread = self._probabilities(image.as_tensor(), spread=quality)
+        extra: dict[str, Any] = {}
+        if quality:
+            extra = self._quality(d, probs, spread, postprocess)
         d = {**d, "pred": image.__class__(probs, meta=image.meta, applied_operations=image.applied_operations)}
         inverted = self.invert(d)["pred"]
         raw = torch.argmax(inverted, dim=0).numpy().astype(np.uint8)
         labels = self.postprocessing.apply(raw) if postprocess and self.postprocessing.active else raw
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
         probs_out = inverted.as_tensor().numpy().astype(np.float32) if probabilities else None
-        return CasePrediction(labels, affine, probs_out)
+        return CasePrediction(labels, affine, probs_out, **extra)
+
+    def _quality(self, d: dict[str, Any], probs: torch.Tensor, spread: torch.Tensor | None,
+                 postprocess: bool) -> dict[str, Any]:
+        """Signals, input check and review view of one case, on the network's grid (before inversion)."""
+        image = d["image"]
+        net_labels = probs.argmax(0)
+        values = [v for v in self.labels if v != 0]
+        signals = quality_signals(probs, net_labels, spread, values)
+        view_labels = net_labels.numpy().astype(np.uint8)
+        if postprocess and self.postprocessing.active:
+            view_labels = self.postprocessing.apply(view_labels)
+        meta = image.meta
+        conformity = check_conformity(self.plan.get("fingerprint"), np.asarray(meta["original_affine"]),
+                                      [int(s) for s in meta["spatial_shape"]], image.as_tensor().numpy(),
+                                      meta.get("modality"))
+        spacing = [float(s) for s in self.plan["target_spacing"]]
+        return {"signals": signals, "conformity": conformity, "view": (image.as_tensor()[0].numpy(), view_labels, spacing)}
 
     def __call__(self, images: Sequence[str | Path], postprocess: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Segment one case.

@@ -1,10 +1,11 @@
-"""One series from the PACS and back: retrieve (WADO-RS), segment as ``predict`` does, store the SEG (STOW-RS).
+"""One series from the PACS and back: retrieve (WADO-RS), segment as ``predict`` does, store the SEG and SR (STOW-RS).
 
 The retrieved images live only in a temporary folder that is removed afterwards,
 whatever happens; nothing from their headers is logged or written anywhere but into
-the DICOM SEG, which belongs in the patient's study. The SEG is built by the same
-code as ``predict``'s (same preprocessing, settings, postprocessing), stored into the
-same study, then looked up again with QIDO-RS before its SOP Instance UID is
+the DICOM SEG and SR, which belong in the patient's study. The SEG is built by the same
+code as ``predict``'s (same preprocessing, settings, postprocessing); beside it goes a
+DICOM SR (TID 1500) with each segment's volume and estimated Dice. Both are stored into
+the same study, then looked up again with QIDO-RS before the SEG's SOP Instance UID is
 reported (some servers answer a STOW with success without storing).
 """
 
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.data import Staged
-from pipeline.inference import Algorithm, Predictor, write_dicom_seg, write_label_map
+from pipeline.inference import Algorithm, Predictor, SegmentMeasurement, write_dicom_seg, write_dicom_sr, write_label_map
 from pipeline.pacs.client import PacsClient
 from pipeline.pacs.series import SeriesSummary
+from pipeline.quality import case_record, write_record
 
 
 @dataclass
@@ -30,12 +33,16 @@ class SegmentedSeries:
         series_uid: the segmented series.
         seg_sop_instance_uid: the stored SEG's SOP Instance UID.
         local_files: copies kept on request (``--out``), named by the series UID.
+        sr_sop_instance_uid: the stored SR's SOP Instance UID.
+        record: the case record (volumes, estimated Dice, flag and reasons).
     """
 
     study_uid: str
     series_uid: str
     seg_sop_instance_uid: str
     local_files: list[Path]
+    sr_sop_instance_uid: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def segment_series(
@@ -50,7 +57,7 @@ def segment_series(
         algorithm: the model's identity (SEG algorithm identification and series description).
         study_uid: the study.
         series: the series to segment.
-        keep_in: also keep the NIfTI mask and the SEG here (named by the series UID).
+        keep_in: also keep the NIfTI mask, the SEG, the SR and the case record here (named by the series UID).
     """
     import pydicom
 
@@ -61,19 +68,29 @@ def segment_series(
         folder = tmp / "series"
         client.retrieve_series(study_uid, series.uid, folder)
         loaded = predictor.load([folder])
-        result = predictor.predict_loaded(loaded)
+        result = predictor.predict_loaded(loaded, quality=True)
         names = {v: n for v, n in predictor.labels.items() if v != 0}
-        seg_path = write_dicom_seg(result.labels, series_files(folder, series.uid), names, algorithm, tmp / "seg.dcm")
-        seg = pydicom.dcmread(str(seg_path))
-        client.store([seg], study_uid=study_uid)
+        sources = series_files(folder, series.uid)
+        seg_path = write_dicom_seg(result.labels, sources, names, algorithm, tmp / "seg.dcm")
+        assert result.conformity is not None
+        record = case_record(series.uid, result.labels, result.affine, names, result.signals, predictor.calibration,
+                             result.conformity, {"name": algorithm.name, "version": algorithm.version},
+                             predictor.settings[0].to_dict(),
+                             {"mask": f"{series.uid}.nii.gz", "seg": f"{series.uid}.seg.dcm", "sr": f"{series.uid}.sr.dcm"})
+        measurements = [SegmentMeasurement(n, e["volume_ml"], e["estimated_dice"]) for n, e in record["labels"].items()]
+        sr_path = write_dicom_sr(seg_path, sources, measurements, algorithm, tmp / "sr.dcm")
+        seg, sr = pydicom.dcmread(str(seg_path)), pydicom.dcmread(str(sr_path))
+        client.store([seg, sr], study_uid=study_uid)
         kept: list[Path] = []
         if keep_in is not None:
             with Staged() as staged:
                 kept.append(write_label_map(result.labels, result.affine, keep_in / f"{series.uid}.nii.gz", staged))
-                target = keep_in / f"{series.uid}.seg.dcm"
-                shutil.copyfile(seg_path, staged.path(target, ".dcm"))
-                kept.append(target)
-        return SegmentedSeries(study_uid, series.uid, str(seg.SOPInstanceUID), kept)
+                for source, suffix in ((seg_path, ".seg.dcm"), (sr_path, ".sr.dcm")):
+                    target = keep_in / f"{series.uid}{suffix}"
+                    shutil.copyfile(source, staged.path(target, ".dcm"))
+                    kept.append(target)
+                kept.append(write_record(record, keep_in / f"{series.uid}.json", staged))
+        return SegmentedSeries(study_uid, series.uid, str(seg.SOPInstanceUID), kept, str(sr.SOPInstanceUID), record)
     finally:
         # The patient's images leave no copy behind, on success or failure.
         shutil.rmtree(tmp, ignore_errors=True)

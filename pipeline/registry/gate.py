@@ -192,14 +192,14 @@ def score_and_log(
     if evaluation_set is not None:
         # A fixed set: the candidate as it will be used (its decided postprocessing) on those cases.
         candidate = evaluate_cases(Predictor([load_model(model_path, device)], device), cases,
-                                   work_dir / "gate" / "candidate", save_predictions=False)
+                                   work_dir / "gate" / "candidate", save_predictions=False, report=False)
     champion_version = log.call(lambda: registry.champion_version(model_name), "looking up the champion")
 
     def score_champion(tmp: Path) -> EvaluationResult:
         resolved = log.call(lambda: registry.resolve_model(f"models:/{model_name}/{champion_version}", work_dir,
                                                            tmp / "model", log.uri), "downloading the champion")
         predictor = Predictor([load_model(resolved.path, device)], device)
-        return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False)
+        return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False, report=False)
 
     result = compare(candidate, score_champion if champion_version else None, champion_version, promote_margin,
                      log.alias, names)

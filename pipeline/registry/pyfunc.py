@@ -61,16 +61,21 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
 
         Args:
             context: MLflow's model context (unused).
-            model_input: ``{"image", "affine"}`` arrays, or ``{"path": [...]}`` / a DataFrame with a ``path`` column.
+            model_input: ``{"image", "affine"}`` arrays, or ``{"path": [...]}`` / a DataFrame with a ``path`` column;
+                with ``"output": "measurements"`` the case record (volumes per label in mL, estimated Dice,
+                review flag and reasons: ``CASE.json``'s content) is returned instead of the label map.
             params: unused.
         """
         if hasattr(model_input, "columns"):  # a pandas DataFrame
             model_input = {c: model_input[c].tolist() for c in model_input.columns}
         if not isinstance(model_input, dict):
             raise ValueError("input must be {'image': array, 'affine': 4x4 array} or {'path': [files or folders]}")
+        # A key of the input, not a param: params need a signature, which this model cannot have (see registration).
+        model_input = dict(model_input)
+        measurements = str(np.ravel(model_input.pop("output", ["labels"]))[0]) == "measurements"
         if "path" in model_input:
             paths = [str(p) for p in np.atleast_1d(np.asarray(model_input["path"], dtype=object)).ravel()]
-            return self.predictor(paths)[0]
+            return self._measure(paths) if measurements else self.predictor(paths)[0]
         image = np.asarray(model_input["image"], dtype=np.float32)
         affine = np.asarray(model_input["affine"], dtype=np.float64).reshape(4, 4)
         channels = len(self.model.plan["modalities"])
@@ -90,7 +95,17 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
                 nifti.set_sform(affine, code=1)
                 nib.save(nifti, path)
                 files.append(path)
-            return self.predictor(files)[0]
+            return self._measure(files) if measurements else self.predictor(files)[0]
+
+    def _measure(self, paths: list) -> dict[str, Any]:  # noqa: ANN001
+        """The case record ``predict`` writes as ``CASE.json``: volumes, estimated Dice, flag and reasons."""
+        from pipeline.quality import case_record
+
+        result = self.predictor.predict_loaded(self.predictor.load(paths), quality=True)
+        names = {v: n for v, n in self.predictor.labels.items() if v != 0}
+        model = {"name": str(self.model.checkpoint.get("registered_name", "")), "version": ""}
+        return case_record("input", result.labels, result.affine, names, result.signals, self.predictor.calibration,
+                           result.conformity, model, self.predictor.settings[0].to_dict(), {})
 
 
 def requirements() -> list[str]:

@@ -217,6 +217,13 @@ class RunLogger:
             mlflow.log_dict(result.postprocessing.to_dict(), f"{folder}/postprocessing.json")
             for case_id, png in result.qc_images.items():
                 self._log_as(png, case_id)
+            # The calibration of the quality estimate: a picture without case names, and its figures.
+            calibration = getattr(result, "calibration", None)
+            if calibration is not None and calibration.labels:
+                mlflow.log_dict(calibration.to_dict(), f"{folder}/quality_calibration.json")
+                picture = getattr(result, "calibration_plot", None)
+                if picture is not None and Path(picture).is_file():
+                    mlflow.log_artifact(str(picture), folder)
 
         self.call(log, "logging the evaluation")
 

@@ -1,0 +1,124 @@
+"""The quality side of an evaluation: case records with estimated and true Dice, the report, the calibration.
+
+On validation (``run``) the map from quality signals to Dice is fitted here and drawn
+(estimated against true Dice per label, with Spearman's rho); on any other evaluation
+the model's stored calibration is applied, so the report shows how well the estimate
+held on those cases.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.quality import Calibration, Conformity, add_true_dice, case_record, write_report, write_summary_csv
+
+
+@dataclass
+class CaseQuality:
+    """What pass 1 of an evaluation keeps of one case for the quality review.
+
+    Args:
+        signals: label value -> quality signals.
+        conformity: the input check.
+    """
+
+    signals: dict[int, dict[str, float]]
+    conformity: Conformity
+
+
+def calibration_plot(
+    calibration: Calibration, signals: Sequence[Mapping[int, Mapping[str, float]]],
+    true_dice: Sequence[Mapping[int, float]], labels: Mapping[int, str], out_png: Path,
+) -> Path:
+    """Estimated against true Dice on the validation cases, one panel per label and one for the case mean.
+
+    The diagonal is a perfect estimate; the title gives Spearman's rho (in-sample and
+    leave-one-out) and the review threshold is drawn as a dashed line.
+
+    Args:
+        calibration: the fitted calibration.
+        signals: per case, label value -> signals.
+        true_dice: per case, label value -> Dice.
+        labels: foreground label value -> name.
+        out_png: the picture to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(labels)
+    est = np.array([[_nan(calibration.estimate(s).get(v)) for v in values] for s in signals], dtype=float)
+    true = np.array([[_nan(t.get(v)) for v in values] for t in true_dice], dtype=float)
+    panels = [(labels[v], est[:, j], true[:, j]) for j, v in enumerate(values) if v in calibration.labels]
+    with warnings.catch_warnings():  # cases without any estimate are NaN rows, left out of the plot
+        warnings.simplefilter("ignore", RuntimeWarning)
+        panels.append(("mean", np.nanmean(est, axis=1), np.nanmean(true, axis=1)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, x, y) in zip(axes[0], panels):
+        ax.scatter(x, y, s=14, alpha=0.75)
+        shown = np.concatenate([x[~np.isnan(x)], y[~np.isnan(y)], [calibration.min_expected_dice]])
+        lo = float(shown.min()) - 0.02
+        ax.plot([lo, 1], [lo, 1], color="grey", lw=1, label="estimate = true (the fitted map)")
+        ax.axvline(calibration.min_expected_dice, color="tab:red", ls="--", lw=1, label="review threshold")
+        ax.set(title=name, xlabel="estimated Dice", ylabel="true Dice", xlim=(lo, 1), ylim=(lo, 1))
+    v = calibration.validation
+    fig.suptitle(f"Quality estimate on {int(v.get('cases', 0))} validation cases: Spearman rho "
+                 f"{v.get('spearman', math.nan):.2f} (leave-one-out {v.get('spearman_loo', math.nan):.2f})", fontsize=10)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def quality_records(
+    case_ids: Sequence[str], finals: Sequence[np.ndarray], affines: Sequence[np.ndarray], quality: Sequence[CaseQuality],
+    true_dice: Sequence[Mapping[int, float]], labels: Mapping[int, str], calibration: Calibration | None,
+    model: Mapping[str, str], settings: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """One record per evaluated case, with the true Dice beside the estimate.
+
+    Args:
+        case_ids: the cases.
+        finals: their final label maps.
+        affines: their affines.
+        quality: what pass 1 kept.
+        true_dice: label value -> Dice of each final prediction.
+        labels: foreground label value -> name.
+        calibration: the calibration to estimate with.
+        model: ``name`` and ``version``.
+        settings: the inference settings used.
+    """
+    records = []
+    for case_id, final, affine, q, dice in zip(case_ids, finals, affines, quality, true_dice):
+        record = case_record(case_id, final, affine, labels, q.signals, calibration, q.conformity, model, settings,
+                             {"mask": f"predictions/{case_id}.nii.gz"})
+        records.append(add_true_dice(record, {labels[v]: d for v, d in dice.items()}))
+    return records
+
+
+def write_quality_outputs(records: Sequence[Mapping[str, Any]], thumbnails: Mapping[str, bytes], out_dir: Path,
+                          title: str) -> tuple[Path, Path]:
+    """``quality.csv`` (one row per case) and ``report.html`` of an evaluation.
+
+    Args:
+        records: the case records.
+        thumbnails: case -> PNG.
+        out_dir: the evaluation folder.
+        title: the report's title.
+    """
+    return (write_summary_csv(records, out_dir / "quality.csv"),
+            write_report(records, out_dir / "report.html", thumbnails, title))

@@ -1,0 +1,87 @@
+"""What a prediction says about its own quality, from the passes already run (no extra network pass).
+
+Per label, on the network's grid (where the passes were averaged):
+
+* ``spread``: the mean disagreement of the mirrored passes (and overlapping windows, and
+  fold models) over the predicted structure and a one-voxel ring around it: the
+  standard deviation of the logit vectors, from :meth:`SlidingWindowInferer.with_spread`.
+* ``boundary_entropy``: the mean normalised entropy of the averaged probabilities on the
+  structure's boundary band (one voxel inside and outside its surface).
+* ``soft_dice``: the Dice the model itself expects, between its probabilities and its
+  label map.
+* ``voxels``: the structure's size on the network grid.
+
+The spread and the boundary entropy are what the calibration maps to an expected Dice
+(:mod:`pipeline.quality.calibration`); on the hippocampus validation fold they ranked the
+cases best of the signals tried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SIGNALS = ("spread", "boundary_entropy", "soft_dice", "voxels")
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    pool = F.max_pool3d if mask.dim() == 3 else F.max_pool2d
+    return pool(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+
+
+def _bbox(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels: the signals only need that part of the volume."""
+    idx = mask.nonzero()
+    lo, hi = idx.min(0).values, idx.max(0).values
+    return tuple(slice(max(0, int(a) - margin), min(n, int(b) + margin + 1)) for a, b, n in zip(lo, hi, mask.shape))
+
+
+def _entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy (0..1) per voxel, one class at a time so only one volume-sized buffer is added."""
+    total = torch.zeros(probabilities.shape[1:], dtype=torch.float32)
+    for p in probabilities:
+        total -= p * p.clamp_min(1e-12).log()
+    return total / math.log(max(2, probabilities.shape[0]))
+
+
+@torch.no_grad()
+def quality_signals(
+    probabilities: torch.Tensor, labels: torch.Tensor, spread: torch.Tensor | None, values: Sequence[int],
+) -> dict[int, dict[str, float]]:
+    """The quality signals of each foreground label.
+
+    Args:
+        probabilities: ``(classes, X, Y, Z)`` averaged softmax on the network grid.
+        labels: ``(X, Y, Z)`` their argmax.
+        spread: ``(X, Y, Z)`` disagreement of the passes (``None``: a single pass, taken as 0).
+        values: the foreground label values.
+
+    Returns:
+        label value -> signal name -> value; an empty structure has ``voxels`` 0 and NaN signals.
+    """
+    out: dict[int, dict[str, float]] = {}
+    for value in values:
+        mask = labels == value
+        voxels = int(mask.sum())
+        if voxels == 0:
+            out[int(value)] = {"spread": math.nan, "boundary_entropy": math.nan, "soft_dice": math.nan, "voxels": 0.0}
+            continue
+        box = _bbox(mask)
+        m = mask[box]
+        ring = _dilate(m)
+        inner = ~_dilate(~m)
+        band = ring & ~inner
+        p = probabilities[(slice(None), *box)].float()
+        entropy = _entropy(p)
+        pc = p[value]
+        soft = float(2 * pc[m].sum() / (probabilities[value].float().sum() + voxels))
+        out[int(value)] = {
+            "spread": float(spread[box][ring].mean()) if spread is not None else 0.0,
+            "boundary_entropy": float(entropy[band].mean()),
+            "soft_dice": soft,
+            "voxels": float(voxels),
+        }
+    return out

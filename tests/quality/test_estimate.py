@@ -1,0 +1,137 @@
+"""The pieces of the quality estimate: the spread of the mirrored passes, the signals, the calibration,
+the volumes on a real oblique, anisotropic series."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from pipeline.inference import SlidingWindowInferer, WindowSettings
+from pipeline.quality import Calibration, fit_calibration, label_volumes, quality_signals
+from tests.conftest import dicom_series
+
+
+class _Net(torch.nn.Module):
+    """A small, deterministic, non-symmetric convolution: flips and windows disagree where the input varies."""
+
+    spatial_dims = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * 4
+
+
+def test_spread_is_the_standard_deviation_of_the_mirrored_passes() -> None:
+    net = _Net().eval()
+    image = torch.randn(1, 16, 16, 16)
+    engine = SlidingWindowInferer(net, [16, 16, 16], WindowSettings(overlap=0.0, mode="constant", mirror=True,
+                                                                     batch_size=4, compile="off"), torch.device("cpu"))
+    logits, spread = engine.with_spread(image)
+    # One window covers the volume: the passes are exactly the 8 flips, each flipped back.
+    passes = []
+    with torch.no_grad():
+        for r in range(4):
+            for axes in itertools.combinations([1, 2, 3], r):
+                flipped = torch.flip(image, axes) if axes else image
+                out = net(flipped[None])[0]
+                passes.append(torch.flip(out, axes) if axes else out)
+    stack = torch.stack(passes)
+    assert torch.allclose(logits, stack.mean(0), atol=1e-4)
+    expected = ((stack - stack.mean(0)) ** 2).sum(1).mean(0).sqrt()
+    assert torch.allclose(spread, expected, atol=1e-3)
+    assert spread.max() > 0.1
+    assert torch.allclose(engine(image), logits)  # asking for the spread does not change the prediction
+
+
+def test_a_single_pass_has_no_spread() -> None:
+    engine = SlidingWindowInferer(_Net().eval(), [16, 16, 16], WindowSettings(overlap=0.0, mirror=False, compile="off"),
+                                  torch.device("cpu"))
+    logits, spread = engine.with_spread(torch.randn(1, 16, 16, 16))
+    # Zero up to float32 rounding of E|l|^2 - |E l|^2 (logits of norm ~10 here).
+    assert float(spread.max()) < 1e-3 * float(logits.norm(dim=0).max())
+
+
+def test_signals_rise_with_uncertainty() -> None:
+    labels = torch.zeros(20, 20, 20, dtype=torch.long)
+    labels[5:15, 5:15, 5:15] = 1
+    sure = torch.nn.functional.one_hot(labels, 2).permute(3, 0, 1, 2).float() * 0.98 + 0.01
+    unsure = sure * 0.6 + 0.2
+    spread = torch.zeros(20, 20, 20)
+    a = quality_signals(sure, labels, spread, [1])[1]
+    b = quality_signals(unsure, labels, spread + 1.0, [1])[1]
+    assert a["voxels"] == b["voxels"] == 1000
+    assert b["boundary_entropy"] > a["boundary_entropy"] and b["spread"] > a["spread"]
+    assert a["soft_dice"] > b["soft_dice"]
+    empty = quality_signals(sure, torch.zeros_like(labels), spread, [1])[1]
+    assert empty["voxels"] == 0 and math.isnan(empty["spread"])
+
+
+def _synthetic(n: int, seed: int = 0) -> tuple[list, list]:
+    """Cases whose true Dice falls with the spread and a noise signal that carries nothing."""
+    rs = np.random.RandomState(seed)
+    spread = rs.uniform(0.2, 2.0, n)
+    signals = [{1: {"spread": float(s), "boundary_entropy": float(rs.uniform(0.3, 0.5)), "soft_dice": 0.9,
+                    "voxels": 100.0}} for s in spread]
+    dice = [{1: float(0.95 - 0.1 * s + rs.normal(0, 0.01))} for s in spread]
+    return signals, dice
+
+
+def test_calibration_ranks_unseen_cases_and_is_monotone() -> None:
+    signals, dice = _synthetic(40)
+    cal = fit_calibration(signals, dice)
+    assert cal.validation["spearman_loo"] > 0.9
+    fit = cal.labels[1]
+    assert fit.weights[fit.features.index("spread")] < 0  # more disagreement, lower Dice
+    low, high = ({"spread": s, "boundary_entropy": 0.4, "voxels": 100.0} for s in (0.3, 1.8))
+    assert fit.estimate(low) > fit.estimate(high)
+    # Far outside the fitted range the estimate stays a Dice.
+    assert fit.estimate({"spread": 50.0, "boundary_entropy": 0.4, "voxels": 100.0}) == 0.0
+    # 10 % of the validation cases fall under the chosen threshold.
+    lowest = [min(v for v in cal.estimate(s).values()) for s in signals]
+    assert 2 <= sum(v < cal.min_expected_dice for v in lowest) <= 6
+
+
+def test_a_signal_with_the_wrong_sign_gets_no_weight() -> None:
+    signals, dice = _synthetic(40)
+    for s, d in zip(signals, dice):
+        s[1]["boundary_entropy"] = d[1]  # entropy rising with Dice: nonsense the fit must not use
+    fit = fit_calibration(signals, dice).labels[1]
+    assert fit.weights[fit.features.index("boundary_entropy")] == 0.0
+
+
+def test_calibration_round_trips_and_handles_missing_structures() -> None:
+    signals, dice = _synthetic(20)
+    cal = fit_calibration(signals, dice, min_expected_dice=0.7)
+    again = Calibration.from_dict(cal.to_dict())
+    assert again is not None and again.min_expected_dice == 0.7
+    assert again.estimate(signals[3]) == pytest.approx(cal.estimate(signals[3]))
+    empty = {1: {"spread": math.nan, "boundary_entropy": math.nan, "soft_dice": math.nan, "voxels": 0.0}}
+    assert cal.estimate(empty)[1] == 0.0  # every validation case had the structure: missing it is a failure
+    assert Calibration.from_dict(None) is None
+    assert fit_calibration(signals[:3], dice[:3]).labels == {}  # too few cases to fit anything
+
+
+def test_volumes_on_a_real_oblique_anisotropic_series_equal_a_hand_computation() -> None:
+    from transforms.readers import load_image
+
+    folder = dicom_series("pgbm003_tumor_mask")
+    image = load_image(folder)
+    mask = (np.asarray(image.array) > 0).astype(np.uint8)
+    volumes = label_volumes(mask, np.asarray(image.meta["affine"]), {0: "background", 1: "tumour"})
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(folder.iterdir())]
+    normal = np.cross(*np.asarray(headers[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
+    positions = sorted(float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))) for h in headers)
+    row, column = (float(v) for v in headers[0].PixelSpacing)
+    by_hand = int(mask.sum()) * row * column * (positions[1] - positions[0]) / 1000
+    assert volumes["tumour"]["voxels"] == int(mask.sum()) > 100
+    assert volumes["tumour"]["volume_ml"] == pytest.approx(by_hand, rel=1e-4)
+    assert "background" not in volumes
