@@ -64,6 +64,23 @@ def label_colour(index: int) -> str:
     return LABEL_COLOURS[index % len(LABEL_COLOURS)]
 
 
+def _panel(plane: np.ndarray, col_mm: float, row_mm: float, box: tuple[int, int]) -> tuple[int, int]:
+    """The pixel size of one panel: the plane in millimetres, scaled to fit ``box`` (width, height)."""
+    width_mm, height_mm = plane.shape[0] * col_mm, plane.shape[1] * row_mm
+    scale = min(box[0] / width_mm, box[1] / height_mm)
+    return max(1, round(width_mm * scale)), max(1, round(height_mm * scale))
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels with a 4-neighbour outside it: its outline."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
 def overlay_thumbnail(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float], label_values: Sequence[int]) -> bytes:
     """A small PNG (360x130 px): axial, coronal and sagittal slices with each label filled and outlined in its colour.
 
@@ -72,6 +89,8 @@ def overlay_thumbnail(image: np.ndarray, labels: np.ndarray, spacing: Sequence[f
     QC pictures: the first axis left to right in the axial and coronal panels, the third
     axis up; pixels are drawn in millimetres so anisotropic voxels keep their proportions.
     The image is windowed to its 1st-99th percentile; the i-th label gets ``label_colour(i)``.
+    Drawn with numpy and Pillow (a few milliseconds; a matplotlib figure per case cost more
+    than the prediction itself).
 
     Args:
         image: the 3D image (one channel).
@@ -82,6 +101,8 @@ def overlay_thumbnail(image: np.ndarray, labels: np.ndarray, spacing: Sequence[f
     Returns:
         The PNG file's bytes.
     """
+    from PIL import Image
+
     if image.ndim != 3 or labels.shape != image.shape:
         raise ValueError(f"expected two 3D arrays of one shape, got {image.shape} and {labels.shape}")
     if len(spacing) != 3:
@@ -91,30 +112,28 @@ def overlay_thumbnail(image: np.ndarray, labels: np.ndarray, spacing: Sequence[f
     lo, hi = (float(v) for v in np.percentile(image, [1, 99]))
     if hi <= lo:
         hi = lo + 1.0  # a constant image: any window shows it
-    nx, ny, nz = image.shape
-    # (slice as (columns, rows), column and row voxel sizes in mm)
-    panels = [(np.s_[:, :, cz], sx, sy), (np.s_[:, cy, :], sx, sz), (np.s_[cx, :, :], sy, sz)]
-
-    fig = _figure(THUMB_SIZE_PX, facecolor="black")
-    for ax, (where, col_mm, row_mm) in zip(fig.subplots(1, 3), panels):
-        plane = image[where].T.astype(np.float32)
-        extent = (0.0, plane.shape[1] * col_mm, 0.0, plane.shape[0] * row_mm)  # voxel borders in mm
-        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent, interpolation="nearest")
-        for i, value in enumerate(label_values):
-            mask = labels[where].T == value
-            if not mask.any():
-                continue
-            rgba = np.zeros(mask.shape + (4,), np.float32)
-            rgba[mask] = (*_rgb(label_colour(i)), FILL_ALPHA)
-            ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest")
-            if not mask.all():  # a constant slice has no border (and matplotlib would warn)
-                xs = (np.arange(mask.shape[1]) + 0.5) * col_mm
-                ys = (np.arange(mask.shape[0]) + 0.5) * row_mm
-                ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=[label_colour(i)], linewidths=0.8)
-        ax.set_aspect("equal")
-        ax.set_axis_off()
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.02, top=0.98, wspace=0.03)
-    return _png(fig)
+    width, height = THUMB_SIZE_PX
+    box = (width // 3 - 4, height - 4)
+    canvas = np.zeros((height, width, 3), np.float32)
+    colours = [np.array(_rgb(label_colour(i)), np.float32) for i in range(len(label_values))]
+    for k, (where, col_mm, row_mm) in enumerate([(np.s_[:, :, cz], sx, sy), (np.s_[:, cy, :], sx, sz),
+                                                  (np.s_[cx, :, :], sy, sz)]):
+        size = _panel(image[where], col_mm, row_mm, box)
+        # (columns, rows) -> an image whose first row is the top: the second array axis runs upwards.
+        grey = np.clip((image[where].astype(np.float32) - lo) / (hi - lo), 0, 1)
+        grey = np.asarray(Image.fromarray(np.flipud(grey.T)).resize(size, Image.BILINEAR))
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        plane = Image.fromarray(np.flipud(labels[where].T).astype(np.int32))
+        plane = np.asarray(plane.resize(size, Image.NEAREST))
+        for value, colour in zip(label_values, colours):
+            mask = plane == value
+            rgb[mask] = (1 - FILL_ALPHA) * rgb[mask] + FILL_ALPHA * colour
+            rgb[_edge(mask)] = colour
+        top, left = (height - size[1]) // 2, k * (width // 3) + (width // 3 - size[0]) // 2
+        canvas[top : top + size[1], left : left + size[0]] = rgb
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _rgb(colour: str) -> tuple[float, float, float]:

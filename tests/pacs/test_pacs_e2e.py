@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,6 +120,16 @@ def test_pacs_predict_stores_a_seg_equal_to_predict_on_the_exported_folder(
         np.testing.assert_array_equal(pixels[index], (mask[:, :, k].T == segment).astype(np.uint8))
         seen.add((k, segment))
     assert seen == {(k, v) for k in range(mask.shape[2]) for v in (1, 2) if (mask[:, :, k] == v).any()} != set()
+    # Beside the SEG, the SR of the measurements: the volumes of the same series' local CASE.json.
+    from pipeline.inference import read_dicom_sr
+
+    record = json.loads((out / f"{name}.json").read_text())
+    reports = [s for s in client.list_series(_study_of(name)) if s.modality == "SR"]
+    assert len(reports) == 1 and reports[0].description == f"{seg.SeriesDescription} SR"
+    measured = read_dicom_sr(client.retrieve_series(_study_of(name), reports[0].uid, tmp_path / "sr")[0])
+    assert measured.keys() == record["labels"].keys()
+    for label, entry in record["labels"].items():
+        assert measured[label]["volume_ml"] == pytest.approx(entry["volume_ml"], rel=1e-9)
 
 
 def test_series_rules_choose_or_list_the_series(pacs: OrthancServer, model: Path, tmp_path: Path) -> None:

@@ -81,6 +81,15 @@ def test_pyfunc_predicts_a_raw_scan_like_the_cli(registered: dict) -> None:
     assert from_arrays.shape == scan.shape and from_arrays.dtype == np.uint8
     np.testing.assert_array_equal(from_arrays, registered["expected"])
     np.testing.assert_array_equal(from_path, registered["expected"])
+    # The same measurements as the record ``predict`` wrote beside the mask.
+    record = json.loads((registered["root"] / "pred" / registered["scan"].name.replace(".nii.gz", ".json")).read_text())
+    measured = model.predict({"path": [str(registered["scan"])], "output": "measurements"})
+    assert measured["labels"].keys() == record["labels"].keys()
+    for name, entry in record["labels"].items():
+        got = measured["labels"][name]
+        assert (got["voxels"], got["volume_ml"]) == (entry["voxels"], entry["volume_ml"])
+        assert (got["estimated_dice"] is None) == (entry["estimated_dice"] is None)
+    assert {e["voxels"] for e in measured["labels"].values()} == {int((registered["expected"] == v).sum()) for v in (1, 2)}
 
 
 def test_mlflow_models_serve_answers_on_loopback(registered: dict) -> None:
