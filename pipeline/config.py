@@ -120,7 +120,7 @@ class QcConfig:
     """
 
     min_expected_dice: float | None = None
-    flag_quantile: float = 0.10
+    flag_quantile: float = 0.19
 
 
 @dataclass

@@ -176,7 +176,7 @@ def evaluate_cases(
     report: bool = True,
     calibrate: bool = False,
     min_expected_dice: float | None = None,
-    flag_quantile: float = 0.10,
+    flag_quantile: float = 0.19,
     model: Mapping[str, str] | None = None,
 ) -> EvaluationResult:
     """Segment each case, score it against its label, and write ``cases.csv`` and ``summary.json``.
@@ -253,7 +253,7 @@ def _quality_review(
 def validate_and_export(
     settings: Any, device: Any, plan: dict[str, Any], val_cases: Sequence[Case], chosen: Path, out_dir: Path,
     decide_postprocessing: bool = True, surface_tolerance_mm: float = 1.0, qc: bool = True,
-    min_expected_dice: float | None = None, flag_quantile: float = 0.10,
+    min_expected_dice: float | None = None, flag_quantile: float = 0.19,
 ) -> tuple[EvaluationResult, Path, dict[str, Any]]:
     """Evaluate the chosen checkpoint on the held-out cases with the configured settings, decide the
     postprocessing there, and write ``model.pt``: the weights with the settings they were validated with.

@@ -31,6 +31,7 @@ def _clean(value: float | None) -> float | None:
 def review(
     estimates: Mapping[str, float | None], conformity: Conformity, calibration: Calibration | None,
     min_expected_dice: float | None, presence: Mapping[str, float] | None = None,
+    voxels: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Every reason to review a case (none: it need not be looked at first).
 
@@ -40,6 +41,7 @@ def review(
         calibration: the model's calibration (``None``: no estimate-based reasons).
         min_expected_dice: the threshold (``None``: the calibration's).
         presence: label name -> share of validation cases holding it.
+        voxels: label name -> voxels predicted (0: the structure was not found).
     """
     reasons = []
     if calibration is not None:
@@ -47,7 +49,7 @@ def review(
         for name, estimate in estimates.items():
             if estimate is None:
                 continue
-            if estimate == 0.0 and (presence or {}).get(name, 0.0) >= ALWAYS_PRESENT:
+            if (voxels or {}).get(name) == 0 and (presence or {}).get(name, 0.0) >= ALWAYS_PRESENT:
                 reasons.append(f"no {name} found, though every validation case had one")
             elif estimate < threshold:
                 reasons.append(f"estimated Dice of {name} {estimate:.2f} is below {threshold:.2f}")
@@ -82,7 +84,8 @@ def case_record(
         estimates = {n: _clean(by_value.get(v["value"])) for n, v in volumes.items()}
     presence = {n: calibration.labels[v["value"]].presence for n, v in volumes.items()
                 if calibration is not None and v["value"] in calibration.labels}
-    reasons = review(estimates, conformity, calibration, min_expected_dice, presence)
+    reasons = review(estimates, conformity, calibration, min_expected_dice, presence,
+                     {n: v["voxels"] for n, v in volumes.items()})
     known = [e for e in estimates.values() if e is not None]
     return {
         "case": name,

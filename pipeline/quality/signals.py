@@ -7,13 +7,15 @@ Per label, on the network's grid (where the passes were averaged):
   standard deviation of the logit vectors, from :meth:`SlidingWindowInferer.with_spread`.
 * ``boundary_entropy``: the mean normalised entropy of the averaged probabilities on the
   structure's boundary band (one voxel inside and outside its surface).
-* ``soft_dice``: the Dice the model itself expects, between its probabilities and its
-  label map.
-* ``voxels``: the structure's size on the network grid.
+* ``soft_dice``: the Dice the model itself expects, between its averaged probabilities
+  and its label map.
+* ``expected_error``: the probability mass on the wrong side of the label map (inside
+  the structure, the other classes; outside, this class) per voxel of the structure.
+* ``voxels``: the structure's size on the network grid (small structures lose more Dice
+  to the same boundary error).
 
-The spread and the boundary entropy are what the calibration maps to an expected Dice
-(:mod:`pipeline.quality.calibration`); on the hippocampus validation fold they ranked the
-cases best of the signals tried.
+Which of them predict the true Dice, and with what weight, is fitted on validation
+(:mod:`pipeline.quality.calibration`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-SIGNALS = ("spread", "boundary_entropy", "soft_dice", "voxels")
+SIGNALS = ("spread", "boundary_entropy", "soft_dice", "expected_error", "voxels")
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ def quality_signals(
         mask = labels == value
         voxels = int(mask.sum())
         if voxels == 0:
-            out[int(value)] = {"spread": math.nan, "boundary_entropy": math.nan, "soft_dice": math.nan, "voxels": 0.0}
+            out[int(value)] = {**{k: math.nan for k in SIGNALS}, "voxels": 0.0}
             continue
         box = _bbox(mask)
         m = mask[box]
@@ -77,11 +79,13 @@ def quality_signals(
         p = probabilities[(slice(None), *box)].float()
         entropy = _entropy(p)
         pc = p[value]
-        soft = float(2 * pc[m].sum() / (probabilities[value].float().sum() + voxels))
+        inside = float(pc[m].sum())
+        total = float(probabilities[value].float().sum())
         out[int(value)] = {
             "spread": float(spread[box][ring].mean()) if spread is not None else 0.0,
             "boundary_entropy": float(entropy[band].mean()),
-            "soft_dice": soft,
+            "soft_dice": 2 * inside / (total + voxels),
+            "expected_error": ((voxels - inside) + (total - inside)) / voxels,
             "voxels": float(voxels),
         }
     return out

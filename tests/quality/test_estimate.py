@@ -70,42 +70,36 @@ def test_signals_rise_with_uncertainty() -> None:
     b = quality_signals(unsure, labels, spread + 1.0, [1])[1]
     assert a["voxels"] == b["voxels"] == 1000
     assert b["boundary_entropy"] > a["boundary_entropy"] and b["spread"] > a["spread"]
-    assert a["soft_dice"] > b["soft_dice"]
+    assert a["soft_dice"] > b["soft_dice"] and b["expected_error"] > a["expected_error"]
     empty = quality_signals(sure, torch.zeros_like(labels), spread, [1])[1]
     assert empty["voxels"] == 0 and math.isnan(empty["spread"])
 
 
 def _synthetic(n: int, seed: int = 0) -> tuple[list, list]:
-    """Cases whose true Dice falls with the spread and a noise signal that carries nothing."""
+    """Cases whose true Dice follows the model's own expected Dice; the other signals carry nothing."""
     rs = np.random.RandomState(seed)
-    spread = rs.uniform(0.2, 2.0, n)
-    signals = [{1: {"spread": float(s), "boundary_entropy": float(rs.uniform(0.3, 0.5)), "soft_dice": 0.9,
-                    "voxels": 100.0}} for s in spread]
-    dice = [{1: float(0.95 - 0.1 * s + rs.normal(0, 0.01))} for s in spread]
+    soft = rs.uniform(0.6, 0.95, n)
+    signals = [{1: {"soft_dice": float(s), "expected_error": float(rs.uniform(0.1, 0.3)), "voxels": float(rs.uniform(900, 1100)),
+                    "spread": 0.5, "boundary_entropy": 0.4}} for s in soft]
+    dice = [{1: float(0.1 + 0.9 * s + rs.normal(0, 0.01))} for s in soft]
     return signals, dice
 
 
-def test_calibration_ranks_unseen_cases_and_is_monotone() -> None:
+def test_calibration_ranks_unseen_cases() -> None:
     signals, dice = _synthetic(40)
     cal = fit_calibration(signals, dice)
-    assert cal.validation["spearman_loo"] > 0.9
+    assert cal.validation["spearman_loo"] > 0.9 and cal.validation["spearman"] > 0.9
     fit = cal.labels[1]
-    assert fit.weights[fit.features.index("spread")] < 0  # more disagreement, lower Dice
-    low, high = ({"spread": s, "boundary_entropy": 0.4, "voxels": 100.0} for s in (0.3, 1.8))
-    assert fit.estimate(low) > fit.estimate(high)
+    weights = dict(zip(fit.features, fit.weights))
+    assert weights["soft_dice"] > 0.05 and abs(weights["expected_error"]) < 0.02 and abs(weights["voxels"]) < 0.02
+    low, high = ({"soft_dice": s, "expected_error": 0.2, "voxels": 1000.0} for s in (0.65, 0.9))
+    assert fit.estimate(low) < fit.estimate(high)
+    assert fit.estimate(high) == pytest.approx(0.1 + 0.9 * 0.9, abs=0.02)
     # Far outside the fitted range the estimate stays a Dice.
-    assert fit.estimate({"spread": 50.0, "boundary_entropy": 0.4, "voxels": 100.0}) == 0.0
-    # 10 % of the validation cases fall under the chosen threshold.
+    assert fit.estimate({"soft_dice": 5.0, "expected_error": 0.2, "voxels": 1000.0}) == 1.0
+    # The chosen threshold flags the configured share of the validation cases.
     lowest = [min(v for v in cal.estimate(s).values()) for s in signals]
-    assert 2 <= sum(v < cal.min_expected_dice for v in lowest) <= 6
-
-
-def test_a_signal_with_the_wrong_sign_gets_no_weight() -> None:
-    signals, dice = _synthetic(40)
-    for s, d in zip(signals, dice):
-        s[1]["boundary_entropy"] = d[1]  # entropy rising with Dice: nonsense the fit must not use
-    fit = fit_calibration(signals, dice).labels[1]
-    assert fit.weights[fit.features.index("boundary_entropy")] == 0.0
+    assert sum(v < cal.min_expected_dice for v in lowest) == 8  # 19 % of 40, rounded down by the quantile
 
 
 def test_calibration_round_trips_and_handles_missing_structures() -> None:
@@ -114,7 +108,8 @@ def test_calibration_round_trips_and_handles_missing_structures() -> None:
     again = Calibration.from_dict(cal.to_dict())
     assert again is not None and again.min_expected_dice == 0.7
     assert again.estimate(signals[3]) == pytest.approx(cal.estimate(signals[3]))
-    empty = {1: {"spread": math.nan, "boundary_entropy": math.nan, "soft_dice": math.nan, "voxels": 0.0}}
+    empty = {1: {"spread": math.nan, "boundary_entropy": math.nan, "soft_dice": math.nan, "expected_error": math.nan,
+                 "voxels": 0.0}}
     assert cal.estimate(empty)[1] == 0.0  # every validation case had the structure: missing it is a failure
     assert Calibration.from_dict(None) is None
     assert fit_calibration(signals[:3], dice[:3]).labels == {}  # too few cases to fit anything
@@ -135,3 +130,18 @@ def test_volumes_on_a_real_oblique_anisotropic_series_equal_a_hand_computation()
     assert volumes["tumour"]["voxels"] == int(mask.sum()) > 100
     assert volumes["tumour"]["volume_ml"] == pytest.approx(by_hand, rel=1e-4)
     assert "background" not in volumes
+
+
+def test_the_flag_tells_a_missing_structure_from_a_low_estimate() -> None:
+    from pipeline.quality import Conformity, review
+
+    signals, dice = _synthetic(20)
+    cal = fit_calibration(signals, dice, min_expected_dice=0.8)
+    present = {"a": 1.0}
+    assert review({"a": 0.9}, Conformity(True), cal, None, present, {"a": 500}) == []
+    assert review({"a": 0.0}, Conformity(True), cal, None, present, {"a": 900}) == ["estimated Dice of a 0.00 is below 0.80"]
+    assert review({"a": 0.0}, Conformity(True), cal, None, present, {"a": 0}) == [
+        "no a found, though every validation case had one"]
+    assert review({"a": 0.9}, Conformity(False, ["spacing 3 mm"]), cal, 0.95, present, {"a": 500}) == [
+        "estimated Dice of a 0.90 is below 0.95", "spacing 3 mm"]
+    assert review({"a": None}, Conformity(True), None, None) == []  # no calibration: no estimate-based reason
