@@ -87,7 +87,11 @@ def test_predict_from_champion_keeps_input_geometry(trained: dict, tmp_path: Pat
     label = np.asarray(nib.load(work / "demo_data" / "labelsTr" / "demo_000.nii.gz").dataobj)
     mask = np.asarray(nib.load(out / synthetic.name).dataobj)
     assert 2 * np.sum((mask > 0) & (label > 0)) / (np.sum(mask > 0) + np.sum(label > 0)) > 0.5
-    assert not [p for p in out.iterdir() if not p.name.endswith(".nii.gz")]
+    # The masks, their records, the batch summary and report; nothing else (no temporary files).
+    names = {p.name for p in out.iterdir()}
+    cases = [p.name.removesuffix(".nii.gz") for p in (synthetic, real)]
+    assert names == {f"{c}{s}" for c in cases for s in (".nii.gz", ".json")} | {".thumbnails", "report.html",
+                                                                                 "summary.csv"}
 
 
 def test_predict_from_the_champion_equals_its_validation_predictions(trained: dict, tmp_path: Path) -> None:

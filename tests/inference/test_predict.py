@@ -50,7 +50,8 @@ def test_dicom_seg_frames_reference_the_source_slices_and_equal_the_nifti(obliqu
     import highdicom as hd
 
     series, out = oblique_prediction["series"], oblique_prediction["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["pgbm003_t1post.nii.gz", "pgbm003_t1post.seg.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == [".thumbnails", *sorted(
+        f"pgbm003_t1post{s}" for s in (".nii.gz", ".seg.dcm", ".sr.dcm", ".json")), "report.html", "summary.csv"]
     seg = hd.seg.segread(out / "pgbm003_t1post.seg.dcm")
     sources = {}
     for path in series.iterdir():
@@ -96,7 +97,9 @@ def test_dicom_seg_frames_reference_the_source_slices_and_equal_the_nifti(obliqu
 def test_outputs_have_ordinary_permissions(oblique_prediction: dict) -> None:
     umask = os.umask(0)
     os.umask(umask)
-    for path in oblique_prediction["out"].iterdir():
+    files = [p for p in oblique_prediction["out"].rglob("*") if p.is_file()]
+    assert len(files) == 7  # mask, SEG, SR, record, thumbnail, summary, report
+    for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
@@ -137,7 +140,8 @@ def test_folder_of_inputs_and_probabilities(tmp_path: Path, checkpoint_2mm: Path
     names = sorted(p.name for p in out.iterdir())
     cases = [p.name.removesuffix(".nii.gz") for p in sorted(inputs.glob("*.nii.gz"))] + ["crop_a"]
     assert names == sorted([f"{c}.nii.gz" for c in cases] + [f"{c}_probabilities.nii.gz" for c in cases]
-                           + ["crop_a.seg.dcm"])
+                           + [f"{c}.json" for c in cases] + ["crop_a.seg.dcm", "crop_a.sr.dcm", ".thumbnails",
+                                                            "report.html", "summary.csv"])
     for case in cases:
         labels = np.asarray(nib.load(out / f"{case}.nii.gz").dataobj)
         probs = nib.load(out / f"{case}_probabilities.nii.gz")
@@ -173,7 +177,8 @@ def test_one_bad_case_in_a_batch_is_reported_and_the_others_are_written(tmp_path
     assert code == 10, err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [line for line in err.splitlines()
                                                                                if str(bad) in line]
-    assert sorted(p.name for p in out.iterdir()) == [good.name]
+    # No summary: the batch is not complete while one case has no record.
+    assert sorted(p.name for p in out.iterdir()) == [".thumbnails", good.name.replace(".nii.gz", ".json"), good.name]
 
 
 @pytest.mark.slow
@@ -189,7 +194,11 @@ def test_torchrun_shards_cases_without_duplicates_or_gaps(tmp_path: Path, checkp
     assert res.returncode == 0, res.stderr[-3000:]
     printed = [Path(line.strip()).name for line in res.stdout.splitlines() if line.strip().endswith(".nii.gz")]
     assert sorted(printed) == sorted(p.name for p in images)  # each case written once, by one rank
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in images)
+    masks = [p.name for p in out.iterdir() if p.name.endswith(".nii.gz")]
+    assert sorted(masks) == sorted(p.name for p in images)
+    with open(out / "summary.csv") as fp:  # written once every rank's cases had their record
+        assert sorted(line.split(",")[0] for line in fp.read().splitlines()[1:]) == sorted(
+            p.name.removesuffix(".nii.gz") for p in images)
 
 
 # ---------------------------------------------------------------- settings carried by the model
