@@ -167,7 +167,8 @@ def test_predict_oblique_dicom_series_keeps_series_geometry(tmp_path: Path, chec
     nii = nib.load(out / "pgbm003_t1post.nii.gz")
     np.testing.assert_allclose(nii.affine, _ras_affine(ref), atol=1e-3)
     assert set(np.unique(np.asarray(nii.dataobj)).tolist()) <= {0, 1, 2}
-    assert sorted(p.name for p in out.iterdir()) == ["pgbm003_t1post.nii.gz", "pgbm003_t1post.seg.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == [".thumbnails", *sorted(
+        f"pgbm003_t1post{s}" for s in (".nii.gz", ".seg.dcm", ".sr.dcm", ".json")), "report.html", "summary.csv"]
 
 
 # ------------------------------------------------------------------ 3. bad inputs (CLI)
@@ -378,7 +379,8 @@ def test_two_channel_dataset_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "pred"
     assert main(["predict", "--model", "models:/tiny-2ch@champion", str(c1), str(c0), "--out", str(out),
                  "--work-dir", str(work)]) == 0
-    assert [p.name for p in out.iterdir()] == ["demo_001.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".thumbnails", "demo_001.json", "demo_001.nii.gz", "report.html",
+                                                     "summary.csv"]
     pred, src = nib.load(out / "demo_001.nii.gz"), nib.load(c0)
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
@@ -449,14 +451,16 @@ def test_no_patient_identifiers_leak(tmp_path: Path) -> None:
     runs.append(run_cli("predict", "--model", "models:/dicom-unet@champion", str(ds / "imagesTr" / "case_a"),
                         str(extra), "--out", str(run_dir / "pred"), "--work-dir", str(work), cwd=run_dir))
     assert runs[1].returncode == 0, runs[1].stderr
-    assert {p.name for p in (run_dir / "pred").iterdir()} == {"case_a.nii.gz", "series_c.nii.gz", "case_a.seg.dcm",
-                                                              "series_c.seg.dcm"}
+    assert {p.name for p in (run_dir / "pred").iterdir()} == {
+        f"{c}{s}" for c in ("case_a", "series_c") for s in (".nii.gz", ".seg.dcm", ".sr.dcm", ".json")} | {
+        ".thumbnails", "report.html", "summary.csv"}
     for sub in ("mlflow.db", "mlartifacts", "preprocessed", "evaluation", "checkpoints"):
         assert (work / sub).exists(), sub
 
-    # Work dir, predictions, anything in the cwd; the DICOM SEGs are the one output that must carry the
-    # patient module (they belong in the patient's study).
-    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".seg.dcm")]
+    # Work dir, predictions (records, summary, report), anything in the cwd; the DICOM SEGs and SRs are the
+    # outputs that must carry the patient module (they belong in the patient's study).
+    files = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith((".seg.dcm", ".sr.dcm"))]
+    assert {"report.html", "summary.csv", "case_a.json"} <= {p.name for p in files}
     assert len(files) > 10
     haystacks = [(str(p), p.read_bytes().lower()) for p in files]
     haystacks += [(f"output of {r.args[3]}", (r.stdout + r.stderr).encode().lower()) for r in runs]
