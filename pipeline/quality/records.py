@@ -153,7 +153,7 @@ def summary_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         records: case records.
     """
     rows = []
-    for r in sorted(records, key=_review_order):
+    for r in sorted(records, key=review_order):
         row: dict[str, Any] = {"case": r["case"], "flagged": "yes" if r["flagged"] else "no",
                                "estimated_mean_dice": r.get("estimated_mean_dice")}
         if "true_mean_dice" in r:
@@ -170,9 +170,16 @@ def summary_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _review_order(record: Mapping[str, Any]) -> tuple:
+def review_order(record: Mapping[str, Any]) -> tuple:
+    """Sort key of the review: flagged first, then the lowest estimated mean Dice; cases without an
+    estimate after those with one, then by name (``summary.csv`` and ``report.html`` share it).
+
+    Args:
+        record: a case record.
+    """
     estimate = record.get("estimated_mean_dice")
-    return (not record["flagged"], math.inf if estimate is None else estimate, record["case"])
+    missing = estimate is None or (isinstance(estimate, float) and math.isnan(estimate))
+    return (not record.get("flagged"), missing, 0.0 if missing else float(estimate), str(record.get("case", "")))
 
 
 def write_summary_csv(records: Sequence[Mapping[str, Any]], path: Path) -> Path:

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.data import write_text_atomic
+from pipeline.quality.records import review_order
 
 DPI = 100
 THUMB_SIZE_PX = (360, 130)
@@ -163,12 +164,6 @@ def _num_cell(value: Any, fmt: str = "dice") -> str:
 def _label_field(record: Mapping[str, Any], label: str, field: str) -> Any:
     entry = (record.get("labels") or {}).get(label)
     return entry.get(field) if isinstance(entry, Mapping) else None
-
-
-def _sort_key(record: Mapping[str, Any]) -> tuple:
-    # Flagged first, then the worst estimate first; cases without an estimate after those with one.
-    dice = _number(record.get("estimated_mean_dice"))
-    return (not record.get("flagged"), dice is None, dice if dice is not None else 0.0, str(record.get("case", "")))
 
 
 def _b64_img(png: bytes, alt: str, css_class: str) -> str:
@@ -323,7 +318,7 @@ def write_report(records: Sequence[Mapping[str, Any]], path: Path, thumbnails: M
     labels = list((records[0].get("labels") or {}) if records else [])
     evaluated = any("true_mean_dice" in r or any("true_dice" in (entry or {}) for entry in (r.get("labels") or {}).values())
                     for r in records)
-    ordered = sorted(records, key=_sort_key)
+    ordered = sorted(records, key=review_order)
     n_flagged = sum(bool(r.get("flagged")) for r in records)
 
     headers = ['<th title="axial, coronal, sagittal">thumbnail</th>']
