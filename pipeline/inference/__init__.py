@@ -12,7 +12,7 @@ this engine, not the other way round.
 from pipeline.inference import accelerate
 from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
-from pipeline.inference.dicom_sr import SegmentMeasurement, read_dicom_sr, write_dicom_sr
+from pipeline.inference.dicom_sr import SegmentMeasurement, measurements_of, read_dicom_sr, write_dicom_sr
 from pipeline.inference.model import LoadedModel, compile_ahead_of_time, load_model, load_model_from_checkpoint
 from pipeline.inference.outputs import write_label_map
 from pipeline.inference.postprocessing import Postprocessing
@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_model_from_checkpoint",
+    "measurements_of",
     "read_dicom_sr",
     "save_checkpoint",
     "seg_series_description",

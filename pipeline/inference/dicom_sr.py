@@ -8,7 +8,7 @@ the estimated Dice, having no standard concept, is a private code (``99UNETPIPE`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,15 @@ class SegmentMeasurement:
     name: str
     volume_ml: float
     estimated_dice: float | None = None
+
+
+def measurements_of(record: Mapping[str, Any]) -> list[SegmentMeasurement]:
+    """The SR's measurements of a case record: each label's volume and estimated Dice.
+
+    Args:
+        record: a case record (``CASE.json``'s content).
+    """
+    return [SegmentMeasurement(name, e["volume_ml"], e["estimated_dice"]) for name, e in record["labels"].items()]
 
 
 def write_dicom_sr(

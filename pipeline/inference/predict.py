@@ -23,11 +23,11 @@ from tqdm import tqdm
 from pipeline.data import Staged, save_file, strip_nifti_suffix
 from pipeline.errors import InputDataError, user_error
 from pipeline.inference.dicom_seg import Algorithm, write_dicom_seg
-from pipeline.inference.dicom_sr import SegmentMeasurement, write_dicom_sr
+from pipeline.inference.dicom_sr import measurements_of, write_dicom_sr
 from pipeline.inference.outputs import RECORD_SUFFIX, THUMBNAILS, CaseOutputs, write_label_map, write_probabilities
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.settings import package_version
-from pipeline.quality import case_record, overlay_thumbnail, read_record, write_record, write_report, write_summary_csv
+from pipeline.quality import overlay_thumbnail, read_record, write_record, write_report, write_summary_csv
 from transforms.readers import NIFTI_SUFFIXES
 
 
@@ -249,10 +249,9 @@ def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) 
     names = {v: n for v, n in predictor.labels.items() if v != 0}
     files = {"mask": outputs.labels.name, "seg": outputs.seg.name if outputs.seg else None,
              "sr": outputs.sr.name if outputs.sr else None}
-    assert result.conformity is not None and result.view is not None
-    record = case_record(case.name, result.labels, result.affine, names, result.signals, predictor.calibration,
-                         result.conformity, {"name": job.algorithm.name, "version": job.algorithm.version},
-                         predictor.settings[0].to_dict(), files, job.min_expected_dice)
+    assert result.view is not None
+    record = predictor.record(case.name, result, {"name": job.algorithm.name, "version": job.algorithm.version},
+                              files, job.min_expected_dice)
     thumbnail = overlay_thumbnail(result.view[0], result.view[1], result.view[2], list(names))
     with Staged() as staged:
         written = [write_label_map(result.labels, result.affine, outputs.labels, staged)]
@@ -261,8 +260,7 @@ def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) 
         if outputs.seg is not None and outputs.sr is not None:
             sources = _sources(case, job.series_uid)
             written.append(_write_seg(sources, result.labels, names, job.algorithm, outputs.seg, staged))
-            measurements = [SegmentMeasurement(n, e["volume_ml"], e["estimated_dice"]) for n, e in record["labels"].items()]
-            written.append(write_dicom_sr(staged.written(outputs.seg), sources, measurements, job.algorithm,
+            written.append(write_dicom_sr(staged.written(outputs.seg), sources, measurements_of(record), job.algorithm,
                                           outputs.sr, staged))
         if outputs.thumbnail is not None:
             outputs.thumbnail.parent.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from monai.transforms import Invertd
 from pipeline.inference.model import LoadedModel
 from pipeline.inference.settings import Overrides
 from pipeline.inference.sliding_window import SlidingWindowInferer
-from pipeline.quality import Calibration, Conformity, check_conformity, quality_signals
+from pipeline.quality import Calibration, Conformity, case_record, check_conformity, quality_signals
 from transforms.preprocessing import preprocessing
 
 
@@ -142,6 +142,24 @@ class Predictor:
     def calibration(self) -> Calibration | None:
         """The quality-estimate calibration of the (first) model."""
         return self.models[0].calibration
+
+    def record(
+        self, name: str, result: CasePrediction, model: Mapping[str, str], files: Mapping[str, str | None],
+        min_expected_dice: float | None = None,
+    ) -> dict[str, Any]:
+        """The case record (``CASE.json``) of a prediction made with ``quality=True``.
+
+        Args:
+            name: the case's name.
+            result: from :meth:`predict_loaded` with ``quality=True``.
+            model: ``name`` and ``version`` of the model.
+            files: output kind (``mask``, ``seg``, ``sr``) -> file name.
+            min_expected_dice: the review threshold (``None``: the model's).
+        """
+        assert result.conformity is not None, "predict with quality=True"
+        names = {v: n for v, n in self.labels.items() if v != 0}
+        return case_record(name, result.labels, result.affine, names, result.signals, self.calibration,
+                           result.conformity, model, self.settings[0].to_dict(), files, min_expected_dice)
 
     def _probabilities(self, image: torch.Tensor, spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Softmax averaged over the models, and the spread of all their passes' logits (see ``with_spread``)."""

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import Staged
-from pipeline.inference import Algorithm, Predictor, SegmentMeasurement, write_dicom_seg, write_dicom_sr, write_label_map
+from pipeline.inference import Algorithm, Predictor, measurements_of, write_dicom_seg, write_dicom_sr, write_label_map
 from pipeline.pacs.client import PacsClient
 from pipeline.pacs.series import SeriesSummary
-from pipeline.quality import case_record, write_record
+from pipeline.quality import write_record
 
 
 @dataclass
@@ -72,13 +72,9 @@ def segment_series(
         names = {v: n for v, n in predictor.labels.items() if v != 0}
         sources = series_files(folder, series.uid)
         seg_path = write_dicom_seg(result.labels, sources, names, algorithm, tmp / "seg.dcm")
-        assert result.conformity is not None
-        record = case_record(series.uid, result.labels, result.affine, names, result.signals, predictor.calibration,
-                             result.conformity, {"name": algorithm.name, "version": algorithm.version},
-                             predictor.settings[0].to_dict(),
-                             {"mask": f"{series.uid}.nii.gz", "seg": f"{series.uid}.seg.dcm", "sr": f"{series.uid}.sr.dcm"})
-        measurements = [SegmentMeasurement(n, e["volume_ml"], e["estimated_dice"]) for n, e in record["labels"].items()]
-        sr_path = write_dicom_sr(seg_path, sources, measurements, algorithm, tmp / "sr.dcm")
+        record = predictor.record(series.uid, result, {"name": algorithm.name, "version": algorithm.version},
+                                  {"mask": f"{series.uid}.nii.gz", "seg": f"{series.uid}.seg.dcm", "sr": f"{series.uid}.sr.dcm"})
+        sr_path = write_dicom_sr(seg_path, sources, measurements_of(record), algorithm, tmp / "sr.dcm")
         seg, sr = pydicom.dcmread(str(seg_path)), pydicom.dcmread(str(sr_path))
         client.store([seg, sr], study_uid=study_uid)
         kept: list[Path] = []

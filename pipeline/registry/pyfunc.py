@@ -99,14 +99,9 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
 
     def _measure(self, paths: list) -> dict[str, Any]:  # noqa: ANN001
         """The case record ``predict`` writes as ``CASE.json``: volumes, estimated Dice, flag and reasons."""
-        from pipeline.quality import case_record
-
         result = self.predictor.predict_loaded(self.predictor.load(paths), quality=True)
-        names = {v: n for v, n in self.predictor.labels.items() if v != 0}
         model = {"name": str(self.model.checkpoint.get("registered_name", "")), "version": ""}
-        return case_record("input", result.labels, result.affine, names, result.signals, self.predictor.calibration,
-                           result.conformity, model, self.predictor.settings[0].to_dict(), {})
-
+        return self.predictor.record("input", result, model, {})
 
 def requirements() -> list[str]:
     """Pinned requirements of the model's code (the versions it was trained and validated with).
