@@ -11,7 +11,8 @@ postprocessing, NIfTI and DICOM SEG writing all counted):
 ``ours`` is ``unet-pipeline predict`` as shipped. ``monai`` is the same command in which
 our engine's call is replaced by MONAI's ``sliding_window_inference`` with the same
 windows (the model's patch), overlap, Gaussian blending, windows per batch and mirroring
-flips (one full call per flipped volume, averaged, as a MONAI user writes it): what
+flips (one full call per flipped volume, averaged, as a MONAI user writes it; the
+per-voxel spread that ``predict``'s quality estimate needs from the same flipped outputs): what
 ``predict`` cost before our engine. A model version is compiled ahead of time once (at
 registration or by its first long job); the script does that first, untimed, and
 prints what it cost.
@@ -80,7 +81,8 @@ def _monai_engine() -> None:
 
     from pipeline.inference import sliding_window
 
-    def call(self: sliding_window.SlidingWindowInferer, image: torch.Tensor) -> torch.Tensor:
+    def passes(self: sliding_window.SlidingWindowInferer, image: torch.Tensor, spread: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s, network, cuda = self.settings, self.network, self.device.type == "cuda"
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,7 @@ def _monai_engine() -> None:
 
         axes = range(2) if self.spatial_dims == 2 else range(3)
         flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)] if s.mirror else [()]
-        total = None
+        total = squares = None
         with torch.inference_mode():
             x = image.float()[None].to(self.device)
             for dims in flips:
@@ -100,9 +102,26 @@ def _monai_engine() -> None:
                                                sigma_scale=s.sigma_scale)
                 out = torch.flip(out, axes_) if axes_ else out
                 total = out if total is None else total + out
-        return (total / len(flips))[0].float().cpu().contiguous()
+                if spread:  # the disagreement of the mirrored passes, as a MONAI user would add it
+                    sq = out.square().sum(1)
+                    squares = sq if squares is None else squares + sq
+        mean = (total / len(flips))[0].float().cpu().contiguous()
+        if squares is None:
+            return mean, None
+        sd = (squares[0].cpu() / len(flips) - mean.square().sum(0)).clamp_(min=0).sqrt_()
+        return mean, sd
+
+    def call(self: sliding_window.SlidingWindowInferer, image: torch.Tensor) -> torch.Tensor:
+        return passes(self, image, False)[0]
+
+    def with_spread(self: sliding_window.SlidingWindowInferer, image: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, sd = passes(self, image, True)
+        assert sd is not None
+        return logits, sd
 
     sliding_window.SlidingWindowInferer.__call__ = call
+    sliding_window.SlidingWindowInferer.with_spread = with_spread
 
 
 def _worker(method: str, predict_args: list[str]) -> None:
@@ -121,6 +140,7 @@ def _worker(method: str, predict_args: list[str]) -> None:
     _timed(registry, "resolve_model", "model resolution", times)
     _timed(predictor.Predictor, "load", "read+preprocess", times)
     _timed(sliding_window.SlidingWindowInferer, "__call__", "engine", times)
+    _timed(sliding_window.SlidingWindowInferer, "with_spread", "engine", times)
     _timed(Invertd, "__call__", "inversion", times)
     _timed(Postprocessing, "apply", "postprocessing", times)
     _timed(batch, "write_label_map", "writing", times)

@@ -9,9 +9,14 @@ A package is found by its key: a hash of the weights and architecture, the torch
 version, the device type and the exact input shape (the engine always feeds full
 batches of one window shape). A sidecar JSON repeats the key; a package whose sidecar
 does not match what is asked for is rebuilt, never trusted. A package that does not
-load, or whose output differs from the eager network's by more than
-:data:`TOLERANCE` when it is built, is not used: the engine goes on with ``torch.compile``
-or the eager network, with one log line.
+load, or whose predictions (softmax probabilities over the channel axis) differ from the
+eager network's by more than :data:`TOLERANCE` when it is built, is not used: the engine
+goes on with ``torch.compile`` or the eager network, with one log line. The rejection is
+remembered beside the would-be package, so later processes do not pay the build again.
+
+Logits are not compared directly: a trained network's logits reach 15 or more, where
+float32 kernels that sum in another order differ by about 1e-4 while the probabilities
+agree to 3e-5.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pipeline.data import cache_root, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-#: The largest difference from the eager network a freshly built package may show.
+#: The largest difference in probability from the eager network a freshly built package may show.
 TOLERANCE = 1e-4
 SUFFIX = ".pt2"
 
@@ -124,6 +129,27 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _rejection(path: Path) -> Path:
+    return path.with_suffix(".rejected.json")
+
+
+def rejected(key: AotKey) -> str | None:
+    """Why a package for ``key`` was built and not used here before, or ``None``.
+
+    Args:
+        key: the package's key.
+    """
+    try:
+        stored = json.loads(_rejection(package_path(key)).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(stored.get("reason")) if stored.get("key") == json.loads(json.dumps(asdict(key))) else None
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1) if logits.shape[1] > 1 else torch.sigmoid(logits.float())
+
+
 def load(key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The compiled network of ``key`` from the cache, or ``None`` when there is none that can be trusted.
 
@@ -167,6 +193,10 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
         The compiled network, or ``None`` (logged once) when this platform cannot build it.
     """
     path = package_path(key)
+    why = rejected(key)
+    if why is not None:
+        logger.info("not compiling ahead of time: a package for this network was not used before (%s)", why)
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{SUFFIX}")
     device = torch.device(key.device_type)
@@ -184,7 +214,7 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
         runner = _Runner(tmp)
         with torch.inference_mode():
-            difference = float((runner(example) - network(example)).abs().max())
+            difference = float((_probabilities(runner(example)) - _probabilities(network(example))).abs().max())
     except Exception as error:  # no compiler on this platform, or an operator AOTInductor cannot take
         tmp.unlink(missing_ok=True)
         logger.warning("ahead-of-time compile unavailable (%s)", str(error).splitlines()[0][:120] if str(error)
@@ -192,7 +222,9 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
         return None
     if not difference <= TOLERANCE:
         tmp.unlink(missing_ok=True)
-        logger.warning("ahead-of-time compiled network differs from the eager one by %.2g; not used", difference)
+        reason = f"its probabilities differ from the eager network's by {difference:.2g}"
+        write_text_atomic(_rejection(path), json.dumps({"key": asdict(key), "reason": reason}, indent=1))
+        logger.warning("ahead-of-time compiled network not used: %s", reason)
         return None
     write_text_atomic(_sidecar(path), json.dumps(asdict(key), indent=1))
     os.replace(tmp, path)

@@ -139,3 +139,31 @@ def test_registration_compiles_what_predict_will_look_for(cache: Path, tiny_chec
     engine = Predictor([model], CPU).engines[0]
     shape = (engine.settings.batch_size, 1, *engine.window)
     assert aot.package_path(aot.key_for(model.network, shape, "cpu")).is_file()
+
+
+def test_a_package_that_predicts_otherwise_is_rejected_once_not_rebuilt_by_every_job(
+        built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("UNET_PIPELINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(aot, "TOLERANCE", -1.0)  # no package can pass: as one whose probabilities drifted
+    net, key = built["net"], built["key"]
+    with caplog.at_level(logging.WARNING):
+        assert aot.build(net, key) is None
+    assert any("not used" in r.message and "probabilities differ" in r.message for r in caplog.records)
+    assert not aot.package_path(key).exists() and aot.rejected(key) is not None
+    assert aot.load(key) is None
+
+    def must_not_compile(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", must_not_compile)
+    assert aot.build(net, key) is None  # the next job goes straight to torch.compile or eager
+    other = aot.key_for(net, (3, *SHAPE[1:]), "cpu")
+    assert aot.rejected(other) is None  # the rejection holds for its own key only
+
+
+def test_the_check_compares_probabilities_not_raw_logits() -> None:
+    logits = torch.tensor([[[40.0], [0.0]]])
+    drift = logits + torch.tensor([[[3e-4], [0.0]]])  # float32 rounding at this scale
+    assert float((aot._probabilities(drift) - aot._probabilities(logits)).abs().max()) <= aot.TOLERANCE
+    flipped = torch.tensor([[[0.0], [0.1]]])
+    assert float((aot._probabilities(flipped) - aot._probabilities(torch.zeros(1, 2, 1))).abs().max()) > aot.TOLERANCE
