@@ -17,7 +17,6 @@ import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from models.unet import UNet
 from pipeline.config import PipelineConfig, TrainConfig
@@ -34,6 +33,7 @@ from pipeline.training.augmentation import train_transforms
 from pipeline.training.devices import resolve_device
 from pipeline.training.loss import DeepSupervisionLoss
 from pipeline.training.patches import PatchStream, patch_loader
+from pipeline.training.progress import TrainingProgress
 from pipeline.training.validation import validate
 
 MetricLogger = Callable[[dict[str, float], int], None]
@@ -245,7 +245,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
     return {"train_loss": float(np.mean(losses)), "lr": parts.optimizer.param_groups[0]["lr"]}
 
 
-def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], bar: tqdm) -> None:
+def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], progress: TrainingProgress) -> None:
     """Rank 0 after an epoch: validate when due (``best.pt`` on a better Dice), log the metrics, write ``last.pt``."""
     t, parts = run.cfg.train, run.parts
     model = _unwrap(parts.network)
@@ -258,7 +258,7 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
             state.best_dice = metrics["val_dice"]
             save_checkpoint({**run.base, "state_dict": model.state_dict(), "val_dice": state.best_dice,
                              "epoch": epoch + 1}, run.best_path)
-    bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items() if k in ("train_loss", "val_dice")})
+    progress.epoch_done(epoch, state.patches, metrics)
     # Metrics before the checkpoint: a crash in between redoes (and re-logs) this epoch instead of losing it.
     if run.log_metrics:
         run.log_metrics(metrics, epoch + 1)
@@ -273,17 +273,16 @@ def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
     """The epochs left to train, each ended on rank 0 and then by a barrier; returns the epochs completed."""
     t, env = run.cfg.train, run.env
     state.start = time.monotonic()
-    bar = tqdm(range(state.start_epoch, t.epochs), desc="train", unit="epoch", disable=not env.is_main,
-               initial=state.start_epoch, total=t.epochs)
+    progress = TrainingProgress(state.start_epoch, t.epochs, run.budget_s, env.is_main, state.elapsed)
     epoch = state.start_epoch
-    for epoch in bar:
+    for epoch in range(state.start_epoch, t.epochs):
         metrics = _train_epoch(run, state, batches, epoch)
         if env.is_main:
-            _end_epoch(run, state, epoch, metrics, bar)
+            _end_epoch(run, state, epoch, metrics, progress)
         distributed.barrier()
         if state.stopped:
             break
-    bar.close()
+    progress.close()
     return epoch + 1 if t.epochs > state.start_epoch else state.start_epoch
 
 
