@@ -79,6 +79,7 @@ class TrainConfig:
     num_threads: int = 0
     num_workers: int | None = None
     memory_budget_gb: float | None = None
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -301,6 +302,8 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("data.fold", f"must be in 0..{cfg.data.num_folds - 1} for data.num_folds={cfg.data.num_folds}")
     if cfg.train.num_workers is not None and cfg.train.num_workers < 0:
         fail("train.num_workers", "must be >= 0 or null (automatic)")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        fail("train.ema_decay", f"must be in (0, 1) or null (no weight average), got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.train.foreground_ratio <= 1.0:
         fail("train.foreground_ratio", f"must be between 0 and 1, got {cfg.train.foreground_ratio}")
     if cfg.pacs.min_slices < 1:

@@ -31,6 +31,7 @@ from pipeline.inference import (
 from pipeline.training import distributed
 from pipeline.training.augmentation import train_transforms
 from pipeline.training.devices import resolve_device
+from pipeline.training.ema import WeightAverage
 from pipeline.training.loss import DeepSupervisionLoss
 from pipeline.training.patches import PatchStream, patch_loader
 from pipeline.training.progress import TrainingProgress
@@ -119,6 +120,11 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     use_amp: bool
+    ema: WeightAverage | None = None  # train.ema_decay: the average is what is validated and exported
+
+    def exported(self) -> torch.nn.Module:
+        """The network that validation scores and checkpoints export: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else _unwrap(self.network)
 
 
 @dataclass
@@ -180,7 +186,8 @@ def _build(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> _Par
     else:
         optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     use_amp = t.amp and device.type == "cuda"
-    return _Parts(network, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=use_amp), use_amp)
+    ema = WeightAverage(network, t.ema_decay) if t.ema_decay else None
+    return _Parts(network, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=use_amp), use_amp, ema)
 
 
 def _restore(parts: _Parts, last_path: Path, epochs: int) -> _State:
@@ -190,6 +197,8 @@ def _restore(parts: _Parts, last_path: Path, epochs: int) -> _State:
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["torch_rng"])
+    if parts.ema is not None and "ema" in saved:
+        parts.ema.load_state_dict(saved["ema"])
     state = _State(int(saved["epoch"]), float(saved["best_val_dice"]), float(saved["elapsed_s"]))
     if saved.get("stopped_by_budget"):
         state.start_epoch = epochs  # the budget was spent: nothing left to train
@@ -237,6 +246,8 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
         torch.nn.utils.clip_grad_norm_(parts.network.parameters(), 12.0)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
+        if parts.ema is not None:
+            parts.ema.update(_unwrap(parts.network))
         losses.append(value)
         state.patches += image.shape[0] * run.env.world_size
         if run.budget_s and distributed.any_true(state.elapsed() > run.budget_s):
@@ -248,7 +259,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
 def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], progress: TrainingProgress) -> None:
     """Rank 0 after an epoch: validate when due (``best.pt`` on a better Dice), log the metrics, write ``last.pt``."""
     t, parts = run.cfg.train, run.parts
-    model = _unwrap(parts.network)
+    model = parts.exported()
     last_epoch = epoch + 1 == t.epochs or state.stopped
     if run.val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
         per_label = validate(model, run.val_data, run.cfg, run.base["patch_size"], run.labels, run.device)
@@ -263,7 +274,8 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     if run.log_metrics:
         run.log_metrics(metrics, epoch + 1)
     save_checkpoint({
-        **run.base, "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": parts.optimizer.state_dict(),
+        **run.base, "state_dict": _unwrap(parts.network).state_dict(), "epoch": epoch + 1,
+        "optimizer": parts.optimizer.state_dict(), **({"ema": parts.ema.state_dict()} if parts.ema is not None else {}),
         "scaler": parts.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": state.best_dice,
         "elapsed_s": state.elapsed(), "stopped_by_budget": state.stopped, **(run.extra_state or {}),
     }, run.last_path)
@@ -288,7 +300,7 @@ def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
 
 def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
     """Write ``final.pt`` (and ``best.pt`` when no validation wrote one) and gather every process's checksum."""
-    model = _unwrap(run.parts.network)
+    model = run.parts.exported()
     final_path = run.best_path.with_name("final.pt")
     if run.env.is_main:
         save_checkpoint({**run.base, "state_dict": model.state_dict(), "epoch": completed}, final_path)
