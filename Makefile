@@ -10,25 +10,29 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[test,server]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/unet-pipeline run
 
-# The PACS tests run a real Orthanc, the report tests a headless Chromium (each skipped without it). As root (CI)
-# the Debian packages of whichever is missing are installed; elsewhere nothing is installed. /usr/sbin is often
-# not in a user's PATH: test the files.
+# The PACS tests run a real Orthanc, the report tests a headless Chromium, the PostgreSQL tests a real PostgreSQL
+# under an mlflow server (each skipped without it). As root (CI) the Debian packages of whichever is missing are
+# installed; elsewhere nothing is installed. /usr/sbin is often not in a user's PATH: test the files. Debian keeps
+# initdb and pg_ctl in /usr/lib/postgresql/VERSION/bin, off PATH.
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
 CHROMIUM_PACKAGES := chromium chromium-driver
+POSTGRES_PACKAGES := postgresql
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	@missing=; \
 	  { [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } || missing="$(ORTHANC_PACKAGES)"; \
 	  { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing="$$missing $(CHROMIUM_PACKAGES)"; \
+	  { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
+	    || missing="$$missing $(POSTGRES_PACKAGES)"; \
 	  [ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
-	  || { echo "installing" $$missing "for the PACS and report tests"; apt-get update -qq \
+	  || { echo "installing" $$missing "for the PACS, report and PostgreSQL tests"; apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 	$(BIN)/python -m pytest -ra
 
