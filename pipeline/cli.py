@@ -1,4 +1,4 @@
-"""Command line: ``unet-pipeline run|preprocess|train|evaluate|predict``. It parses and calls."""
+"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs``. It parses and calls."""
 
 from __future__ import annotations
 
@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_args(p)
     p.add_argument("--fail-if-not-promoted", action="store_true",
                    help="exit 6 when the new version does not take the champion alias")
+    p = sub.add_parser("ensemble", help="register every fold of one cross-validation as one model version "
+                                        "(a fold ensemble), gated like a run")
+    _add_config_args(p, optional=True)
+    _add_common(p)
+    p.add_argument("--force", action="store_true",
+                   help="register again even when these fold runs were registered as an ensemble before")
+    p.add_argument("--fail-if-not-promoted", action="store_true",
+                   help="exit 6 when the ensemble does not take the champion alias")
+    p.add_argument("--evaluation-set", default=None, metavar="DATASET",
+                   help="labelled cases none of the folds trained on, to score and gate the ensemble on "
+                        "(default: registry.evaluation_set; give it when the folds ran without one)")
     p = sub.add_parser("preprocess", help="fingerprint, plan and preprocess a dataset (cached)")
     _add_config_args(p, optional=True)
     _add_common(p)
@@ -205,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except Exception as exc:
-        cause = user_error(exc)
+        cause = user_error(exc) or _lost_peer(exc)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
@@ -216,6 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _lost_peer(exc: Exception) -> PipelineError | None:
+    """A ``torchrun`` job's lost node as one line (only looked for once torch.distributed is in use)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from pipeline.training import distributed
+
+    return distributed.lost_peer(exc)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from pipeline import stages
     from pipeline.config import load_config
@@ -223,6 +243,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     work_dir = args.work_dir
     if args.command == "pacs":
         return _pacs(args, stages)
+    if args.command == "ensemble":
+        return _ensemble(args, stages)
     if args.command in ("run", "preprocess", "train"):
         overrides = [*args.overrides, *([f"data.fold={args.fold}"] if args.fold is not None else [])]
         cfg = load_config(args.config, overrides)
@@ -267,6 +289,41 @@ def _dispatch(args: argparse.Namespace) -> int:
     if report.failed and (report.written or report.skipped):
         print(f"{len(report.failed)} case(s) failed (reported above); the others are complete", file=sys.stderr)
     return exit_code(report)
+
+
+def _ensemble(args: argparse.Namespace, stages) -> int:
+    from pipeline.config import ConfigError, load_config
+
+    if args.fold is not None:
+        raise ConfigError("ensemble: --fold does not apply (the ensemble takes every fold 0..data.num_folds-1)")
+    cfg = load_config(args.config, args.overrides)
+    # What to tell the user to run for a missing fold: their own command line, with the fold.
+    label = " ".join([*([args.config] if args.config else []), *(f"--set {o}" for o in args.overrides),
+                      f"--work-dir {args.work_dir}"])
+    held_out = str(Path(args.evaluation_set).resolve()) if args.evaluation_set else None
+    s = stages.ensemble_stage(cfg, args.work_dir, args.force, args.fail_if_not_promoted, label, held_out)
+    if s.up_to_date:
+        print(f"Up to date: folds {', '.join(str(f['fold']) for f in s.folds)} (these very runs) are registered as "
+              f"{s.model_name} version {s.version} by run {s.run_id}; nothing to do (--force registers again).")
+        return 0
+    print(f"Fold ensemble of {len(s.folds)} folds:")
+    for f in s.folds:
+        print(f"  fold {f['fold']}: run {f['run_id']}, version {f['version']}, validation Dice {f['val_mean_dice']:.4f}")
+    ev = s.evaluation
+    print(f"\nDice per label on {ev['num_cases']} evaluation-set case(s) none of the folds trained on:")
+    width = max(len(n) for n in ev["dice_per_label"]) + 2
+    for name, value in ev["dice_per_label"].items():
+        print(f"  {name:<{width}}{value:.4f}")
+    print(f"  {'mean':<{width}}{ev['mean_dice']:.4f}")
+    print(f"\nEnsemble file:      {s.checkpoint}")
+    print(f"MLflow run id:      {s.run_id}")
+    if s.promotion:
+        p = s.promotion
+        print(f"Registered model:   {s.model_name} version {p.version} "
+              f"(aliases: {'candidate, champion' if p.promoted else 'candidate'})")
+        print(f"Champion gate:      {p.decision}")
+        print(f"Use it:             unet-pipeline predict --model models:/{s.model_name}/{p.version} IMAGE --out DIR")
+    return 0
 
 
 def _pacs(args: argparse.Namespace, stages) -> int:

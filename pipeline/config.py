@@ -150,11 +150,17 @@ class RegistryConfig:
     Dice beats the champion's by more than ``promote_margin``. ``compile_ahead_of_time``
     compiles a registered version's network for the CPU once, at registration, so that
     every later ``predict`` on this platform loads it instead of compiling.
+    ``gate_lease_s``/``gate_wait_s``: one gate at a time per registered model, through a
+    lease held in the registry (:mod:`pipeline.registry.lease`): a job killed while holding
+    it blocks the next gate for at most ``gate_lease_s``; a gate that waits longer than
+    ``gate_wait_s`` for it ends with exit 3, naming the holder.
     """
 
     promote_margin: float = 0.0
     evaluation_set: str | None = None
     compile_ahead_of_time: bool = True
+    gate_lease_s: float = 60.0
+    gate_wait_s: float = 3600.0
 
 
 @dataclass
@@ -310,6 +316,10 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("pacs.min_slices", f"must be >= 1, got {cfg.pacs.min_slices}")
     if cfg.registry.promote_margin < 0:
         fail("registry.promote_margin", f"must be >= 0, got {cfg.registry.promote_margin}")
+    if cfg.registry.gate_lease_s < 1:
+        fail("registry.gate_lease_s", f"must be >= 1 (seconds), got {cfg.registry.gate_lease_s:g}")
+    if cfg.registry.gate_wait_s < 0:
+        fail("registry.gate_wait_s", f"must be >= 0 (seconds), got {cfg.registry.gate_wait_s:g}")
     if cfg.mlflow.outage_wait_minutes < 0:
         fail("mlflow.outage_wait_minutes", f"must be >= 0, got {cfg.mlflow.outage_wait_minutes}")
     if cfg.evaluate.surface_tolerance_mm <= 0:

@@ -16,6 +16,7 @@ code  meaning
 8     the PACS refused the credentials
 9     the PACS rejected the stored DICOM SEG
 10    a batch finished, but some of its items failed (each one reported)
+11    a distributed training lost one of its processes (a node died or hung); rerunning resumes
 130   interrupted (Ctrl-C / SIGINT)
 ====  ==========================================================================
 """
@@ -35,6 +36,7 @@ EXIT_PACS_UNAVAILABLE = 7
 EXIT_PACS_AUTH = 8
 EXIT_PACS_REJECTED = 9
 EXIT_PARTIAL_FAILURE = 10
+EXIT_PEER_LOST = 11
 EXIT_INTERRUPTED = 130
 
 
@@ -97,6 +99,12 @@ class PartialFailureError(PipelineError):
     """A batch finished but some items failed; each was reported on its own line."""
 
     exit_code = EXIT_PARTIAL_FAILURE
+
+
+class PeerLostError(PipelineError):
+    """A ``torchrun`` job lost one of its processes (a node died, was killed or stopped answering)."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 def user_error(exc: BaseException) -> UserFacingError | None:

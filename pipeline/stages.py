@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -13,7 +12,6 @@ from typing import Any
 from pipeline import registry
 from pipeline.config import PipelineConfig
 from pipeline.data import Case, Dataset, PreprocessedCase, load_dataset, make_demo_dataset, preprocess_dataset, stored_splits
-from pipeline.errors import InputDataError, PipelineError
 from pipeline.scheduling import RunSession
 from pipeline.training import resolve_device
 
@@ -29,6 +27,7 @@ class Prepared:
         split: this fold's ``{"train": [...ids], "val": [...ids]}``.
         out_dir: the preprocessed folder.
         data_hash: the dataset's content hash.
+        preprocessed: how many cases this call preprocessed (0: all reused from the cache).
     """
 
     dataset: Dataset
@@ -37,6 +36,7 @@ class Prepared:
     split: dict[str, list[str]]
     out_dir: Path
     data_hash: str = ""
+    preprocessed: int = 0
 
     def subset(self, part: str) -> list[PreprocessedCase]:
         """Preprocessed cases of ``"train"`` or ``"val"``."""
@@ -93,17 +93,23 @@ def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
 def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
     """The preprocess stage: discover, fingerprint, plan, preprocess (cached) and the k-fold split.
 
+    Holds ``work_dir/locks/preprocess.lock`` throughout: fold jobs started together wait for the
+    first to preprocess, then find it all cached.
+
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory.
     """
-    dataset = discover(cfg, work_dir)
-    out_dir = work_dir / "preprocessed"
-    done = preprocess_dataset(cfg, dataset, out_dir, resolve_device(cfg.train.device))
-    folds = stored_splits([c.case_id for c in done.cases], cfg.data.num_folds, cfg.data.split_seed,
-                          work_dir / "splits.json")
+    from pipeline.scheduling import preprocess_lock
+
+    with preprocess_lock(work_dir, "preprocess", cfg.data.fold):
+        dataset = discover(cfg, work_dir)
+        out_dir = work_dir / "preprocessed"
+        done = preprocess_dataset(cfg, dataset, out_dir, resolve_device(cfg.train.device))
+        folds = stored_splits([c.case_id for c in done.cases], cfg.data.num_folds, cfg.data.split_seed,
+                              work_dir / "splits.json")
     return Prepared(dataset, done.plan, {c.case_id: c for c in done.cases}, folds[cfg.data.fold], out_dir,
-                    done.data_hash)
+                    done.data_hash, len(done.redone))
 
 
 def prepare_distributed(cfg: PipelineConfig, work_dir: Path) -> Prepared:
@@ -135,7 +141,7 @@ def checkpoint_dir(work_dir: Path, fold: int) -> Path:
 
 
 def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_size: int):
-    """What a new or reopened MLflow run logs first: params without paths, the redacted config, the plan, the split."""
+    """What a new or reopened MLflow run logs first: params without paths, the redacted config, the plan, the split, tags."""
     from pipeline.registry import dataset_label, redact_config, run_params
 
     counts = {"num_cases": len(prepared.cases), "num_train": len(prepared.split["train"]),
@@ -144,16 +150,17 @@ def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_s
                         counts, prepared.plan["network"], world_size)
     config = redact_config(cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
     folds = json.loads((work_dir / "splits.json").read_text())["folds"]
-    return params, config, {"preprocess": prepared.out_dir / "plans.json"}, folds
+    tags = {"preprocess.cases_preprocessed": str(prepared.preprocessed)}  # by this call; 0: another fold's job did
+    return params, config, {"preprocess": prepared.out_dir / "plans.json"}, folds, tags
 
 
-def _lock(work_dir: Path, command: str, is_main: bool):
-    """The work directory's lock on rank 0 (``torchrun``'s other processes follow rank 0)."""
+def _lock(work_dir: Path, command: str, is_main: bool, fold: int):
+    """The fold's lock (``work_dir/locks/fold_K.lock``) on rank 0 (``torchrun``'s other processes follow rank 0)."""
     from contextlib import nullcontext
 
     from pipeline.scheduling import work_dir_lock
 
-    return work_dir_lock(work_dir, command) if is_main else nullcontext()
+    return work_dir_lock(work_dir, command, fold) if is_main else nullcontext()
 
 
 def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool, session: RunSession,
@@ -198,7 +205,7 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
     session = RunSession(work_dir, cfg.data.fold, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                          cfg.mlflow.outage_wait_minutes, force)
     env = distributed.init(resolve_device(cfg.train.device).type)
-    with _lock(work_dir, "run" if register else "train", env.is_main):
+    with _lock(work_dir, "run" if register else "train", env.is_main, cfg.data.fold):
         if env.is_main:
             session.connect()
         prepared = prepare_distributed(cfg, work_dir)
@@ -260,7 +267,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
     e = cfg.evaluate
     settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
     evaluation, model_path, inference = validate_and_export(
-        settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation",
+        settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation" / f"fold_{cfg.data.fold}",
         decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,
         min_expected_dice=cfg.qc.min_expected_dice, flag_quantile=cfg.qc.flag_quantile)
     summary = evaluation.summary
@@ -278,14 +285,17 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
                      "quality_min_expected_dice": evaluation.calibration.min_expected_dice,
                      "quality_flagged_fraction": sum(r["flagged"] for r in evaluation.records) / max(1, len(evaluation.records))},
                     "logging the quality calibration")
-    gate_result, eval_set = score_and_log(
-        cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device, work_dir,
-        prepared.raw_cases("val"), evaluation, model_path, log)
-    version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
-    if version is not None and cfg.registry.compile_ahead_of_time:
-        compile_ahead_of_time(model_path)
-    promotion = None
-    if version is not None:
+    def gate() -> tuple[Any, str]:
+        return score_and_log(cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device,
+                             work_dir, prepared.raw_cases("val"), evaluation, model_path, log)
+
+    def register() -> str | None:
+        version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
+        if version is not None and cfg.registry.compile_ahead_of_time:
+            compile_ahead_of_time(model_path)
+        return version
+
+    def describe(version: str, gate_result: Any, eval_set: str) -> None:
         keys = session.keys
         facts = Provenance(
             cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
@@ -293,9 +303,9 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
             len(prepared.split["val"]), keys.config_hash, keys.code, prepared.plan, summary, inference,
             gate_result.decision)
         describe_version(facts, gate_tags(gate_result, eval_set), log)
-        promotion = log.call(lambda: registry.set_aliases(cfg.mlflow.model_name, version, gate_result.promoted,
-                                                          gate_result.champion_version, gate_result.decision),
-                             "setting the aliases")
+
+    lease = registry.GateLease(cfg.mlflow.model_name, cfg.registry.gate_lease_s, cfg.registry.gate_wait_s, call=log.call)
+    _, _, promotion = registry.gated_registration(cfg.mlflow.model_name, lease, gate, register, describe, log.call)
     return RunSummary(run_id, session.uri or "", summary, cfg.mlflow.model_name, promotion, result.epochs, model_path)
 
 
@@ -332,47 +342,37 @@ def run_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False,
     return _run_or_train(cfg, work_dir, force, register=True, fail_if_not_promoted=fail_if_not_promoted)
 
 
-def _checkpoints_of(ref: str) -> list[str]:
-    """A folder reference means every fold's ``best.pt`` under it (a cross-validation ensemble)."""
-    path = Path(ref)
-    if not path.is_dir():
-        return [ref]
-    found = sorted(path.glob("fold_*/final.pt")) or sorted(path.glob("final.pt"))
-    if not found:
-        raise InputDataError(path, "holds no fold_*/final.pt checkpoints to ensemble")
-    return [str(p) for p in found]
-
-
-def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides=None, device_name: str = "auto",
-                   series_uid: str | None = None):
-    """One predictor averaging every referenced model (all must share one preprocessing plan).
+def ensemble_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False, fail_if_not_promoted: bool = False,
+                   config_label: str = "CONFIG", evaluation_set: str | None = None) -> registry.EnsembleSummary:
+    """Register every fold of one cross-validation as one model version (a fold ensemble), gated like a run.
 
     Args:
-        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
-            ``fold_*/final.pt``; several are ensembled (softmax averaged).
-        work_dir: work directory (its SQLite store is the default registry).
-        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
-        device_name: ``auto``, ``cpu`` or ``cuda``.
-        series_uid: the DICOM series to read from folders holding several.
-
-    Returns:
-        The predictor and the first model's identity (:class:`registry.ResolvedModel`).
+        cfg: the configuration the folds ran with (any ``data.fold``).
+        work_dir: the work directory the folds ran in (their states and ``checkpoints/fold_K/model.pt``).
+        force: register again even when these fold runs were registered as an ensemble before.
+        fail_if_not_promoted: raise :class:`~pipeline.errors.NotPromotedError` (exit 6) when it does not take ``champion``.
+        config_label: how messages name the config (what to run for a missing fold).
+        evaluation_set: where it is scored and gated, when the folds ran without ``registry.evaluation_set``.
     """
-    from pipeline.inference import Predictor, load_model
+    from pipeline.errors import NotPromotedError
+    from pipeline.scheduling import code_version, cv_config_hash, cv_id, locked_folds
 
-    device = resolve_device(device_name)
-    models, identities = [], []
-    for ref in [r for refs in model_refs for r in _checkpoints_of(refs)]:
-        with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
-            resolved = registry.resolve_model(ref, work_dir, Path(tmp))
-            models.append(load_model(resolved.path, device))
-            identities.append(resolved)
-    # The fingerprint differs between folds (each saw other cases); the voxel part must not.
-    voxel_plan = {k: v for k, v in models[0].plan.items() if k not in ("network", "fingerprint")}
-    for ref, m in zip(model_refs, models):
-        if {k: v for k, v in m.plan.items() if k not in ("network", "fingerprint")} != voxel_plan:
-            raise PipelineError(f"{ref}: its preprocessing plan differs from the first model's; cannot ensemble")
-    return Predictor(models, device, overrides, series_uid), identities[0]
+    with locked_folds(work_dir, cfg.to_dict(), config_label) as states:  # no fold job rewrites a model.pt meanwhile
+        dataset = discover(cfg, work_dir)
+        splits = work_dir / "splits.json"
+        facts = registry.EnsembleData(
+            dataset.name, states[0].data_hash, len(dataset.cases), cv_config_hash(cfg.to_dict()), code_version(),
+            json.loads(splits.read_text())["folds"] if splits.is_file() else [], cv_id(cfg.to_dict(), states[0].data_hash))
+        folds = [registry.FoldModel(s.fold, s.run_id or "", checkpoint_dir(work_dir, s.fold) / "model.pt") for s in states]
+        summary = registry.register_ensemble(cfg, work_dir, folds, facts, force, evaluation_set)
+    if fail_if_not_promoted and summary.promotion is not None and not summary.promotion.promoted:
+        raise NotPromotedError(f"version {summary.promotion.version} was registered but not promoted: "
+                               f"{summary.promotion.decision}")
+    return summary
+
+
+# Model references -> one predictor (a registered fold ensemble brings every fold) is the registry's.
+load_predictor = registry.load_predictor
 
 
 def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, overrides=None,

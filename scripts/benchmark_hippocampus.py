@@ -56,9 +56,9 @@ BASELINE_COMMAND = [
     "--threads", "{threads}",
 ]
 # Where each side leaves its evaluation summary (mean_dice, dice_per_label, num_cases).
-SUMMARIES = {"ours": "{work}/ours/evaluation/summary.json", "baseline": "{work}/baseline/summary.json"}
+SUMMARIES = {"ours": "{work}/ours/evaluation/fold_{fold}/summary.json", "baseline": "{work}/baseline/summary.json"}
 # ...and its per-case Dice (``case`` column, then one column per label).
-CASES = {"ours": "{work}/ours/evaluation/cases.csv", "baseline": "{work}/baseline/cases.csv"}
+CASES = {"ours": "{work}/ours/evaluation/fold_{fold}/cases.csv", "baseline": "{work}/baseline/cases.csv"}
 BOOTSTRAP_SAMPLES = 10_000
 
 

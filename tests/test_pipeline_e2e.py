@@ -35,11 +35,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config.write_text(yaml.safe_dump(TINY))
     work = root / "work"
     assert main(["run", str(config), "--work-dir", str(work)]) == 0
-    first = json.loads((work / "evaluation" / "summary.json").read_text())
+    first = json.loads((work / "evaluation" / "fold_0" / "summary.json").read_text())
     first_predictions = {p.name: np.asarray(nib.load(p).dataobj)
-                         for p in sorted((work / "evaluation" / "predictions").glob("*.nii.gz"))}
+                         for p in sorted((work / "evaluation" / "fold_0" / "predictions").glob("*.nii.gz"))}
     assert main(["run", str(config), "--work-dir", str(work), "--set", "train.learning_rate=0"]) == 0
-    second = json.loads((work / "evaluation" / "summary.json").read_text())
+    second = json.loads((work / "evaluation" / "fold_0" / "summary.json").read_text())
     return {"config": config, "work": work, "first": first, "second": second, "first_predictions": first_predictions}
 
 

@@ -276,7 +276,10 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
     Every input file's content is hashed. A case is preprocessed again only when its
     content or the voxel part of the plan changed: new or changed cases in the dataset
     are picked up, unchanged ones reused. Files are written under a temporary name and
-    renamed, so an interrupted run leaves no partial case.
+    renamed, so an interrupted run leaves no partial case; a case counts as done only once
+    ``manifest.json`` (written after its rename) holds its key, so a call killed between
+    the two redoes it. Jobs sharing ``out_dir`` call this one at a time (the caller holds
+    the work directory's preprocessing lock, see :func:`pipeline.scheduling.preprocess_lock`).
 
     Args:
         cfg: the pipeline configuration.
@@ -293,7 +296,6 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
                    "data_hash": data_hash}
     write_text_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
     plan = make_plan(cfg, dataset, fingerprint, device)
-    write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     # The network part of the plan does not change the preprocessed voxels.
     voxel_plan = json.dumps({k: v for k, v in plan.items() if k not in ("network", "fingerprint")}, sort_keys=True)
     manifest_path = out_dir / "manifest.json"
@@ -318,6 +320,7 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
         result.append(PreprocessedCase(case.case_id, target))
     plan["fingerprint"] = _conformity_fingerprint(dataset, fingerprint, result, manifest, percentiles)
     write_text_atomic(percentiles_path, json.dumps(percentiles))
+    # Written once, complete: a fold's job past preprocessing may log this file while another job preprocesses.
     write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     return PreprocessResult(plan, result, data_hash, case_hashes, redone)
 

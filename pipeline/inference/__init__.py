@@ -1,7 +1,7 @@
 """Inference: a handed-over model run on raw scans, from checkpoint to files on disk.
 
 The checkpoint format and the settings a model was validated with, the model rebuilt
-from its checkpoint, our sliding-window engine and its CPU acceleration, the
+from its checkpoint (or a fold ensemble's models from theirs), our sliding-window engine and its CPU acceleration, the
 keep-largest-component postprocessing, the output writers (NIfTI, DICOM SEG and SR, case records) and batch
 ``predict`` over files and folders. It may import ``pipeline.data`` (and
 ``models``, ``transforms``, ``pipeline.config``, ``pipeline.errors``), never
@@ -10,10 +10,17 @@ this engine, not the other way round.
 """
 
 from pipeline.inference import accelerate
-from pipeline.inference.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.inference.checkpoints import load_checkpoint, read_checkpoint_file, save_checkpoint
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
 from pipeline.inference.dicom_sr import SegmentMeasurement, measurements_of, read_dicom_sr, write_dicom_sr
-from pipeline.inference.model import LoadedModel, compile_ahead_of_time, load_model, load_model_from_checkpoint
+from pipeline.inference.ensemble import check_same_plan, save_ensemble
+from pipeline.inference.model import (
+    LoadedModel,
+    compile_ahead_of_time,
+    load_model,
+    load_model_from_checkpoint,
+    load_models,
+)
 from pipeline.inference.outputs import write_label_map
 from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.predict import PredictReport, algorithm_for, exit_code, expand_inputs, group_cases, predict_cases, shard
@@ -44,6 +51,10 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_model_from_checkpoint",
+    "load_models",
+    "check_same_plan",
+    "read_checkpoint_file",
+    "save_ensemble",
     "measurements_of",
     "read_dicom_sr",
     "save_checkpoint",

@@ -11,6 +11,8 @@ import torch
 from pipeline.errors import InputDataError
 
 CHECKPOINT_FORMAT = 1
+#: The key under which a fold ensemble's file holds its models' checkpoints.
+ENSEMBLE_MEMBERS = "members"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -26,8 +28,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no arbitrary code from pickles).
+def read_checkpoint_file(path: Path) -> dict[str, Any]:
+    """Read any checkpoint of ours, one model's or a fold ensemble's, with ``weights_only=True``.
 
     Args:
         path: a ``.pt`` file written by :func:`save_checkpoint`.
@@ -38,6 +40,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn or foreign files
         raise InputDataError(path, f"not a readable checkpoint ({exc.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not (
+            "state_dict" in ckpt or ENSEMBLE_MEMBERS in ckpt):
         raise InputDataError(path, "not a unet-pipeline checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read one model's checkpoint with ``weights_only=True`` (no arbitrary code from pickles).
+
+    Args:
+        path: a ``.pt`` file written by :func:`save_checkpoint`.
+    """
+    ckpt = read_checkpoint_file(path)
+    if "state_dict" not in ckpt:
+        # A fold ensemble: only pipeline.inference.load_models turns it into networks.
+        raise InputDataError(path, "is a fold ensemble, not one model's checkpoint")
     return ckpt

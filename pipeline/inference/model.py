@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from models.unet import UNet
-from pipeline.inference import aot
-from pipeline.inference.checkpoints import load_checkpoint
+from pipeline.errors import InputDataError
+from pipeline.inference import aot, ensemble
+from pipeline.inference.checkpoints import load_checkpoint, read_checkpoint_file
 from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.sliding_window import window_size
 from pipeline.quality import Calibration
@@ -57,6 +58,31 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     return load_model_from_checkpoint(load_checkpoint(path), device)
 
 
+def load_models(path: Path, device: torch.device) -> list[LoadedModel]:
+    """The models of a checkpoint file: one model's, or every fold of a fold ensemble (``weights_only=True``).
+
+    What turns one checkpoint path (a registered version, a file) into a
+    :class:`~pipeline.inference.Predictor`'s models: ``Predictor(load_models(path, device), device)``.
+
+    Args:
+        path: a ``.pt`` checkpoint written by the run stage, or a fold ensemble's file.
+        device: where to put the networks.
+
+    Raises:
+        InputDataError: the file is not ours, is torn, or a member does not load.
+    """
+    ckpt = read_checkpoint_file(path)
+    if not ensemble.is_ensemble(ckpt):
+        return [load_model_from_checkpoint(ckpt, device)]
+    models = []
+    for i, member in enumerate(ensemble.members_of(ckpt, path)):
+        try:
+            models.append(load_model_from_checkpoint(member, device))
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:  # weights that do not fit the architecture
+            raise InputDataError(path, f"member {i} of the fold ensemble does not load ({exc.__class__.__name__})") from None
+    return models
+
+
 def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> LoadedModel:
     """Build the U-Net of an already loaded checkpoint (see :func:`load_model`).
 
@@ -73,20 +99,22 @@ def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) ->
 
 
 def compile_ahead_of_time(path: Path) -> bool:
-    """Compile a checkpoint's network once for ``predict`` on the CPU (at registration): the package later jobs load.
+    """Compile a checkpoint's network(s) once for ``predict`` on the CPU (at registration): the packages later jobs load.
 
     The package takes what the engine feeds it with the stored settings: full batches
     of ``sw_batch_size`` windows.
 
     Args:
-        path: a ``.pt`` checkpoint.
+        path: a ``.pt`` checkpoint (one model's or a fold ensemble's).
 
     Returns:
-        Whether the package is in the cache now (``False``: this platform cannot build one).
+        Whether the package (every fold's) is in the cache now (``False``: this platform cannot build one).
     """
-    model = load_model(path, torch.device("cpu"))
-    dims = model.network.spatial_dims
-    window = window_size(model.patch_size, dims)
-    shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
-    key = aot.key_for(model.network, shape, "cpu")
-    return aot.load(key) is not None or aot.build(model.network, key) is not None
+    ready = True
+    for model in load_models(path, torch.device("cpu")):  # a fold ensemble: one package per fold
+        dims = model.network.spatial_dims
+        window = window_size(model.patch_size, dims)
+        shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
+        key = aot.key_for(model.network, shape, "cpu")
+        ready = (aot.load(key) is not None or aot.build(model.network, key) is not None) and ready
+    return ready

@@ -6,8 +6,11 @@ self-contained model, its version description and the champion alias. It may imp
 data, inference, evaluation and training, never scheduling, pacs or the stages.
 """
 
-from pipeline.registry.gate import score_and_log
+from pipeline.registry.ensemble import EnsembleData, EnsembleSummary, FoldModel, register_ensemble
+from pipeline.registry.gate import gated_registration, judge, score_and_log
 from pipeline.registry.gate import tags as gate_tags
+from pipeline.registry.lease import GateLease, GateLeaseError, lease_model_name
+from pipeline.registry.predictors import load_predictor
 from pipeline.registry.privacy import dataset_label, redact_config, run_params
 from pipeline.registry.provenance import Provenance, describe_version
 from pipeline.registry.registration import (
@@ -25,11 +28,21 @@ from pipeline.registry.tracking import RunLogger, metric_name, when_reachable
 from pipeline.registry.tracking import connect as connect_tracking
 
 __all__ = [
+    "EnsembleData",
+    "EnsembleSummary",
+    "FoldModel",
+    "load_predictor",
+    "register_ensemble",
     "Provenance",
     "RunLogger",
     "connect_tracking",
     "describe_version",
     "gate_tags",
+    "GateLease",
+    "GateLeaseError",
+    "gated_registration",
+    "judge",
+    "lease_model_name",
     "when_reachable",
     "SELECTION_METRIC",
     "Promotion",

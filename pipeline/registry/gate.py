@@ -6,6 +6,11 @@ the candidate's mean Dice beats the champion's by more than ``registry.promote_m
 Scoring the champion can fail (a model from an incompatible version, a download
 error): then the gate says so and nothing moves; an error never moves or removes
 ``champion``.
+
+Race-free: :func:`gated_registration` runs champion lookup -> scoring -> decision ->
+registration -> aliases while holding the registered model's gate lease
+(:mod:`pipeline.registry.lease`), so candidates gated at the same moment end as if
+gated one after the other: the second is compared with the first's outcome.
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data import Case
 from pipeline.errors import user_error
 from pipeline.evaluation import EvaluationResult
+
+if TYPE_CHECKING:
+    from pipeline.registry.lease import GateLease
+    from pipeline.registry.registration import Promotion
+
+Call = Callable[[Callable[[], Any], str], Any]
 
 
 @dataclass
@@ -161,6 +173,7 @@ def eval_cases(evaluation_set: str | None, validation: Sequence[Case]) -> tuple[
 def score_and_log(
     evaluation_set: str | None, promote_margin: float, model_name: str, device: Any, work_dir: Path,
     val_cases: Sequence[Case], evaluation: EvaluationResult, model_path: Path, log: Any,
+    evaluated_on_set: bool = False,
 ) -> tuple[GateResult, str]:
     """Score the candidate and the champion on the same cases, in this call; log the comparison.
 
@@ -169,12 +182,15 @@ def score_and_log(
         promote_margin: ``registry.promote_margin``.
         model_name: the registered model's name.
         device: where the models run.
-        work_dir: the work directory (the champion is downloaded to a temporary folder, a fixed set's
-            candidate predictions go to ``gate/candidate``).
+        work_dir: the work directory (its model store, when no tracking URI is set; the champion's
+            and a fixed set's candidate predictions go to temporary folders of their own, so parallel
+            fold jobs on one work directory never share them).
         val_cases: the candidate's validation cases.
         evaluation: the candidate's validation result.
         model_path: the candidate's exported ``model.pt``.
         log: the run's :class:`~pipeline.registry.tracking.RunLogger`.
+        evaluated_on_set: ``evaluation`` is already the candidate's on ``evaluation_set`` (a fold
+            ensemble, which has no validation fold of its own): it is not scored a second time.
 
     Returns:
         The gate's result and its cases in words.
@@ -183,28 +199,89 @@ def score_and_log(
 
     from pipeline import registry
     from pipeline.evaluation import csv_text, evaluate_cases
-    from pipeline.inference import Predictor, load_model
+    from pipeline.inference import Predictor, load_models
     from pipeline.registry.tracking import metric_name
 
     cases, eval_set = eval_cases(evaluation_set, val_cases)
     names = list(evaluation.summary["dice_per_label"])
     candidate = evaluation
-    if evaluation_set is not None:
+    if evaluation_set is not None and not evaluated_on_set:
         # A fixed set: the candidate as it will be used (its decided postprocessing) on those cases.
-        candidate = evaluate_cases(Predictor([load_model(model_path, device)], device), cases,
-                                   work_dir / "gate" / "candidate", save_predictions=False, report=False)
-    champion_version = log.call(lambda: registry.champion_version(model_name), "looking up the champion")
+        with tempfile.TemporaryDirectory(prefix="unet-gate-candidate-") as tmp:
+            candidate = evaluate_cases(Predictor(load_models(model_path, device), device), cases,
+                                       Path(tmp), save_predictions=False, report=False)
 
-    def score_champion(tmp: Path) -> EvaluationResult:
+    def score_champion(champion_version: str, tmp: Path) -> EvaluationResult:
         resolved = log.call(lambda: registry.resolve_model(f"models:/{model_name}/{champion_version}", work_dir,
                                                            tmp / "model", log.uri), "downloading the champion")
-        predictor = Predictor([load_model(resolved.path, device)], device)
+        predictor = Predictor(load_models(resolved.path, device), device)  # a fold ensemble: all its folds
         return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False, report=False)
 
-    result = compare(candidate, score_champion if champion_version else None, champion_version, promote_margin,
-                     log.alias, names)
+    result = judge(model_name, candidate, score_champion, promote_margin, log.alias, names, log.call)
     log.metrics(metrics(result, metric_name), "logging the gate")
     log.call(lambda: mlflow.log_text(csv_text(result.rows, result.columns), "gate/comparison.csv"),
              "logging the gate table")
     log.tags({"gate.decision": result.decision, "gate.eval_set": eval_set})
     return result, eval_set
+
+
+def judge(model_name: str, candidate: EvaluationResult, score_version: Callable[[str, Path], EvaluationResult],
+          margin: float, alias: Callable[[str], str], label_names: Sequence[str], call: Call | None = None) -> GateResult:
+    """Look up the champion now, score it on the candidate's cases and decide (run it holding the gate lease).
+
+    Args:
+        model_name: the registered model's name.
+        candidate: the candidate's evaluation on the gate's cases.
+        score_version: (champion version, a temporary folder) -> its evaluation on the same cases.
+        margin: ``registry.promote_margin``.
+        alias: case id -> pseudonym (for the table).
+        label_names: foreground label names in column order.
+        call: runs one registry call (``RunLogger.call``: waits out an outage); default: directly.
+    """
+    from pipeline.registry.registration import champion_version as lookup
+
+    call = call or (lambda action, what: action())
+    version = call(lambda: lookup(model_name), "looking up the champion")
+    score = (lambda tmp: score_version(version, tmp)) if version else None
+    return compare(candidate, score, version, margin, alias, label_names)
+
+
+def gated_registration(
+    model_name: str, lease: GateLease | None, gate: Callable[[], tuple[GateResult, str]],
+    register: Callable[[], str | None], describe: Callable[[str, GateResult, str], None], call: Call | None = None,
+) -> tuple[GateResult, str, Promotion | None]:
+    """The gate's critical section, holding the registered model's lease: gate, register, describe, set aliases.
+
+    Lookup, scoring, decision, registration and aliases all run under the lease, so a
+    second candidate gated at the same moment waits and is then compared with the
+    first's outcome; the lease is checked once more right before an alias moves.
+
+    Args:
+        model_name: the registered model's name.
+        lease: the model's :class:`~pipeline.registry.lease.GateLease`; ``None`` gates without one
+            (only for a test that shows the race it prevents).
+        gate: looks up and scores the champion, decides, logs (e.g. :func:`score_and_log`).
+        register: registers the candidate; returns its version (``None``: not registered).
+        describe: (version, gate result, its cases in words) -> writes the version's description and tags.
+        call: runs one registry call (``RunLogger.call``: waits out an outage); default: directly.
+
+    Returns:
+        The gate's result, its cases in words, and the promotion (``None`` when nothing was registered).
+
+    Raises:
+        GateLeaseError: the lease was not obtained in time, or was lost before the aliases moved.
+    """
+    from pipeline.registry.registration import set_aliases
+
+    call = call or (lambda action, what: action())
+    with lease if lease is not None else nullcontext():
+        result, eval_set = gate()
+        version = register()
+        if version is None:
+            return result, eval_set, None
+        describe(version, result, eval_set)
+        if lease is not None:
+            lease.check()
+        promotion = call(lambda: set_aliases(model_name, version, result.promoted, result.champion_version,
+                                             result.decision), "setting the aliases")
+    return result, eval_set, promotion

@@ -1,7 +1,8 @@
 """The MLflow flavour of a trained U-Net: a self-contained pyfunc that segments raw scans.
 
 The registered model holds ``artifacts/checkpoint.pt`` (weights, architecture,
-preprocessing plan and the inference settings it was validated with), this
+preprocessing plan and the inference settings it was validated with; for a fold
+ensemble, every fold's, whose probabilities are averaged), this
 project's code (``code/pipeline``, ``code/models``, ``code/transforms``: MLflow puts
 them first on ``sys.path``) and pinned requirements, so it loads wherever those
 requirements are installed, without this project. Loading never unpickles an
@@ -39,17 +40,18 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
     """Pyfunc wrapper: a raw scan in, its label map on the scan's grid out."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the network and its predictor from the logged checkpoint.
+        """Rebuild the network(s) and their predictor from the logged checkpoint (a fold ensemble: every fold).
 
         Args:
             context: MLflow's model context holding ``artifacts["checkpoint"]``.
         """
-        from pipeline.inference import Predictor, load_model
+        from pipeline.inference import Predictor, load_models
         from pipeline.training import resolve_device
 
         device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
-        self.model = load_model(Path(context.artifacts["checkpoint"]), device)
-        self.predictor = Predictor([self.model], device)
+        self.models = load_models(Path(context.artifacts["checkpoint"]), device)
+        self.model = self.models[0]
+        self.predictor = Predictor(self.models, device)
 
     # MLflow reads a ``model_input`` annotation as a data schema (it must be list[...]) and warns
     # at import and at log_model whether there is one or not; ours is a dict of arrays or paths, so

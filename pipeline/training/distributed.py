@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import ConfigError, PeerLostError
+
+# How long a collective waits for a process that neither answers nor closes its connections (a hung
+# node, or one cut off the network). A process that dies closes them, and the others stop within seconds.
+# Rank 0 validates and preprocesses while the others wait in a barrier: it must cover that too.
+TIMEOUT_ENV = "UNET_PIPELINE_DDP_TIMEOUT_MINUTES"
+DEFAULT_TIMEOUT_MINUTES = 30.0
+# What Gloo (plain RuntimeError) says when a peer is gone; NCCL and the store raise DistError.
+_PEER_GONE = re.compile(r"gloo|connection (closed|reset) by peer|timed out waiting|broken pipe", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,25 @@ def current() -> DistEnv:
     return DistEnv()
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a silent peer: ``$UNET_PIPELINE_DDP_TIMEOUT_MINUTES``, default 30."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MINUTES)
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = 0.0
+    if not 0 < minutes <= 1e6:  # NaN fails too
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of minutes > 0, got {raw!r}")
+    return timedelta(minutes=minutes)
+
+
 def init(device_type: str) -> DistEnv:
     """Join the process group when started by ``torchrun`` (NCCL on CUDA, Gloo on CPU).
+
+    Collectives give up after :func:`collective_timeout`, so a hung node stops the job
+    instead of holding the others forever.
 
     Args:
         device_type: ``cuda`` or ``cpu``.
@@ -55,7 +84,7 @@ def init(device_type: str) -> DistEnv:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=collective_timeout())
     return current()
 
 
@@ -109,3 +138,46 @@ def shutdown() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lost_peer(exc: BaseException) -> PeerLostError | None:
+    """The one-line error for a ``torchrun`` job that lost a process, when ``exc`` is that; else None.
+
+    A node that dies (SIGKILL, OOM, a crash) closes its connections: the others' next collective
+    fails at once. One that hangs makes it fail after :func:`collective_timeout`. Either way every
+    checkpoint written so far is complete (they are written atomically), so the same command resumes.
+
+    Args:
+        exc: the exception that ended the command.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cause = _peer_failure(exc) if world > 1 else None
+    if cause is None:
+        return None
+    rank = os.environ.get("RANK", "?")
+    return PeerLostError(
+        f"distributed training lost a process (this is rank {rank} of {world}): {_reason(cause)}. Another node "
+        f"died, was killed or stopped answering (its own log says why); this one stopped too, keeping the last "
+        f"checkpoint. Rerun the same command (torchrun on every node, or a plain call on one machine) to resume "
+        f"in the same MLflow run"
+    )
+
+
+def _peer_failure(exc: BaseException) -> BaseException | None:
+    """The Gloo/NCCL/store error along ``exc``'s chain (DDP and MONAI may wrap it), or None."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, dist.DistError) or (isinstance(link, RuntimeError) and _PEER_GONE.search(str(link))):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The gist of a Gloo/NCCL/store message: its first line, without the source location or advice."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../gloo/transport/tcp/pair.cc:561] "
+    text = re.split(r"\.\s+(?:This is typically|Check the logs)", text)[0]
+    return text.rstrip(". ")[:200] or type(exc).__name__

@@ -287,14 +287,16 @@ def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
     state.start = time.monotonic()
     progress = TrainingProgress(state.start_epoch, t.epochs, run.budget_s, env.is_main, state.elapsed)
     epoch = state.start_epoch
-    for epoch in range(state.start_epoch, t.epochs):
-        metrics = _train_epoch(run, state, batches, epoch)
-        if env.is_main:
-            _end_epoch(run, state, epoch, metrics, progress)
-        distributed.barrier()
-        if state.stopped:
-            break
-    progress.close()
+    try:
+        for epoch in range(state.start_epoch, t.epochs):
+            metrics = _train_epoch(run, state, batches, epoch)
+            if env.is_main:
+                _end_epoch(run, state, epoch, metrics, progress)
+            distributed.barrier()
+            if state.stopped:
+                break
+    finally:
+        progress.close()  # also on an error: its one line must not land on the bar's line
     return epoch + 1 if t.epochs > state.start_epoch else state.start_epoch
 
 

@@ -117,7 +117,7 @@ def test_decision_on_real_predictions_travels_with_the_registered_model(tmp_path
     config.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "w"
     assert main(["run", str(config), "--work-dir", str(work)]) == 0
-    summary = json.loads((work / "evaluation" / "summary.json").read_text())
+    summary = json.loads((work / "evaluation" / "fold_0" / "summary.json").read_text())
     split = json.loads((work / "splits.json").read_text())["folds"][0]["val"]
     images = [dataset.parent / "imagesTr" / f"{case}.nii.gz" for case in split]
     raw_dir, final_dir = tmp_path / "raw", tmp_path / "final"

@@ -191,7 +191,7 @@ def test_a_rerun_skips_done_cases_and_redoes_one_without_its_record(calibrated: 
 def test_the_validation_report_shows_true_beside_estimated_dice(calibrated: dict) -> None:
     from tests.quality.report_browser import check_report, skip_without_browser
 
-    evaluation = calibrated["work"] / "evaluation"
+    evaluation = calibrated["work"] / "evaluation" / "fold_0"
     assert (evaluation / "calibration.png").stat().st_size > 5000
     with open(evaluation / "quality.csv", newline="") as fp:
         rows = list(csv.DictReader(fp))

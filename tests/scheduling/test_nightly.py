@@ -74,7 +74,7 @@ def gated(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory)
         config = _config(root / f"{name}.yaml", dataset, uri, train=train)
         res = _cli("run", str(config), "--work-dir", str(work), *extra)
         runs[name] = res
-        summary = json.loads((work / "evaluation" / "summary.json").read_text())
+        summary = json.loads((work / "evaluation" / "fold_0" / "summary.json").read_text())
         runs[f"{name}_summary"] = summary
     return {"root": root, "work": work, "uri": uri, "dataset": dataset, **runs}
 
@@ -210,7 +210,8 @@ def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_train
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--work-dir", str(work)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (work / ".lock").is_file() and (work / ".lock").read_text().strip(), 120, "the lock")
+        lock = work / "locks" / "fold_0.lock"
+        _wait_for(lambda: lock.is_file() and lock.read_text().strip(), 120, "the lock")
         # A second call on the same work dir while the first holds the lock: exits at once with code 3.
         second = _cli("run", str(config), "--work-dir", str(work), timeout=120)
         assert second.returncode == 3, second.stderr
