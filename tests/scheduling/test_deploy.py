@@ -98,6 +98,8 @@ def test_cronjob_forbids_concurrency_and_keeps_the_work_dir_on_a_claim() -> None
     # A held lock (exit 3) or a bad config (exit 2) is not retried.
     fail_codes = spec["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"]
     assert {2, 3} <= set(fail_codes)
+    rules = spec["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert all("status" in c for r in rules for c in r.get("onPodConditions", []))  # required by the API
 
 
 def test_the_three_schedulers_make_the_same_call_and_the_cli_accepts_it() -> None:
