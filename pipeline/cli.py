@@ -14,6 +14,15 @@ from pipeline.errors import PipelineError, user_error
 DEFAULT_WORK_DIR = "unet-work"
 
 
+def _print_dice(ev: dict, cases: str) -> None:
+    """Dice per label and the mean, aligned, under a line saying on which cases."""
+    print(f"\nDice per label on {ev['num_cases']} {cases}:")
+    width = max(len(n) for n in ev["dice_per_label"]) + 2
+    for name, value in ev["dice_per_label"].items():
+        print(f"  {name:<{width}}{value:.4f}")
+    print(f"  {'mean':<{width}}{ev['mean_dice']:.4f}")
+
+
 def _add_config_args(p: argparse.ArgumentParser, optional: bool) -> None:
     p.add_argument(
         "config", nargs="?" if optional else None, default=None,
@@ -156,11 +165,7 @@ def _print_run_summary(summary) -> None:
         return
     ev = summary.evaluation
     if ev:
-        print(f"\nDice per label on {ev['num_cases']} held-out case(s):")
-        width = max(len(n) for n in ev["dice_per_label"]) + 2
-        for name, value in ev["dice_per_label"].items():
-            print(f"  {name:<{width}}{value:.4f}")
-        print(f"  {'mean':<{width}}{ev['mean_dice']:.4f}")
+        _print_dice(ev, "held-out case(s)")
     print(f"\nEpochs trained:     {summary.epochs}")
     print(f"Checkpoint:         {summary.checkpoint}")
     print(f"MLflow run id:      {summary.run_id}")
@@ -310,11 +315,7 @@ def _ensemble(args: argparse.Namespace, stages) -> int:
     for f in s.folds:
         print(f"  fold {f['fold']}: run {f['run_id']}, version {f['version']}, validation Dice {f['val_mean_dice']:.4f}")
     ev = s.evaluation
-    print(f"\nDice per label on {ev['num_cases']} evaluation-set case(s) none of the folds trained on:")
-    width = max(len(n) for n in ev["dice_per_label"]) + 2
-    for name, value in ev["dice_per_label"].items():
-        print(f"  {name:<{width}}{value:.4f}")
-    print(f"  {'mean':<{width}}{ev['mean_dice']:.4f}")
+    _print_dice(ev, "evaluation-set case(s) none of the folds trained on")
     print(f"\nEnsemble file:      {s.checkpoint}")
     print(f"MLflow run id:      {s.run_id}")
     if s.promotion:
