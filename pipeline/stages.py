@@ -180,7 +180,7 @@ def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool
         log.metrics({"best_val_dice": result.best_val_dice, "epochs_completed": result.epochs,
                      "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second},
                     "logging the training summary")
-        log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget),
+        log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget), "train.precision": result.precision,
                   "ddp.param_checksums": json.dumps(result.param_checksums)})
         log.curves(history)
     return result

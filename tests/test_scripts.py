@@ -133,3 +133,36 @@ def test_inference_benchmark_compares_our_engine_with_monai_on_a_real_case(tmp_p
     ratio = rows["ours"]["volumes_per_second"] / rows["monai-matched"]["volumes_per_second"]
     assert f"hippocampus: ratio vs MONAI matched: {ratio:.2f}" in res.stdout
     assert all(r["peak_bytes"] > 0 for r in rows.values())
+
+
+def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real steps of the training code on the tiny plan: the phases add up to the step, bf16 really autocasts."""
+    from pipeline.training import devices
+    from pipeline.training.loop import TrainParts
+
+    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: True)
+    profile = _load_script("profile_training")
+    seen: list[bool] = []
+    real_forward = TrainParts.forward_loss
+
+    def recording(self, image, label):
+        seen.append(self.use_amp)
+        return real_forward(self, image, label)
+
+    monkeypatch.setattr(TrainParts, "forward_loss", recording)
+    out = tmp_path / "profile.json"
+    assert profile.main(["--config", str(tiny_config), "--work-dir", str(tmp_path / "w"), "--steps", "3",
+                         "--warmup", "1", "--variants", "fp32,bf16+no-data", "--no-validation", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["variants"]}
+    assert set(rows) == {"fp32", "bf16+no-data"}
+    for r in rows.values():
+        assert set(r["ms"]) == {"data", "forward", "backward", "optimizer"}
+        assert all(v >= 0 for v in r["ms"].values())
+        assert r["step_ms"] == pytest.approx(sum(r["ms"].values()))
+        assert r["patches_per_s"] == pytest.approx(1000 * 2 / r["step_ms"])  # the tiny plan's batch of 2
+    assert rows["bf16+no-data"]["ms"]["data"] < 1.0  # one batch reused: no loading in the step
+    assert seen == [False] * 4 + [True] * 4  # warm-up + timed steps of each variant
+    with pytest.raises(SystemExit):
+        profile.main(["--variants", "fp32+no-such-lever"])

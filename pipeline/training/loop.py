@@ -30,7 +30,7 @@ from pipeline.inference import (
 )
 from pipeline.training import distributed
 from pipeline.training.augmentation import train_transforms
-from pipeline.training.devices import resolve_device
+from pipeline.training.devices import autocast_dtype, resolve_device
 from pipeline.training.ema import WeightAverage
 from pipeline.training.loss import DeepSupervisionLoss
 from pipeline.training.patches import PatchStream, patch_loader
@@ -54,6 +54,7 @@ class TrainResult:
         train_seconds: wall time spent training (summed over resumes).
         patches_per_second: training throughput over all processes.
         param_checksums: per process, a checksum of the final weights (identical under DDP).
+        precision: what the forward pass ran in: ``float32``, ``bfloat16`` or ``float16`` (``train.amp``).
     """
 
     best_checkpoint: Path
@@ -65,6 +66,7 @@ class TrainResult:
     train_seconds: float = 0.0
     patches_per_second: float = 0.0
     param_checksums: list[float] = field(default_factory=list)
+    precision: str = "float32"
 
 
 def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
@@ -112,19 +114,58 @@ def _load(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
 
 
 @dataclass
-class _Parts:
-    """The network and what trains it."""
+class TrainParts:
+    """The network and what trains it, with the three phases of one training step.
 
-    network: torch.nn.Module  # wrapped in DistributedDataParallel under torchrun
+    Args:
+        network: the U-Net (wrapped in DistributedDataParallel under torchrun).
+        loss_fn: the deep-supervision loss.
+        optimizer: the optimiser.
+        scaler: the AMP gradient scaler (inactive off CUDA).
+        use_amp: autocast the forward pass to ``amp_dtype``.
+        ema: the weight average (``train.ema_decay``): what is validated and exported.
+        amp_dtype: float16 on CUDA (with the scaler), bfloat16 on a CPU (see ``autocast_dtype``).
+    """
+
+    network: torch.nn.Module
     loss_fn: DeepSupervisionLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     use_amp: bool
-    ema: WeightAverage | None = None  # train.ema_decay: the average is what is validated and exported
+    ema: WeightAverage | None = None
+    amp_dtype: torch.dtype = torch.float16
 
     def exported(self) -> torch.nn.Module:
         """The network that validation scores and checkpoints export: the weight average when there is one."""
         return self.ema.module if self.ema is not None else _unwrap(self.network)
+
+    def forward_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Zero the gradients, run the network and return the loss.
+
+        Args:
+            image: a batch of patches on the network's device.
+            label: their labels.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(image.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            return self.loss_fn(self.network(image), label)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate the (scaled) loss.
+
+        Args:
+            loss: what :meth:`forward_loss` returned.
+        """
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        """Clip the gradients, step the optimiser and fold the new weights into the average."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(_unwrap(self.network))
 
 
 @dataclass
@@ -149,7 +190,7 @@ class _Run:
     cfg: PipelineConfig
     env: distributed.DistEnv
     device: torch.device
-    parts: _Parts
+    parts: TrainParts
     base: dict[str, Any]  # what every checkpoint stores beside the weights
     best_path: Path
     last_path: Path
@@ -175,8 +216,14 @@ def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
     return device, env
 
 
-def _build(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> _Parts:
-    """The U-Net, the loss, the optimiser and the AMP scaler."""
+def build_parts(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> TrainParts:
+    """The U-Net, the loss, the optimiser, the AMP scaler and the weight average of a training config.
+
+    Args:
+        t: the ``train`` section.
+        kwargs: the U-Net's constructor arguments (:func:`model_kwargs`).
+        device: where it trains.
+    """
     network: torch.nn.Module = UNet(**kwargs).to(device)
     loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
     if t.optimizer == "sgd":
@@ -185,12 +232,14 @@ def _build(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> _Par
         )
     else:
         optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    use_amp = t.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(device, t.amp)
+    # Gradient scaling guards float16's narrow range; bfloat16 has float32's.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = WeightAverage(network, t.ema_decay) if t.ema_decay else None
-    return _Parts(network, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=use_amp), use_amp, ema)
+    return TrainParts(network, loss_fn, optimizer, scaler, amp_dtype is not None, ema, amp_dtype or torch.float32)
 
 
-def _restore(parts: _Parts, last_path: Path, epochs: int) -> _State:
+def _restore(parts: TrainParts, last_path: Path, epochs: int) -> _State:
     """Load ``last.pt``'s weights, optimiser, scaler and torch RNG into ``parts`` and return its training state."""
     saved = load_checkpoint(last_path)
     parts.network.load_state_dict(saved["state_dict"])
@@ -230,9 +279,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         if run.cfg.model.spatial_dims == 2:
             image, label = image[..., 0], label[..., 0]
-        parts.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=parts.use_amp):
-            loss = parts.loss_fn(parts.network(image), label)
+        loss = parts.forward_loss(image, label)
         value = float(loss.detach())
         # Every process stops together: one rank's NaN would otherwise hang the others in all-reduce.
         if distributed.any_true(not math.isfinite(value)):
@@ -241,13 +288,8 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
                 f"({value}); lower train.learning_rate or check the data. The last good state is "
                 f"{run.last_path.name} of epoch {epoch}"
             )
-        parts.scaler.scale(loss).backward()
-        parts.scaler.unscale_(parts.optimizer)
-        torch.nn.utils.clip_grad_norm_(parts.network.parameters(), 12.0)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
-        if parts.ema is not None:
-            parts.ema.update(_unwrap(parts.network))
+        parts.backward(loss)
+        parts.step()
         losses.append(value)
         state.patches += image.shape[0] * run.env.world_size
         if run.budget_s and distributed.any_true(state.elapsed() > run.budget_s):
@@ -313,7 +355,8 @@ def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
     checksums = distributed.gather(checksum)
     run_s = time.monotonic() - state.start
     return TrainResult(run.best_path, run.last_path, final_path, state.best_dice, completed, state.stopped,
-                       state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums)
+                       state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums,
+                       str(run.parts.amp_dtype if run.parts.use_amp else torch.float32).removeprefix("torch."))
 
 
 def train(
@@ -349,7 +392,7 @@ def train(
     patch_size, batch_size = list(net_plan["patch_size"]), int(net_plan["batch_size"])
     labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
     kwargs = model_kwargs(cfg, plan)
-    parts = _build(t, kwargs, device)
+    parts = build_parts(t, kwargs, device)
     best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
     state = _restore(parts, last_path, t.epochs) if resume and last_path.is_file() else _State()
     if env.enabled:
