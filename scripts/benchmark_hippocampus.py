@@ -7,7 +7,7 @@ difference (ours - baseline) and ratio (ours / baseline), the wall time of each 
 exact commands, and writes ``WORK_DIR/benchmark.json``.
 
 With ``--only ours|baseline`` one side runs; the other side's result is taken from an existing
-``benchmark.json`` in the same work dir when it was run with the same budget, fold and threads.
+``benchmark.json`` in the same work dir when it was run with the same budget, fold, seeds and threads.
 With ``--report`` nothing runs: the table is printed again from ``benchmark.json`` and the cases files.
 
 Both sides score the same held-out cases, so the script also compares them case by case: the
@@ -41,19 +41,21 @@ SIDES = ("ours", "baseline")
 
 # The two commands, as templates filled by build_commands(); edit here to adjust. Placeholders:
 # {bin} venv bin folder, {python} this interpreter, {work} work dir (absolute), {budget} minutes,
-# {fold}, {num_folds}, {seed}, {threads}, {data} the dataset folder (the baseline's; ours reads its config's).
+# {fold}, {num_folds}, {seed} (the split), {train_seed}, {threads},
+# {data} the dataset folder (the baseline's; ours reads its config's).
 OURS_COMMAND = [
     "{bin}/unet-pipeline", "run", "configs/hippocampus.yaml", "--work-dir", "{work}/ours",
     "--set", "train.time_budget_minutes={budget}",
     "--set", "data.fold={fold}",
     "--set", "data.num_folds={num_folds}",
     "--set", "data.split_seed={seed}",
+    "--set", "train.seed={train_seed}",
     "--set", "train.num_threads={threads}",
 ]
 BASELINE_COMMAND = [
     "{python}", "scripts/monai_baseline.py", "--data", "{data}", "--out", "{work}/baseline",
     "--time-budget-minutes", "{budget}", "--fold", "{fold}", "--num-folds", "{num_folds}", "--seed", "{seed}",
-    "--threads", "{threads}",
+    "--train-seed", "{train_seed}", "--threads", "{threads}",
 ]
 # Where each side leaves its evaluation summary (mean_dice, dice_per_label, num_cases).
 SUMMARIES = {"ours": "{work}/ours/evaluation/fold_{fold}/summary.json", "baseline": "{work}/baseline/summary.json"}
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
     p.add_argument("--num-folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="training seed of both sides (default 0); the split stays --seed's, so seeds share a fold. "
+                        "Give each seed its own --work-dir")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each side (default 0: all cores)")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset folder for the baseline (default {DEFAULT_DATA}; "
                                                         "ours reads configs/hippocampus.yaml)")
@@ -89,7 +94,8 @@ def placeholders(args: argparse.Namespace) -> dict[str, str]:
     return {
         "bin": str(BIN), "python": sys.executable, "work": str(args.work_dir.resolve()),
         "budget": _fmt_number(args.budget_minutes), "fold": str(args.fold), "num_folds": str(args.num_folds),
-        "seed": str(args.seed), "threads": str(args.threads or os.cpu_count() or 1), "data": str(args.data),
+        "seed": str(args.seed), "train_seed": str(args.train_seed),
+        "threads": str(args.threads or os.cpu_count() or 1), "data": str(args.data),
     }
 
 
@@ -234,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_table({**result, "paired": _paired_from_files(values)})
         return 0
     settings = {"budget_minutes": args.budget_minutes, "fold": args.fold, "num_folds": args.num_folds,
-                "seed": args.seed, "threads": int(values["threads"]), "data": str(args.data)}
+                "seed": args.seed, "train_seed": args.train_seed, "threads": int(values["threads"]),
+                "data": str(args.data)}
     previous = _read_summary(work / "benchmark.json") or {}
     same = all(previous.get(k) == v for k, v in settings.items())
     runs: dict[str, Any] = {}

@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help=f"dataset folder (default {DEFAULT_DATA})")
     p.add_argument("--fold", type=int, default=0, help="validation fold (default 0)")
     p.add_argument("--num-folds", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="split seed, and training seed unless --train-seed (default 0)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="training seed (weights, sampling); default --seed. Seeds of one fold keep its split")
     p.add_argument("--time-budget-minutes", type=float, default=20.0,
                    help="training wall-clock cap in minutes, checked after every iteration (default 20; 0: none)")
     p.add_argument("--max-epochs", type=int, default=100000, help="epoch cap (default 100000)")
@@ -273,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(args.threads)
-    set_determinism(seed=args.seed)
+    args.train_seed = args.seed if args.train_seed is None else args.train_seed
+    set_determinism(seed=args.train_seed)
     device = pick_device(args.device)
 
     cases, labels = load_dataset(args.data)
@@ -292,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     rows = evaluate(network, val_files, labels, spatial_size, device)
     extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
-             "seed": args.seed, "spatial_size": list(spatial_size), "batch_size": args.batch_size, "lr": args.lr,
+             "seed": args.seed, "train_seed": args.train_seed, "spatial_size": list(spatial_size),
+             "batch_size": args.batch_size, "lr": args.lr,
              "device": str(device), "threads": args.threads}
     # Scored and written by the pipeline's own functions, so both sides of the benchmark count alike.
     summary = write_evaluation(rows, list(labels.values()), args.out, extra)

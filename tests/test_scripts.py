@@ -66,11 +66,27 @@ def test_benchmark_builds_both_commands_with_the_same_budget_fold_and_threads(tm
     assert ours[ours.index("--work-dir") + 1] == f"{work}/ours"
     sets = [ours[i + 1] for i, part in enumerate(ours) if part == "--set"]
     assert {"train.time_budget_minutes=2.5", "data.fold=3", "train.num_threads=2"} <= set(sets)
+    assert {"data.split_seed=0", "train.seed=0"} <= set(sets)
 
     assert baseline[:2] == [sys.executable, "scripts/monai_baseline.py"]
     opts = dict(zip(baseline[2::2], baseline[3::2]))
     assert opts["--time-budget-minutes"] == "2.5" and opts["--fold"] == "3" and opts["--threads"] == "2"
     assert opts["--out"] == f"{work}/baseline" and opts["--data"] == "../shared/data/hippocampus"
+    assert (opts["--seed"], opts["--train-seed"]) == ("0", "0")
+
+
+def test_benchmark_training_seeds_keep_the_fold_split(tmp_path: Path) -> None:
+    """The protocol's three seeds: only the training seed moves, the split (and so the fold's cases) stays."""
+    bench = _load_script("benchmark_hippocampus")
+    commands = bench.build_commands(bench.build_parser().parse_args(["--train-seed", "2", "--work-dir", str(tmp_path)]))
+    ours, baseline = commands["ours"], commands["baseline"]
+    sets = {ours[i + 1] for i, part in enumerate(ours) if part == "--set"}
+    assert {"train.seed=2", "data.split_seed=0"} <= sets
+    opts = dict(zip(baseline[2::2], baseline[3::2]))
+    assert (opts["--train-seed"], opts["--seed"]) == ("2", "0")
+    baseline_parser = _load_script("monai_baseline").build_parser()
+    assert baseline_parser.parse_args(["--train-seed", "2"]).train_seed == 2
+    assert baseline_parser.parse_args([]).train_seed is None  # then --seed's, as before
 
 
 def test_benchmark_defaults_and_only_one_side() -> None:
