@@ -265,7 +265,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
 
     device = resolve_device(cfg.train.device)
     e = cfg.evaluate
-    settings = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    settings = InferenceSettings.from_config(cfg)
     evaluation, model_path, inference = validate_and_export(
         settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation" / f"fold_{cfg.data.fold}",
         decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,

@@ -107,7 +107,8 @@ def test_predict_from_the_champion_equals_its_validation_predictions(trained: di
     summary = json.loads(Path(client.download_artifacts(champion.run_id, "evaluation/summary.json", str(tmp_path))).read_text())
     model = load_model(resolve_model("models:/tiny-unet@champion", work, tmp_path / "dl").path, torch.device("cpu"))
     # What was validated is what the registered model carries.
-    assert model.settings.mirror is True and model.checkpoint["inference"]["validated"] is True
+    # TINY trains without augmentation, so without flips: validated, and stored, without mirroring.
+    assert model.settings.mirror is False and model.checkpoint["inference"]["validated"] is True
     assert model.settings.postprocessing.to_dict() == summary["postprocessing"]
     predictions = trained["first_predictions"]
     assert predictions, "the first run kept no validation predictions"

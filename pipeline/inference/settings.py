@@ -13,10 +13,13 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.sliding_window import WindowSettings
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 
 def package_version() -> str:
@@ -49,6 +52,21 @@ class InferenceSettings:
         """Plain data for the checkpoint, MLflow and JSON."""
         return {"mirror": self.mirror, "overlap": self.overlap, "mode": self.mode, "sw_batch_size": self.sw_batch_size,
                 "postprocessing": self.postprocessing.to_dict()}
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> InferenceSettings:
+        """What a training run validates with and stores: ``evaluate``, mirroring only where training flipped.
+
+        Test-time mirroring averages the network over flipped copies of the scan. A network trained
+        without flips (``train.augment: false``) has never seen them: on hippocampus fold 0 such a
+        model scored 0.05 mean Dice with mirroring against 0.89 without. As nnU-Net does when its
+        trainer turns mirroring off, such a run validates and stores ``mirror: false``.
+
+        Args:
+            cfg: the run's configuration (its ``evaluate`` and ``train.augment``).
+        """
+        e = cfg.evaluate
+        return cls(mirror=e.mirror and cfg.train.augment, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> InferenceSettings:

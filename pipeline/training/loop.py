@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from pipeline.training.loss import DeepSupervisionLoss
 from pipeline.training.patches import PatchStream, patch_loader
 from pipeline.training.progress import TrainingProgress
 from pipeline.training.validation import validate
+
+logger = logging.getLogger(__name__)
 
 MetricLogger = Callable[[dict[str, float], int], None]
 
@@ -109,7 +112,15 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if isinstance(network, DistributedDataParallel) else network
 
 
-def _load(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
+def load_cases(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
+    """The preprocessed arrays of ``cases``, as the patch stream and validation take them.
+
+    Args:
+        cases: preprocessed cases (a subset of the prepared dataset).
+
+    Returns:
+        One ``{"image": ..., "label": ...}`` dict per case, in order.
+    """
     return [dict(zip(("image", "label"), c.load())) for c in cases]
 
 
@@ -122,18 +133,22 @@ class TrainParts:
         loss_fn: the deep-supervision loss.
         optimizer: the optimiser.
         scaler: the AMP gradient scaler (inactive off CUDA).
-        use_amp: autocast the forward pass to ``amp_dtype``.
+        amp_dtype: what the forward pass autocasts to: float16 on CUDA (with the scaler), bfloat16 on a
+            CPU with a native bf16 dot product (see ``autocast_dtype``); ``None``: float32, no autocast.
         ema: the weight average (``train.ema_decay``): what is validated and exported.
-        amp_dtype: float16 on CUDA (with the scaler), bfloat16 on a CPU (see ``autocast_dtype``).
     """
 
     network: torch.nn.Module
     loss_fn: DeepSupervisionLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    use_amp: bool
+    amp_dtype: torch.dtype | None
     ema: WeightAverage | None = None
-    amp_dtype: torch.dtype = torch.float16
+
+    @property
+    def precision(self) -> str:
+        """The forward pass's precision, as the run's ``train.precision`` tag names it."""
+        return str(self.amp_dtype or torch.float32).removeprefix("torch.")
 
     def exported(self) -> torch.nn.Module:
         """The network that validation scores and checkpoints export: the weight average when there is one."""
@@ -147,7 +162,7 @@ class TrainParts:
             label: their labels.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(image.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+        with torch.autocast(image.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.loss_fn(self.network(image), label)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -236,7 +251,7 @@ def build_parts(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) ->
     # Gradient scaling guards float16's narrow range; bfloat16 has float32's.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = WeightAverage(network, t.ema_decay) if t.ema_decay else None
-    return TrainParts(network, loss_fn, optimizer, scaler, amp_dtype is not None, ema, amp_dtype or torch.float32)
+    return TrainParts(network, loss_fn, optimizer, scaler, amp_dtype, ema)
 
 
 def _restore(parts: TrainParts, last_path: Path, epochs: int) -> _State:
@@ -257,8 +272,7 @@ def _restore(parts: TrainParts, last_path: Path, epochs: int) -> _State:
 def _checkpoint_base(cfg: PipelineConfig, plan: dict[str, Any], kwargs: dict[str, Any],
                      patch_size: list[int]) -> dict[str, Any]:
     """What every checkpoint stores beside the weights: the network, the plan and the inference settings."""
-    e = cfg.evaluate
-    stored = InferenceSettings(mirror=e.mirror, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+    stored = InferenceSettings.from_config(cfg)
     return {"model": kwargs, "plan": plan, "patch_size": patch_size,
             "inference": inference_section(stored, plan, validated=False)}
 
@@ -356,7 +370,7 @@ def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
     run_s = time.monotonic() - state.start
     return TrainResult(run.best_path, run.last_path, final_path, state.best_dice, completed, state.stopped,
                        state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums,
-                       str(run.parts.amp_dtype if run.parts.use_amp else torch.float32).removeprefix("torch."))
+                       run.parts.precision)
 
 
 def train(
@@ -388,6 +402,9 @@ def train(
     """
     t = cfg.train
     device, env = _init_process(t)
+    if cfg.evaluate.mirror and not t.augment and env.is_main:
+        logger.warning("train.augment is false: the network never sees a flipped patch, so this model validates "
+                       "and is stored without test-time mirroring (evaluate.mirror does not apply)")
     net_plan = plan["network"]
     patch_size, batch_size = list(net_plan["patch_size"]), int(net_plan["batch_size"])
     labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
@@ -398,8 +415,8 @@ def train(
     if env.enabled:
         parts.network = DistributedDataParallel(parts.network, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_data = _load(train_cases)
-    val_data = _load(val_cases) if env.is_main else []
+    train_data = load_cases(train_cases)
+    val_data = load_cases(val_cases) if env.is_main else []
     transforms = train_transforms(cfg, patch_size)
     iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / (batch_size * env.world_size)))
     budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
