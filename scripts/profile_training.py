@@ -24,6 +24,7 @@ as training does every ``train.val_every`` epochs) and prints its share of a bud
 
     .venv/bin/python scripts/profile_training.py --work-dir unet-work/profile
     .venv/bin/python scripts/profile_training.py --variants current,bf16 --steps 100
+    .venv/bin/python scripts/profile_training.py --variants current --set train.batch_size=4  # another plan
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.stages import prepare  # noqa: E402
 from pipeline.training.augmentation import train_transforms  # noqa: E402
-from pipeline.training.loop import _load, build_parts, model_kwargs  # noqa: E402
+from pipeline.training.loop import build_parts, load_cases, model_kwargs  # noqa: E402
 from pipeline.training.patches import PatchStream, patch_loader  # noqa: E402
 from pipeline.training.validation import validate  # noqa: E402
 
@@ -84,9 +85,9 @@ def profile_variant(cfg: Any, plan: dict[str, Any], train_data: list[dict], vari
     if "channels-last" in levers:
         parts.network.to(memory_format=torch.channels_last_3d)
     if "fp32" in levers:
-        parts.use_amp = False
+        parts.amp_dtype = None
     if "bf16" in levers:
-        parts.use_amp, parts.amp_dtype = True, torch.bfloat16
+        parts.amp_dtype = torch.bfloat16
     if "compile" in levers:
         parts.network = torch.compile(parts.network)
     stream = PatchStream(train_data, train_transforms(cfg, patch), t.seed, 0, 100 * batch)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=20.0, help="for the validation share")
     parser.add_argument("--no-validation", action="store_true")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for unet-pipeline (e.g. train.batch_size=4); repeatable")
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted({lever for v in variants for lever in v.split("+")} - set(VARIANTS))
@@ -153,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"data.fold={args.fold}"])
+    cfg = load_config(args.config, [f"data.fold={args.fold}", *args.overrides])
     prepared = prepare(cfg, Path(args.work_dir))
     plan = prepared.plan
     net = plan["network"]
     print(f"plan: patch {net['patch_size']}, batch {net['batch_size']}, features {net['features']}; "
           f"{len(prepared.split['train'])} training cases; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    train_data = _load(prepared.subset("train"))
+    train_data = load_cases(prepared.subset("train"))
     rows = []
     for variant in variants:
         rows.append(profile_variant(cfg, plan, train_data, variant, args.steps, args.warmup))
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"variants": rows, "plan": net, "torch": torch.__version__,
                               "threads": torch.get_num_threads()}
     if not args.no_validation:
-        val_data = _load(prepared.subset("val"))
+        val_data = load_cases(prepared.subset("val"))
         parts = build_parts(cfg.train, model_kwargs(cfg, plan), torch.device("cpu"))
         labels = sorted(int(k) for k in plan["labels"] if int(k) != 0)
         t0 = time.perf_counter()

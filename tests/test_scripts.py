@@ -163,21 +163,22 @@ def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: 
     real_forward = TrainParts.forward_loss
 
     def recording(self, image, label):
-        seen.append(self.use_amp)
+        seen.append(self.amp_dtype is not None)
         return real_forward(self, image, label)
 
     monkeypatch.setattr(TrainParts, "forward_loss", recording)
     out = tmp_path / "profile.json"
     assert profile.main(["--config", str(tiny_config), "--work-dir", str(tmp_path / "w"), "--steps", "3",
-                         "--warmup", "1", "--variants", "fp32,bf16+no-data", "--no-validation", "--out", str(out)]) == 0
+                         "--warmup", "1", "--variants", "fp32,bf16+no-data", "--no-validation", "--out", str(out),
+                         "--set", "train.batch_size=3"]) == 0
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["variants"]}
-    assert set(rows) == {"fp32", "bf16+no-data"}
+    assert set(rows) == {"fp32", "bf16+no-data"} and result["plan"]["batch_size"] == 3
     for r in rows.values():
         assert set(r["ms"]) == {"data", "forward", "backward", "optimizer"}
         assert all(v >= 0 for v in r["ms"].values())
         assert r["step_ms"] == pytest.approx(sum(r["ms"].values()))
-        assert r["patches_per_s"] == pytest.approx(1000 * 2 / r["step_ms"])  # the tiny plan's batch of 2
+        assert r["patches_per_s"] == pytest.approx(1000 * 3 / r["step_ms"])  # --set's batch of 3, not the tiny plan's 2
     assert rows["bf16+no-data"]["ms"]["data"] < 1.0  # one batch reused: no loading in the step
     assert seen == [False] * 4 + [True] * 4  # warm-up + timed steps of each variant
     with pytest.raises(SystemExit):

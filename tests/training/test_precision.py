@@ -59,7 +59,7 @@ def test_a_bf16_step_runs_the_convolutions_in_bf16_and_keeps_float32_weights(
     tiny_config: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     parts, seen, loss, grads, moved = _step(tiny_config, True, monkeypatch)
-    assert parts.use_amp and parts.amp_dtype == torch.bfloat16
+    assert parts.amp_dtype == torch.bfloat16 and parts.precision == "bfloat16"
     assert not parts.scaler.is_enabled()  # bf16 has float32's range: no loss scaling
     assert seen == [torch.bfloat16]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
@@ -77,7 +77,7 @@ def test_amp_off_trains_in_float32_even_where_bf16_is_native(tiny_config: Path, 
     monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: True)
     cfg = load_config(tiny_config, ["train.amp=false"])
     parts = build_parts(cfg.train, KWARGS, torch.device("cpu"))
-    assert not parts.use_amp
+    assert parts.amp_dtype is None and parts.precision == "float32"
     seen: list[torch.dtype] = []
     next(m for m in parts.network.modules() if isinstance(m, torch.nn.Conv3d)).register_forward_hook(
         lambda _m, _i, out: seen.append(out.dtype))
