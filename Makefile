@@ -34,7 +34,7 @@ test: $(STAMP)
 	  [ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || { echo "installing" $$missing "for the PACS, report and PostgreSQL tests"; apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=20
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
