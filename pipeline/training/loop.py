@@ -402,7 +402,7 @@ def train(
     """
     t = cfg.train
     device, env = _init_process(t)
-    if cfg.evaluate.mirror and not t.augment and env.is_main:
+    if cfg.evaluate.mirror and not InferenceSettings.from_config(cfg).mirror and env.is_main:
         logger.warning("train.augment is false: the network never sees a flipped patch, so this model validates "
                        "and is stored without test-time mirroring (evaluate.mirror does not apply)")
     net_plan = plan["network"]
