@@ -62,13 +62,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cap the device memory; past it, stitching moves to host memory, then smaller window batches")
     g.add_argument("--compile", choices=["auto", "on", "off"], default=None,
                    help="CPU: torch.compile the network (auto: once a job is long enough to pay for it)")
+    g.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="CPU: the network's arithmetic (auto: bfloat16 autocast where the CPU has native bf16)")
 
 
 def _overrides(args: argparse.Namespace):
     from pipeline.inference import Overrides
 
     o = Overrides(mirror=args.mirror, overlap=args.overlap, mode=args.mode, sw_batch_size=args.sw_batch_size,
-                  postprocess=args.postprocess, memory_cap_gb=args.device_memory_gb, compile=args.compile)
+                  postprocess=args.postprocess, memory_cap_gb=args.device_memory_gb, compile=args.compile,
+                  precision=args.precision)
     if o.overlap is not None and not 0 <= o.overlap < 1:
         raise PipelineError(f"--overlap must be in [0, 1), got {o.overlap}")
     if o.sw_batch_size is not None and o.sw_batch_size < 1:

@@ -91,7 +91,9 @@ class EvaluateConfig:
     validation cases (kept only where it raised Dice). Everything here is stored
     with the model and used by ``predict``/``evaluate`` unless overridden.
     ``surface_tolerance_mm`` is the surface Dice tolerance; ``qc_images`` logs one
-    picture per evaluated case.
+    picture per evaluated case. ``precision`` is the network's arithmetic on a CPU:
+    ``auto`` runs it in bfloat16 autocast where the CPU has a native bf16 dot product
+    (as training does), else float32.
 
     ``checkpoint: final`` (the weights at the end of training, as nnU-Net reports)
     keeps the held-out Dice unbiased; ``best`` picks the epoch with the best
@@ -106,6 +108,7 @@ class EvaluateConfig:
     postprocess: bool = True
     surface_tolerance_mm: float = 1.0
     qc_images: bool = True
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass

@@ -11,17 +11,23 @@ postprocessing, NIfTI and DICOM SEG writing all counted):
 ``ours`` is ``unet-pipeline predict`` as shipped. ``monai`` is the same command in which
 our engine's call is replaced by MONAI's ``sliding_window_inference`` with the same
 windows (the model's patch), overlap, Gaussian blending, windows per batch and mirroring
-flips (one full call per flipped volume, averaged, as a MONAI user writes it; the
-per-voxel spread that ``predict``'s quality estimate needs from the same flipped outputs): what
-``predict`` cost before our engine. A model version is compiled ahead of time once (at
-registration or by its first long job); the script does that first, untimed, and
-prints what it cost.
+flips (one full call per flipped volume, averaged, as a MONAI user writes it, float32 on a
+CPU; the per-voxel spread that ``predict``'s quality estimate needs from the same flipped
+outputs): what ``predict`` cost before our engine. ``--precision`` sets our network's
+arithmetic (``predict --precision``; default: what the model stores, ``auto`` for models
+trained since ``evaluate.precision`` exists, float32 for older ones). A model version is
+compiled ahead of time once (at registration or by its first long job); the script does
+that first, untimed, and prints what it cost.
 
 Printed per job: wall seconds of each, peak RSS, the time per stage inside the process
 (read+preprocess, engine, inversion, postprocessing, writing, SEG, model resolution),
-and ``job ratio vs MONAI: X.XX`` (MONAI's wall time over ours). Results also go to ``--out``.
+and ``job ratio vs MONAI: X.XX`` (MONAI's wall time over ours). With ``--repeat N`` each job
+runs N times per method, interleaved (ours, MONAI, ours, ...), and the run with the median wall
+time stands for each method: MONAI's eager path varies by about 15% between cold runs on
+2 cores, ours by 5%. Results also go to ``--out``.
 
     .venv/bin/python scripts/bench_predict.py --model models:/hippocampus-3d@champion --work-dir unet-work/hippo
+    .venv/bin/python scripts/bench_predict.py --model PATH/model.pt --jobs ab --repeat 3
     .venv/bin/python scripts/bench_predict.py --model PATH/model.pt --device cuda
 """
 
@@ -156,12 +162,14 @@ def _job_args(job: str, args: argparse.Namespace, out: Path) -> list[str]:
     cases = sorted(HIPPOCAMPUS.glob("*.nii.gz"))
     inputs = {"a": [cases[-1]], "b": cases[-20:], "c": [CT]}[job]
     extra = ["--no-mirror"] if job == "c" else []
+    if args.precision:
+        extra += ["--precision", args.precision]
     return ["--model", args.model, "--device", args.device, "--work-dir", args.work_dir, "--out", str(out), *extra,
             *map(str, inputs)]
 
 
-def _run(method: str, job: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    out = tmp / f"{job}-{method}"
+def _run(method: str, job: str, args: argparse.Namespace, tmp: Path, repeat: int = 0) -> dict[str, Any]:
+    out = tmp / f"{job}-{method}-{repeat}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--", *_job_args(job, args, out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
     start = time.perf_counter()
@@ -185,7 +193,7 @@ def _compile_once(args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         resolved = registry.resolve_model(args.model, Path(args.work_dir), Path(tmp))
         start = time.perf_counter()
-        compile_ahead_of_time(resolved.path)
+        compile_ahead_of_time(resolved.path, args.precision)
     return time.perf_counter() - start
 
 
@@ -196,6 +204,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the jobs (0: as set)")
     parser.add_argument("--jobs", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                        help="predict --precision for ours (default: the model's stored setting); "
+                             "the MONAI path is float32 eager, as a MONAI script runs on a CPU")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="cold runs of each job per method, interleaved; the median wall time is reported")
     parser.add_argument("--out", default="bench_predict.json")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -208,14 +221,23 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         for job in args.jobs:
-            results[job] = {m: _run(m, job, args, Path(tmp)) for m in METHODS}
-            _print(job, results[job])
+            # Interleaved, so that a slow spell of the machine falls on both methods alike.
+            runs = [{m: _run(m, job, args, Path(tmp), r) for m in METHODS} for r in range(args.repeat)]
+            results[job] = {m: _median_run([run[m] for run in runs]) for m in METHODS}
+            results[job]["repeats"] = runs
+            _print(job, results[job], len(runs))
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def _print(job: str, result: dict[str, Any]) -> None:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (the upper median of an even count), with every run's wall time."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[len(ordered) // 2], "walls_s": [r["wall_s"] for r in runs]}
+
+
+def _print(job: str, result: dict[str, Any], repeats: int = 1) -> None:
     ours, monai = result["ours"], result["monai"]
-    print(f"\n({job}) {JOBS[job]}")
+    print(f"\n({job}) {JOBS[job]}" + (f", median of {repeats} cold runs each" if repeats > 1 else ""))
     print(f"  {'':22s} {'ours':>9s} {'monai':>9s}")
     print(f"  {'wall s':22s} {ours['wall_s']:9.1f} {monai['wall_s']:9.1f}")
     print(f"  {'peak RSS MB':22s} {ours['peak_rss_mb']:9.0f} {monai['peak_rss_mb']:9.0f}")
@@ -224,6 +246,9 @@ def _print(job: str, result: dict[str, Any]) -> None:
     start_o = ours["wall_s"] - ours["stages"]["predict call"]
     start_m = monai["wall_s"] - monai["stages"]["predict call"]
     print(f"  {'start and imports':22s} {start_o:9.1f} {start_m:9.1f}")
+    if repeats > 1:
+        walls = {m: " ".join(f"{w:.1f}" for w in result[m]["walls_s"]) for m in METHODS}
+        print(f"  {'every run, wall s':22s} ours {walls['ours']} | monai {walls['monai']}")
     print(f"  job ratio vs MONAI: {monai['wall_s'] / ours['wall_s']:.2f}")
 
 

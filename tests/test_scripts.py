@@ -154,10 +154,10 @@ def test_inference_benchmark_compares_our_engine_with_monai_on_a_real_case(tmp_p
 def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Real steps of the training code on the tiny plan: the phases add up to the step, bf16 really autocasts."""
-    from pipeline.training import devices
+    from pipeline.inference import accelerate
     from pipeline.training.loop import TrainParts
 
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: True)
     profile = _load_script("profile_training")
     seen: list[bool] = []
     real_forward = TrainParts.forward_loss
@@ -183,3 +183,13 @@ def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: 
     assert seen == [False] * 4 + [True] * 4  # warm-up + timed steps of each variant
     with pytest.raises(SystemExit):
         profile.main(["--variants", "fp32+no-such-lever"])
+
+
+def test_predict_benchmark_stands_each_method_by_its_median_cold_run() -> None:
+    bench = _load_script("bench_predict")
+    runs = [{"wall_s": w, "peak_rss_mb": 900 + w} for w in (40.0, 31.0, 55.0)]
+    median = bench._median_run(runs)
+    assert median["wall_s"] == 40.0 and median["peak_rss_mb"] == 940.0
+    assert median["walls_s"] == [40.0, 31.0, 55.0]
+    assert bench._median_run(runs[:2])["wall_s"] == 40.0  # the upper median of two: never the lucky run
+    assert bench._median_run(runs[1:2])["walls_s"] == [31.0]

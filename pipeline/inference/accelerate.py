@@ -11,6 +11,12 @@
   AOTInductor cannot build it, ``torch.compile`` (Inductor, frozen weights; about 1.6x
   eager on 2 cores) serves the process instead, as before.
 
+**Precision** (``evaluate.precision``, stored with the model): ``auto`` runs the network
+in bfloat16 autocast on a CPU with a native bf16 dot product (AVX-512 BF16 or AMX), where
+a 32x48x32 batch of four runs 1.8x faster compiled than in float32, and in float32 on
+other CPUs, where oneDNN would emulate bf16 more slowly. Softmax, blending and stitching
+stay float32. On CUDA the engine autocasts to float16 whatever this says.
+
 Compilation needs a C++ compiler; where it fails, inference goes on with the eager
 network (logged once). The compiled copy is cached per network object and rebuilt when
 its weights change in place (training-time validation, which never compiles).
@@ -19,9 +25,11 @@ its weights change in place (training-time validation, which never compiles).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -31,6 +39,9 @@ from pipeline.inference import aot
 logger = logging.getLogger(__name__)
 
 CompileMode = Literal["auto", "on", "off"]
+Precision = Literal["auto", "float32", "bfloat16"]
+# CPU flags of a native bfloat16 dot product: oneDNN emulates bf16 without them, slower than float32.
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 #: Windows after which ``compile="auto"`` compiles (about 20-40 s of eager work on 2 cores).
 COMPILE_AFTER_WINDOWS = 1000
 
@@ -40,23 +51,47 @@ _COMPILE_FAILED: set[str] = set()
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has a native bfloat16 dot product (AVX-512 BF16 or AMX) that oneDNN uses."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool(_NATIVE_BF16_FLAGS & set(flags.split()))
+
+
+def cpu_precision(precision: str) -> str:
+    """What ``precision`` runs as on this CPU: ``float32`` or ``bfloat16`` (``auto``: bf16 where it is native).
+
+    Args:
+        precision: ``auto``, ``float32`` or ``bfloat16``.
+    """
+    if precision == "auto":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    return precision
+
+
 def _weights_version(network: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in network.parameters())
 
 
-def ahead_of_time(network: torch.nn.Module, input_shape: Sequence[int]) -> Runner | None:
+def ahead_of_time(network: torch.nn.Module, input_shape: Sequence[int], precision: str = "float32") -> Runner | None:
     """The package compiled earlier for ``network`` and ``input_shape`` on the CPU, if the cache holds one.
 
     Args:
         network: a float32 network on the CPU, in evaluation mode.
         input_shape: the batch it will take.
+        precision: ``float32`` or ``bfloat16`` (resolved).
     """
     if str(type(network)) in _COMPILE_FAILED:
         return None
-    return aot.load(aot.key_for(network, input_shape, "cpu"))
+    return aot.load(aot.key_for(network, input_shape, "cpu", precision))
 
 
-def compiled(network: torch.nn.Module, input_shape: Sequence[int]) -> Runner | None:
+def compiled(network: torch.nn.Module, input_shape: Sequence[int], precision: str = "float32") -> Runner | None:
     """A compiled ``network`` for ``input_shape``: the ahead-of-time package, built now, else ``torch.compile``.
 
     Cached per network object; ``None`` where nothing can be compiled.
@@ -64,27 +99,28 @@ def compiled(network: torch.nn.Module, input_shape: Sequence[int]) -> Runner | N
     Args:
         network: a float32 network on the CPU, in evaluation mode.
         input_shape: the batch it will take.
+        precision: ``float32`` or ``bfloat16`` (resolved).
     """
     key = str(type(network))
     if key in _COMPILE_FAILED:
         return None
     shape = tuple(input_shape)
     cached = _COMPILED.get(network)
-    if cached is not None and cached[0] == (_weights_version(network), shape):
+    if cached is not None and cached[0] == (_weights_version(network), shape, precision):
         return cached[1]
-    fast = aot.build(network, aot.key_for(network, shape, "cpu"))
+    fast = aot.build(network, aot.key_for(network, shape, "cpu", precision))
     if fast is None:
         try:
             import torch._inductor.config as inductor_config
 
             # Frozen weights let Inductor pre-pack them and fold constants: inference only.
             inductor_config.freezing = True
-            fast = torch.compile(copy.deepcopy(network).eval(), dynamic=False)
+            fast = torch.compile(aot.runnable(copy.deepcopy(network).eval(), precision), dynamic=False)
         except Exception as error:  # no compiler backend on this platform
             _COMPILE_FAILED.add(key)
             logger.warning("torch.compile unavailable (%s); using the eager network", str(error).splitlines()[0][:120])
             return None
-    _COMPILED[network] = ((_weights_version(network), shape), fast)
+    _COMPILED[network] = ((_weights_version(network), shape, precision), fast)
     return fast
 
 

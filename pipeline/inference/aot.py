@@ -6,7 +6,8 @@ the per-user cache (:func:`pipeline.data.cache_root` ``/compiled``) and loaded b
 later process in well under a second.
 
 A package is found by its key: a hash of the weights and architecture, the torch
-version, the device type and the exact input shape (the engine always feeds full
+version, the device type, the precision (float32, or bfloat16 autocast on a CPU) and the
+exact input shape (the engine always feeds full
 batches of one window shape). A sidecar JSON repeats the key; a package whose sidecar
 does not match what is asked for is rebuilt, never trusted. A package that does not
 load, or whose predictions (softmax probabilities over the channel axis) differ from the
@@ -16,7 +17,8 @@ remembered beside the would-be package, so later processes do not pay the build 
 
 Logits are not compared directly: a trained network's logits reach 15 or more, where
 float32 kernels that sum in another order differ by about 1e-4 while the probabilities
-agree to 3e-5.
+agree to 3e-5. A bfloat16 package is held to :data:`TOLERANCE_BF16` against the eager network
+under the same autocast: the two round bf16 products in different orders.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: The largest difference in probability from the eager network a freshly built package may show.
 TOLERANCE = 1e-4
+#: The same for a bfloat16 package against the eager network in bfloat16 autocast (8 bits of mantissa:
+#: the hippocampus model's probabilities differ by up to about 1e-2 between the two).
+TOLERANCE_BF16 = 5e-2
 SUFFIX = ".pt2"
 
 _WEIGHTS_DIGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -56,16 +61,44 @@ class AotKey:
         torch_version: ``torch.__version__`` that compiled it.
         device_type: ``cpu`` or ``cuda``.
         input_shape: the one input shape it takes.
+        precision: ``float32``, or ``bfloat16`` (the network under CPU bf16 autocast).
     """
 
     weights: str
     torch_version: str
     device_type: str
     input_shape: tuple[int, ...]
+    precision: str = "float32"
 
     def digest(self) -> str:
         """The key as a file name."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Autocast(torch.nn.Module):
+    """``network`` under CPU bfloat16 autocast, its output back in float32 (what is exported and compiled).
+
+    Args:
+        network: the float32 network.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.network(x).float()
+
+
+def runnable(network: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``network`` as the engine runs it on the CPU in ``precision`` (``float32`` or ``bfloat16``).
+
+    Args:
+        network: the float32 network.
+        precision: resolved with :func:`cpu_precision`.
+    """
+    return Autocast(network).eval() if precision == "bfloat16" else network
 
 
 class _Runner:
@@ -105,15 +138,18 @@ def weights_digest(network: torch.nn.Module) -> str:
     return digest
 
 
-def key_for(network: torch.nn.Module, input_shape: Sequence[int], device_type: str) -> AotKey:
-    """The key of ``network`` compiled for ``input_shape`` on ``device_type`` with this torch.
+def key_for(network: torch.nn.Module, input_shape: Sequence[int], device_type: str,
+            precision: str = "float32") -> AotKey:
+    """The key of ``network`` compiled for ``input_shape`` on ``device_type`` in ``precision`` with this torch.
 
     Args:
         network: the network.
         input_shape: the input it will take, batch included.
         device_type: ``cpu`` or ``cuda``.
+        precision: ``float32`` or ``bfloat16``.
     """
-    return AotKey(weights_digest(network), torch.__version__, device_type, tuple(int(n) for n in input_shape))
+    return AotKey(weights_digest(network), torch.__version__, device_type, tuple(int(n) for n in input_shape),
+                  precision)
 
 
 def package_path(key: AotKey) -> Path:
@@ -209,18 +245,19 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
 
         # Frozen weights let Inductor pre-pack them and fold constants: inference only.
         inductor_config.freezing = True
+        module = runnable(network.eval(), key.precision)
         with torch.no_grad():
-            exported = torch.export.export(network.eval(), (example,))
+            exported = torch.export.export(module, (example,))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
         runner = _Runner(tmp)
         with torch.inference_mode():
-            difference = float((_probabilities(runner(example)) - _probabilities(network(example))).abs().max())
+            difference = float((_probabilities(runner(example)) - _probabilities(module(example))).abs().max())
     except Exception as error:  # no compiler on this platform, or an operator AOTInductor cannot take
         tmp.unlink(missing_ok=True)
         logger.warning("ahead-of-time compile unavailable (%s)", str(error).splitlines()[0][:120] if str(error)
                        else error.__class__.__name__)
         return None
-    if not difference <= TOLERANCE:
+    if not difference <= (TOLERANCE_BF16 if key.precision == "bfloat16" else TOLERANCE):
         tmp.unlink(missing_ok=True)
         reason = f"its probabilities differ from the eager network's by {difference:.2g}"
         write_text_atomic(_rejection(path), json.dumps({"key": asdict(key), "reason": reason}, indent=1))
@@ -228,7 +265,7 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
         return None
     write_text_atomic(_sidecar(path), json.dumps(asdict(key), indent=1))
     os.replace(tmp, path)
-    logger.info("compiled the network ahead of time for %s %s in %.0f s (%s)", key.device_type,
-                "x".join(map(str, key.input_shape)), time.monotonic() - started, path.name)
+    logger.info("compiled the network ahead of time for %s %s (%s) in %.0f s (%s)", key.device_type,
+                "x".join(map(str, key.input_shape)), key.precision, time.monotonic() - started, path.name)
     _LOADED[str(path)] = runner
     return runner

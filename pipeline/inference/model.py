@@ -12,7 +12,7 @@ import torch
 
 from models.unet import UNet
 from pipeline.errors import InputDataError
-from pipeline.inference import aot, ensemble
+from pipeline.inference import accelerate, aot, ensemble
 from pipeline.inference.checkpoints import load_checkpoint, read_checkpoint_file
 from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.sliding_window import window_size
@@ -98,7 +98,7 @@ def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) ->
     return LoadedModel(network, ckpt["plan"], list(ckpt["patch_size"]), settings, meta)
 
 
-def compile_ahead_of_time(path: Path) -> bool:
+def compile_ahead_of_time(path: Path, precision: str | None = None) -> bool:
     """Compile a checkpoint's network(s) once for ``predict`` on the CPU (at registration): the packages later jobs load.
 
     The package takes what the engine feeds it with the stored settings: full batches
@@ -106,6 +106,7 @@ def compile_ahead_of_time(path: Path) -> bool:
 
     Args:
         path: a ``.pt`` checkpoint (one model's or a fold ensemble's).
+        precision: the precision to compile for (``--precision``); ``None``: the model's stored one.
 
     Returns:
         Whether the package (every fold's) is in the cache now (``False``: this platform cannot build one).
@@ -115,6 +116,6 @@ def compile_ahead_of_time(path: Path) -> bool:
         dims = model.network.spatial_dims
         window = window_size(model.patch_size, dims)
         shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
-        key = aot.key_for(model.network, shape, "cpu")
+        key = aot.key_for(model.network, shape, "cpu", accelerate.cpu_precision(precision or model.settings.precision))
         ready = (aot.load(key) is not None or aot.build(model.network, key) is not None) and ready
     return ready

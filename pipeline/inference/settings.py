@@ -40,6 +40,8 @@ class InferenceSettings:
         mode: window blending, ``gaussian`` or ``constant``.
         sw_batch_size: windows (flips included) per forward pass.
         postprocessing: the keep-largest-component decision (see :mod:`pipeline.inference.postprocessing`).
+        precision: the network's arithmetic on a CPU: ``auto`` (bfloat16 autocast where the CPU
+            has a native bf16 dot product, else float32), ``float32`` or ``bfloat16``.
     """
 
     mirror: bool = True
@@ -47,11 +49,12 @@ class InferenceSettings:
     mode: str = "gaussian"
     sw_batch_size: int = 4
     postprocessing: Postprocessing = field(default_factory=Postprocessing)
+    precision: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the checkpoint, MLflow and JSON."""
         return {"mirror": self.mirror, "overlap": self.overlap, "mode": self.mode, "sw_batch_size": self.sw_batch_size,
-                "postprocessing": self.postprocessing.to_dict()}
+                "postprocessing": self.postprocessing.to_dict(), "precision": self.precision}
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> InferenceSettings:
@@ -66,11 +69,14 @@ class InferenceSettings:
             cfg: the run's configuration (its ``evaluate`` and ``train.augment``).
         """
         e = cfg.evaluate
-        return cls(mirror=e.mirror and cfg.train.augment, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size)
+        return cls(mirror=e.mirror and cfg.train.augment, overlap=e.overlap, mode=e.mode, sw_batch_size=e.sw_batch_size,
+                   precision=e.precision)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> InferenceSettings:
         """Inverse of :meth:`to_dict`; missing keys take the defaults (older checkpoints).
+
+        A checkpoint from before ``precision`` was validated in float32 and keeps it.
 
         Args:
             data: the stored settings.
@@ -83,6 +89,7 @@ class InferenceSettings:
             mode=str(data.get("mode", defaults.mode)),
             sw_batch_size=int(data.get("sw_batch_size", defaults.sw_batch_size)),
             postprocessing=Postprocessing.from_dict(data.get("postprocessing")),
+            precision=str(data.get("precision", "float32")),
         )
 
     def window(self, **extra: Any) -> WindowSettings:
@@ -92,7 +99,7 @@ class InferenceSettings:
             extra: further :class:`WindowSettings` fields (placement, memory cap, compile).
         """
         return WindowSettings(overlap=self.overlap, mode=self.mode, mirror=self.mirror,  # type: ignore[arg-type]
-                              batch_size=self.sw_batch_size, **extra)
+                              batch_size=self.sw_batch_size, precision=self.precision, **extra)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Overrides:
         postprocess: ``--postprocess`` / ``--no-postprocess`` (off: raw argmax).
         memory_cap_gb: ``--device-memory-gb``: cap the device memory (fallback paths).
         compile: ``--compile auto|on|off`` (CPU).
+        precision: ``--precision auto|float32|bfloat16`` (CPU).
     """
 
     mirror: bool | None = None
@@ -116,6 +124,7 @@ class Overrides:
     postprocess: bool | None = None
     memory_cap_gb: float | None = None
     compile: str | None = None
+    precision: str | None = None
 
     def apply(self, settings: InferenceSettings) -> InferenceSettings:
         """``settings`` with the given overrides.
@@ -123,7 +132,7 @@ class Overrides:
         Args:
             settings: a model's stored settings.
         """
-        changes: dict[str, Any] = {k: getattr(self, k) for k in ("mirror", "overlap", "mode", "sw_batch_size")
+        changes: dict[str, Any] = {k: getattr(self, k) for k in ("mirror", "overlap", "mode", "sw_batch_size", "precision")
                                    if getattr(self, k) is not None}
         if self.postprocess is False:
             changes["postprocessing"] = Postprocessing()

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
-from pipeline.inference import accelerate
-from pipeline.inference.accelerate import CompileMode
+from pipeline.inference import accelerate, aot
+from pipeline.inference.accelerate import CompileMode, Precision
 from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class WindowSettings:
         compile: on a CPU, run a ``torch.compile``-d copy of the network: ``auto`` once
             the process has enough windows to pay for compiling (see
             :mod:`pipeline.inference.accelerate`), ``on`` or ``off``.
+        precision: on a CPU, ``float32``, ``bfloat16`` (autocast) or ``auto`` (bfloat16 where
+            the CPU has a native bf16 dot product, else float32); CUDA autocasts to float16.
     """
 
     overlap: float = 0.5
@@ -88,6 +90,7 @@ class WindowSettings:
     placement: Placement = "nnunet"
     memory_cap_gb: float | None = None
     compile: CompileMode = "auto"
+    precision: Precision = "float32"
 
 
 def window_size(patch_size: Sequence[int], spatial_dims: int) -> list[int]:
@@ -151,7 +154,10 @@ def importance_map(
 
 
 class _Network:
-    """The network one volume runs on: the compiled copy, or the eager network if there is none or it fails."""
+    """The network one volume runs on: the compiled copy, or the eager network if there is none or it fails.
+
+    ``eager`` is already wrapped for the CPU precision (:func:`pipeline.inference.aot.runnable`).
+    """
 
     def __init__(self, eager: torch.nn.Module, fast: torch.nn.Module | None, spatial_dims: int, cuda: bool) -> None:
         self.eager, self.fast, self.spatial_dims, self.cuda = eager, fast, spatial_dims, cuda
@@ -200,6 +206,8 @@ class SlidingWindowInferer:
         self.windows_evaluated = 0
         self.batch_size = settings.batch_size
         self.path = ""
+        #: what the network ran in on the last volume: ``float32``, ``bfloat16`` (CPU) or ``float16 autocast`` (CUDA).
+        self.precision = ""
         #: volumes still to come in this job (the next included): lets ``compile="auto"`` see a batch coming.
         self.volumes_left = 1
 
@@ -252,7 +260,7 @@ class SlidingWindowInferer:
                 self._retrying(error, on_device, batch_size)
                 continue
             self.path = (
-                f"windows and stitching on {self.device}" if on_device
+                f"windows and stitching on {self.device}, {self.precision}" if on_device
                 else f"fallback: windows on {self.device}, stitching in host memory, {self.batch_size} window(s) per batch"
             )
             (logger.warning if self.path.startswith("fallback") else logger.info)("sliding window: %s", self.path)
@@ -330,14 +338,17 @@ class SlidingWindowInferer:
 
     def _network_for(self, jobs_total: int, batch_size: int, channels: int) -> _Network:
         fast = None
-        if self.device.type == "cpu" and self.settings.compile != "off":
+        cpu = self.device.type == "cpu"
+        self.precision = accelerate.cpu_precision(self.settings.precision) if cpu else "float16 autocast"
+        if cpu and self.settings.compile != "off":
             shape = (batch_size, channels, *self.window[: self.spatial_dims])
             # A package compiled earlier costs nothing to use, even for one small volume.
-            fast = accelerate.ahead_of_time(self.network, shape)
+            fast = accelerate.ahead_of_time(self.network, shape, self.precision)
             if fast is None and accelerate.should_compile(self.network, jobs_total, self.settings.compile,
                                                           self.volumes_left):
-                fast = accelerate.compiled(self.network, shape)
-        return _Network(self.network, fast, self.spatial_dims, self.device.type == "cuda")
+                fast = accelerate.compiled(self.network, shape, self.precision)
+        eager = aot.runnable(self.network, self.precision) if cpu else self.network
+        return _Network(eager, fast, self.spatial_dims, not cpu)
 
     @torch.inference_mode()
     def _run(

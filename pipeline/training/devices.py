@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-# CPU flags of a native bfloat16 dot product: oneDNN emulates bf16 without them, slower than float32.
-_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+from pipeline.inference import accelerate
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,23 +18,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _cpu_has_native_bf16() -> bool:
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool(_NATIVE_BF16_FLAGS & set(flags.split()))
-
-
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The type ``train.amp`` autocasts training's forward pass to; ``None`` trains in float32.
 
     float16 with gradient scaling on CUDA (as nnU-Net); bfloat16 on a CPU with a native
     bf16 dot product (AVX-512 BF16 or AMX), where a 3D U-Net step runs about 1.5x faster
     (``scripts/profile_training.py``); float32 on other CPUs, where oneDNN would emulate
-    bf16 more slowly than float32. Weights, optimiser and inference stay float32.
+    bf16 more slowly than float32. Weights and optimiser stay float32 (inference: ``evaluate.precision``).
 
     Args:
         device: where training runs.
@@ -47,6 +34,6 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if device.type == "cpu" and accelerate.cpu_has_native_bf16():
         return torch.bfloat16
     return None

@@ -162,7 +162,7 @@ def test_memory_cap_falls_back_and_gives_the_same_result(caplog: pytest.LogCaptu
     settings = _settings(batch_size=8, mirror=False)
     normal = SlidingWindowInferer(net, [16, 16, 16], settings, CPU)
     expected = normal(image)
-    assert normal.path == "windows and stitching on cpu"
+    assert normal.path.startswith("windows and stitching on cpu, ")
     # Input 2.4 MB + one batch ~2.4 MB fit in 6 MB; the stitched logits and weights (9.4 MB) do not.
     capped = SlidingWindowInferer(net, [16, 16, 16], replace(settings, memory_cap_gb=6 / 1024), CPU)
     with caplog.at_level(logging.WARNING, logger="pipeline.inference.sliding_window"):

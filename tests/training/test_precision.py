@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.inference import accelerate
 from pipeline.training import devices
 from pipeline.training.loop import build_parts
 
@@ -19,24 +20,25 @@ def test_the_precision_follows_the_device_and_the_cpu(monkeypatch: pytest.Monkey
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert devices.autocast_dtype(cuda, True) == torch.float16
     assert devices.autocast_dtype(cuda, False) is None
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: True)
     assert devices.autocast_dtype(cpu, True) == torch.bfloat16
     assert devices.autocast_dtype(cpu, False) is None
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: False)
     assert devices.autocast_dtype(cpu, True) is None
 
 
 def test_native_bf16_needs_one_of_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "_NATIVE_BF16_FLAGS", {"no_such_cpu_flag"})
-    assert devices._cpu_has_native_bf16() is False
+    detect = accelerate.cpu_has_native_bf16.__wrapped__  # past the per-process cache
+    monkeypatch.setattr(accelerate, "_NATIVE_BF16_FLAGS", {"no_such_cpu_flag"})
+    assert detect() is False
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     if torch.ops.mkldnn._is_mkldnn_bf16_supported() and flags.split()[2:]:
-        monkeypatch.setattr(devices, "_NATIVE_BF16_FLAGS", {flags.split()[2]})  # a flag this CPU has
-        assert devices._cpu_has_native_bf16() is True
+        monkeypatch.setattr(accelerate, "_NATIVE_BF16_FLAGS", {flags.split()[2]})  # a flag this CPU has
+        assert detect() is True
 
 
 def _step(tiny_config: Path, bf16: bool, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: bf16)
     cfg = load_config(tiny_config)
     torch.manual_seed(0)
     parts = build_parts(cfg.train, KWARGS, torch.device("cpu"))
@@ -74,7 +76,7 @@ def test_a_bf16_step_runs_the_convolutions_in_bf16_and_keeps_float32_weights(
 
 
 def test_amp_off_trains_in_float32_even_where_bf16_is_native(tiny_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: True)
     cfg = load_config(tiny_config, ["train.amp=false"])
     parts = build_parts(cfg.train, KWARGS, torch.device("cpu"))
     assert parts.amp_dtype is None and parts.precision == "float32"
@@ -91,7 +93,7 @@ def test_a_training_run_reports_its_precision(tiny_config: Path, tmp_path: Path,
     from pipeline.stages import prepare
     from pipeline.training import train
 
-    monkeypatch.setattr(devices, "_cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: native)
     cfg = load_config(tiny_config, ["train.epochs=1", "train.iterations_per_epoch=2"])
     prepared = prepare(cfg, tmp_path / "w")
     result = train(cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), tmp_path / "ckpt")
