@@ -338,8 +338,9 @@ class SlidingWindowInferer:
 
     def _network_for(self, jobs_total: int, batch_size: int, channels: int) -> _Network:
         fast = None
-        cpu = self.device.type == "cpu"
-        self.precision = accelerate.cpu_precision(self.settings.precision) if cpu else "float16 autocast"
+        cpu, cuda = self.device.type == "cpu", self.device.type == "cuda"
+        self.precision = accelerate.cpu_precision(self.settings.precision) if cpu else (
+            "float16 autocast" if cuda else "float32")
         if cpu and self.settings.compile != "off":
             shape = (batch_size, channels, *self.window[: self.spatial_dims])
             # A package compiled earlier costs nothing to use, even for one small volume.
@@ -348,7 +349,7 @@ class SlidingWindowInferer:
                                                           self.volumes_left):
                 fast = accelerate.compiled(self.network, shape, self.precision)
         eager = aot.runnable(self.network, self.precision) if cpu else self.network
-        return _Network(eager, fast, self.spatial_dims, not cpu)
+        return _Network(eager, fast, self.spatial_dims, cuda)
 
     @torch.inference_mode()
     def _run(
