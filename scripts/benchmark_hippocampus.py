@@ -9,6 +9,10 @@ exact commands, and writes ``WORK_DIR/benchmark.json``.
 With ``--only ours|baseline`` one side runs; the other side's result is taken from an existing
 ``benchmark.json`` in the same work dir when it was run with the same budget, fold, seeds and threads.
 With ``--report`` nothing runs: the table is printed again from ``benchmark.json`` and the cases files.
+With ``--summarize DIR [DIR ...]`` nothing runs either: the protocol's table over several work dirs
+(one per fold and training seed), per fold: each side's mean Dice over its seeds (mean and sd),
+the difference, and the case-paired comparison of the seed-averaged per-case Dice, against the
+targets (``--target-dice``, ``--target-lead``).
 
 Both sides score the same held-out cases, so the script also compares them case by case: the
 mean of the per-case differences with a 95% bootstrap interval, and how many cases each side wins.
@@ -16,6 +20,8 @@ mean of the per-case differences with a 95% bootstrap interval, and how many cas
 Run from anywhere (commands run in the repository root)::
 
     .venv/bin/python scripts/benchmark_hippocampus.py --budget-minutes 20 --fold 0
+    # the protocol: folds 0 and 1, training seeds 0-2, each in its own work dir, then
+    .venv/bin/python scripts/benchmark_hippocampus.py --summarize unet-work/benchmark-f*-s*
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"work directory (default {DEFAULT_WORK_DIR})")
     p.add_argument("--only", choices=SIDES, default=None, help="run one side only")
     p.add_argument("--report", action="store_true", help="run nothing: print the last benchmark.json again")
+    p.add_argument("--summarize", type=Path, nargs="+", metavar="DIR", default=None,
+                   help="run nothing: the protocol table over these work dirs (one per fold and training seed)")
+    p.add_argument("--target-dice", type=float, default=0.895, help="--summarize: our mean Dice target per fold")
+    p.add_argument("--target-lead", type=float, default=0.012, help="--summarize: our lead target per fold")
     return p
 
 
@@ -226,9 +236,101 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"          $ {' '.join(run['command'])}")
 
 
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def _average_cases(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per case, the mean over the seeds that scored it (every seed scores the same fold)."""
+    cases: dict[str, list[float]] = {}
+    for means in per_seed:
+        for case, value in means.items():
+            cases.setdefault(case, []).append(value)
+    return {case: sum(v) / len(v) for case, v in cases.items()}
+
+
+def summarize(work_dirs: Sequence[Path]) -> dict[int, dict[str, Any]]:
+    """The protocol over several benchmark work dirs, per fold.
+
+    Each side counts the seeds whose run finished with a summary in its dir; dirs of one fold
+    must share the budget and the split. Per fold: each side's seeds and per-seed mean Dice, their
+    mean and sd, the difference of the means, and ``paired`` on the seed-averaged per-case Dice.
+
+    Args:
+        work_dirs: ``--work-dir`` folders of earlier runs (each with a ``benchmark.json``).
+
+    Raises:
+        ValueError: a dir without ``benchmark.json``, or dirs of one fold with different budgets or splits.
+    """
+    folds: dict[int, dict[str, Any]] = {}
+    for work in work_dirs:
+        result = _read_summary(work / "benchmark.json")
+        if result is None:
+            raise ValueError(f"{work}: no benchmark.json (run scripts/benchmark_hippocampus.py there first)")
+        fold = int(result["fold"])
+        entry = folds.setdefault(fold, {"budget_minutes": result["budget_minutes"], "seed": result["seed"],
+                                        "dirs": [], **{side: {"seeds": [], "dice": [], "cases": []} for side in SIDES}})
+        if (entry["budget_minutes"], entry["seed"]) != (result["budget_minutes"], result["seed"]):
+            raise ValueError(f"{work}: fold {fold} was run with another budget or split than {entry['dirs'][0]}")
+        entry["dirs"].append(str(work))
+        values = {"work": str(work.resolve()), "fold": str(fold)}
+        for side in SIDES:
+            summary = ((result.get("runs") or {}).get(side) or {}).get("summary")
+            cases = Path(CASES[side].format(**values))
+            if summary is None or not cases.is_file():
+                continue
+            entry[side]["seeds"].append(result["train_seed"])
+            entry[side]["dice"].append(float(summary["mean_dice"]))
+            entry[side]["cases"].append(read_case_means(cases))
+    for entry in folds.values():
+        for side in SIDES:
+            entry[side]["mean"], entry[side]["sd"] = _mean_sd(entry[side]["dice"])
+        means = [entry[side]["mean"] for side in SIDES]
+        entry["difference"] = means[0] - means[1] if None not in means else None
+        entry["paired"] = paired(*[_average_cases(entry[side].pop("cases")) for side in SIDES])
+    return dict(sorted(folds.items()))
+
+
+def print_summary(folds: dict[int, dict[str, Any]], target_dice: float, target_lead: float) -> bool:
+    """The protocol table, one row per fold, and whether every fold meets the targets."""
+    print(f"{'fold':<5}{'ours (seeds)':<30}{'baseline (seeds)':<30}{'diff':>8}  paired per case (seed means)")
+    met = bool(folds)
+    for fold, e in folds.items():
+        cells = []
+        for side in SIDES:
+            s = e[side]
+            sd = f" sd {s['sd']:.4f}" if s["sd"] is not None else ""
+            cells.append(f"{_cell(s['mean'])}{sd} ({len(s['seeds'])}: {','.join(map(str, s['seeds']))})")
+        pair = e["paired"]
+        text = "-"
+        if pair:
+            low, high = pair["ci95"]
+            text = (f"{pair['mean_difference']:+.4f} [{low:+.4f}, {high:+.4f}], {pair['cases']} cases, "
+                    f"ours better on {pair['ours_wins']}")
+        print(f"{fold:<5}{cells[0]:<30}{cells[1]:<30}{_cell(e['difference'], '+.4f'):>8}  {text}")
+        ok = (e["ours"]["mean"] is not None and e["ours"]["mean"] >= target_dice and e["difference"] is not None
+              and e["difference"] >= target_lead and pair is not None and pair["ci95"][0] > 0)
+        met &= ok
+        print(f"     budget {e['budget_minutes']:g} min; targets: ours >= {target_dice:g}, lead >= {target_lead:g}, "
+              f"interval above 0: {'met' if ok else 'NOT met'}")
+    return met
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the requested side(s), compare, print and write ``benchmark.json``; non-zero if a side failed."""
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        try:
+            folds = summarize(args.summarize)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print_summary(folds, args.target_dice, args.target_lead)
+        return 0
     commands = build_commands(args)
     values = placeholders(args)
     work = Path(values["work"])

@@ -193,3 +193,54 @@ def test_predict_benchmark_stands_each_method_by_its_median_cold_run() -> None:
     assert median["walls_s"] == [40.0, 31.0, 55.0]
     assert bench._median_run(runs[:2])["wall_s"] == 40.0  # the upper median of two: never the lucky run
     assert bench._median_run(runs[1:2])["walls_s"] == [31.0]
+
+
+def _fake_benchmark(work: Path, fold: int, train_seed: int, ours: dict[str, float] | None,
+                    baseline: dict[str, float] | None, budget: float = 20.0) -> None:
+    """A benchmark work dir as the script leaves it: ``benchmark.json`` and each side's ``cases.csv``."""
+    bench = _load_script("benchmark_hippocampus")
+    runs = {}
+    for side, cases in (("ours", ours), ("baseline", baseline)):
+        if cases is None:
+            continue
+        path = Path(bench.CASES[side].format(work=str(work.resolve()), fold=fold))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("case,Anterior,Posterior\n" + "".join(f"{c},{v},{v}\n" for c, v in cases.items()))
+        runs[side] = {"summary": {"mean_dice": sum(cases.values()) / len(cases)}, "returncode": 0}
+    (work / "benchmark.json").write_text(json.dumps(
+        {"fold": fold, "train_seed": train_seed, "budget_minutes": budget, "seed": 0, "runs": runs}))
+
+
+def test_benchmark_summary_averages_seeds_and_pairs_the_seed_means_per_fold(tmp_path: Path, capsys) -> None:
+    """The protocol table: per fold, each side's seeds (mean, sd), the difference, and the case-paired
+    comparison of the per-case seed means; the targets are met only when all three hold on every fold."""
+    bench = _load_script("benchmark_hippocampus")
+    dirs = [tmp_path / n for n in ("f0s0", "f0s1", "f0s2", "f1s0")]
+    for d in dirs:
+        d.mkdir()
+    _fake_benchmark(dirs[0], 0, 0, {"a": 0.90, "b": 0.92}, {"a": 0.88, "b": 0.88})
+    _fake_benchmark(dirs[1], 0, 1, {"a": 0.92, "b": 0.90}, None)  # ours only: the baseline ran once
+    _fake_benchmark(dirs[2], 0, 2, {"a": 0.91, "b": 0.91}, {"a": 0.86, "b": 0.88})
+    _fake_benchmark(dirs[3], 1, 0, {"a": 0.80, "b": 0.90}, {"a": 0.90, "b": 0.80})
+    folds = bench.summarize(dirs)
+    assert list(folds) == [0, 1]
+    f0 = folds[0]
+    assert f0["ours"]["seeds"] == [0, 1, 2] and f0["baseline"]["seeds"] == [0, 2]
+    assert f0["ours"]["mean"] == pytest.approx(0.91) and f0["ours"]["sd"] == pytest.approx(0.0)
+    assert f0["baseline"]["mean"] == pytest.approx(0.875) and f0["baseline"]["sd"] == pytest.approx(0.0070711, abs=1e-6)
+    assert f0["difference"] == pytest.approx(0.035)
+    # Per case over seeds: ours a 0.91, b 0.91; baseline a 0.87, b 0.88 -> +0.04 and +0.03.
+    assert f0["paired"]["mean_difference"] == pytest.approx(0.035) and f0["paired"]["ours_wins"] == 2
+    assert folds[1]["ours"]["sd"] is None and folds[1]["paired"]["mean_difference"] == pytest.approx(0.0)
+
+    assert bench.print_summary({0: f0}, 0.895, 0.012) is True
+    assert bench.print_summary({0: f0}, 0.92, 0.012) is False  # below the Dice target
+    assert bench.print_summary(folds, 0.895, 0.012) is False  # fold 1 has no lead
+    out = capsys.readouterr().out
+    assert "0.9100 sd 0.0000 (3: 0,1,2)" in out and "NOT met" in out
+
+    _fake_benchmark(tmp_path / "f0s3", 0, 3, {"a": 0.9, "b": 0.9}, None, budget=10.0)
+    with pytest.raises(ValueError, match="another budget"):
+        bench.summarize([*dirs, tmp_path / "f0s3"])
+    assert bench.main(["--summarize", str(tmp_path / "missing")]) == 2
+    assert "no benchmark.json" in capsys.readouterr().err
