@@ -161,16 +161,29 @@ def compare(ours: dict[str, Any] | None, baseline: dict[str, Any] | None) -> dic
     return rows
 
 
+def dice_columns(header: Sequence[str]) -> list[str]:
+    """The Dice columns of a ``cases.csv``: one per label, named by the label.
+
+    Our evaluation adds ``hd95 LABEL`` and ``surface_dice LABEL`` after them (millimetres and
+    fractions that must not enter a mean Dice); the MONAI script's file has the labels only.
+    """
+    columns = [c for c in header if c != "case"]
+    return [c for c in columns if not any(c.endswith(f" {label}") for label in columns if label != c)]
+
+
 def read_case_means(path: Path) -> dict[str, float]:
     """Per case, the mean Dice over its labels (labels absent from both masks, NaN, are skipped).
 
     Args:
-        path: a ``cases.csv`` written by ``pipeline.evaluation.metrics.write_evaluation``.
+        path: a ``cases.csv`` written by ``pipeline.evaluation.metrics.write_evaluation``
+            (or the MONAI script's, with the Dice columns only).
     """
     means: dict[str, float] = {}
     with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            values = [float(v) for k, v in row.items() if k != "case" and v not in ("", None)]
+        reader = csv.DictReader(f)
+        labels = dice_columns(reader.fieldnames or [])
+        for row in reader:
+            values = [float(row[k]) for k in labels if row[k] not in ("", None)]
             values = [v for v in values if not math.isnan(v)]
             if values:
                 means[row["case"]] = sum(values) / len(values)

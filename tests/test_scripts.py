@@ -116,7 +116,10 @@ def test_benchmark_comparison_difference_and_ratio() -> None:
 def test_benchmark_compares_the_common_cases_one_by_one(tmp_path: Path) -> None:
     bench = _load_script("benchmark_hippocampus")
     ours_csv, base_csv = tmp_path / "ours.csv", tmp_path / "base.csv"
-    ours_csv.write_text("case,Anterior,Posterior\nc1,0.900000,0.800000\nc2,0.800000,nan\nc3,0.700000,0.700000\n")
+    # Our evaluation's file has HD95 (mm) and surface Dice after the Dice columns: they stay out of the mean.
+    ours_csv.write_text("case,Anterior,Posterior,hd95 Anterior,hd95 Posterior,surface_dice Anterior,"
+                        "surface_dice Posterior\nc1,0.900000,0.800000,1.0,2.0,0.99,0.98\n"
+                        "c2,0.800000,nan,1.0,nan,0.9,nan\nc3,0.700000,0.700000,3.5,4.0,0.8,0.8\n")
     base_csv.write_text("case,Anterior,Posterior\nc1,0.800000,0.800000\nc2,0.900000,nan\nc4,0.500000,0.500000\n")
     ours = bench.read_case_means(ours_csv)
     assert ours == pytest.approx({"c1": 0.85, "c2": 0.8, "c3": 0.7})  # NaN (label in neither mask) skipped
