@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -252,9 +253,7 @@ def print_table(result: dict[str, Any]) -> None:
 def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return mean, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _average_cases(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
