@@ -20,6 +20,13 @@ Two steps around the pipeline's own commands (run from the repository root)::
 mirroring, overlap, postprocessing) and times ``predict`` per case (reading, preprocessing,
 sliding window, inversion and postprocessing; the first case is a warm-up and not counted).
 It prints a table and writes ``ensemble_vs_fold.json`` to ``--out``.
+
+``fold`` writes one fold's validation cases (the pipeline's own split) as a dataset of their own, to score
+models trained on that fold, or several of them as one ensemble, with ``unet-pipeline evaluate``::
+
+    .venv/bin/python scripts/ensemble_vs_fold.py fold --data ../shared/data/hippocampus --fold 0 --out unet-work/val-f0
+    unet-pipeline evaluate --model A/checkpoints/fold_0/model.pt --model B/checkpoints/fold_0/model.pt \
+        --data unet-work/val-f0 --out unet-work/ens/A+B
 """
 
 from __future__ import annotations
@@ -81,6 +88,42 @@ def split(data: Path, held_out: int, seed: int, out: Path) -> tuple[Path, Path]:
         (folder / "dataset.json").write_text(json.dumps(part, indent=1))
         written.append(folder / "dataset.json")
     return written[0], written[1]
+
+
+def fold_cases(data: Path, fold: int, num_folds: int, split_seed: int, out: Path) -> Path:
+    """Write fold ``fold``'s validation cases of ``data`` to ``out`` as a dataset of their own (hard links).
+
+    The split is the pipeline's own (``kfold_splits`` over the dataset's case ids), so models and
+    ensembles can be scored with ``unet-pipeline evaluate --data OUT`` on exactly the cases a run of
+    that fold validated on.
+
+    Args:
+        data: an MSD dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
+        fold: the fold whose validation cases to write.
+        num_folds: ``data.num_folds`` of the runs.
+        split_seed: ``data.split_seed`` of the runs.
+        out: the folder to write.
+
+    Returns:
+        The written ``dataset.json``.
+    """
+    from pipeline.data import kfold_splits, load_dataset, strip_nifti_suffix
+
+    folds = kfold_splits([c.case_id for c in load_dataset(data).cases], num_folds, split_seed)
+    if not 0 <= fold < num_folds:
+        raise SystemExit(f"--fold must be between 0 and {num_folds - 1}, got {fold}")
+    val = set(folds[fold]["val"])
+    meta = json.loads((data / "dataset.json").read_text())
+    entries = [e for e in meta["training"] if strip_nifti_suffix(Path(e["label"]).name) in val]
+    shutil.rmtree(out, ignore_errors=True)
+    for entry in entries:
+        for key in ("image", "label"):
+            _link(data / entry[key], out / entry[key])
+    part = {k: v for k, v in meta.items() if k not in ("training", "test", "numTest")}
+    part.update({"name": f"{meta.get('name', 'dataset')}-fold{fold}-validation", "training": entries,
+                 "numTraining": len(entries)})
+    (out / "dataset.json").write_text(json.dumps(part, indent=1))
+    return out / "dataset.json"
 
 
 def _seconds_per_case(predictor: Any, cases: list[Any]) -> float:
@@ -145,7 +188,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: ``split`` and ``measure``."""
+    """The command line: ``split``, ``fold`` and ``measure``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("split", help="hold cases out of a dataset (hard links, the source untouched)")
@@ -153,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=int, required=True, help="how many cases to hold out")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.add_argument("--out", type=Path, required=True, help="writes OUT/train and OUT/held_out")
+    p = sub.add_parser("fold", help="one fold's validation cases as a dataset of their own (hard links)")
+    p.add_argument("--data", type=Path, required=True, help="MSD dataset folder")
+    p.add_argument("--fold", type=int, required=True, help="the fold whose validation cases to write")
+    p.add_argument("--num-folds", type=int, default=5, help="data.num_folds of the runs (default 5)")
+    p.add_argument("--split-seed", type=int, default=0, help="data.split_seed of the runs (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write")
     p = sub.add_parser("measure", help="every fold and the ensemble on the held-out cases")
     p.add_argument("--work-dir", type=Path, required=True, help="the work directory the folds ran in")
     p.add_argument("--data", type=Path, required=True, help="the held-out dataset")
@@ -174,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "split":
         train, held_out = split(args.data, args.held_out, args.seed, args.out)
         print(f"training cases: {train}\nheld-out cases: {held_out}")
+        return 0
+    if args.command == "fold":
+        written = fold_cases(args.data, args.fold, args.num_folds, args.split_seed, args.out)
+        print(f"fold {args.fold} validation cases: {written}")
         return 0
     if args.threads:
         import torch

@@ -247,3 +247,24 @@ def test_benchmark_summary_averages_seeds_and_pairs_the_seed_means_per_fold(tmp_
         bench.summarize([*dirs, tmp_path / "f0s3"])
     assert bench.main(["--summarize", str(tmp_path / "missing")]) == 2
     assert "no benchmark.json" in capsys.readouterr().err
+
+
+def test_fold_cases_writes_exactly_the_pipeline_folds_validation_cases(hippocampus: Path, tmp_path: Path) -> None:
+    """Ten real cases, 5 folds: the written dataset holds fold 1's validation cases, byte for byte, and loads."""
+    from pipeline.data import load_dataset, stored_splits
+
+    copy_hippocampus_subset(tmp_path / "data", 10)
+    ids = [c.case_id for c in load_dataset(tmp_path / "data").cases]
+    # What a pipeline run stores in its work dir's splits.json for these cases.
+    expected = stored_splits(ids, 5, 3, tmp_path / "work" / "splits.json")[1]["val"]
+    script = _load_script("ensemble_vs_fold")
+    written = script.fold_cases(tmp_path / "data", 1, 5, 3, tmp_path / "val")
+    cases = load_dataset(written.parent).cases
+    assert sorted(c.case_id for c in cases) == sorted(expected) and len(cases) == 2
+    for case in cases:
+        assert case.label.read_bytes() == (tmp_path / "data" / "labelsTr" / case.label.name).read_bytes()
+        assert case.images[0].read_bytes() == (tmp_path / "data" / "imagesTr" / case.images[0].name).read_bytes()
+    other = script.fold_cases(tmp_path / "data", 2, 5, 3, tmp_path / "val")  # rewritten, not added to
+    assert {c.case_id for c in load_dataset(other.parent).cases}.isdisjoint(expected)
+    with pytest.raises(SystemExit, match="--fold must be between 0 and 4"):
+        script.fold_cases(tmp_path / "data", 5, 5, 3, tmp_path / "val5")
