@@ -57,6 +57,18 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _write_part(data: Path, meta: dict[str, Any], entries: list[dict[str, Any]], folder: Path, suffix: str) -> Path:
+    """Write ``entries`` of the dataset ``data`` (its ``dataset.json`` read as ``meta``) afresh to ``folder``."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for entry in entries:
+        for key in ("image", "label"):
+            _link(data / entry[key], folder / entry[key])
+    part = {k: v for k, v in meta.items() if k not in ("training", "test", "numTest")}
+    part.update({"name": f"{meta.get('name', 'dataset')}-{suffix}", "training": entries, "numTraining": len(entries)})
+    (folder / "dataset.json").write_text(json.dumps(part, indent=1))
+    return folder / "dataset.json"
+
+
 def split(data: Path, held_out: int, seed: int, out: Path) -> tuple[Path, Path]:
     """Write ``out/train`` and ``out/held_out``: the dataset's cases, ``held_out`` of them drawn at random.
 
@@ -76,17 +88,7 @@ def split(data: Path, held_out: int, seed: int, out: Path) -> tuple[Path, Path]:
     chosen = set(random.Random(seed).sample(range(len(cases)), held_out))
     parts = {"train": [c for i, c in enumerate(cases) if i not in chosen],
              "held_out": [c for i, c in enumerate(cases) if i in chosen]}
-    written = []
-    for name, entries in parts.items():
-        folder = out / name
-        shutil.rmtree(folder, ignore_errors=True)
-        for entry in entries:
-            for key in ("image", "label"):
-                _link(data / entry[key], folder / entry[key])
-        part = {k: v for k, v in meta.items() if k not in ("training", "test", "numTest")}
-        part.update({"name": f"{meta.get('name', 'dataset')}-{name}", "training": entries, "numTraining": len(entries)})
-        (folder / "dataset.json").write_text(json.dumps(part, indent=1))
-        written.append(folder / "dataset.json")
+    written = [_write_part(data, meta, entries, out / name, name) for name, entries in parts.items()]
     return written[0], written[1]
 
 
@@ -109,21 +111,13 @@ def fold_cases(data: Path, fold: int, num_folds: int, split_seed: int, out: Path
     """
     from pipeline.data import kfold_splits, load_dataset, strip_nifti_suffix
 
-    folds = kfold_splits([c.case_id for c in load_dataset(data).cases], num_folds, split_seed)
     if not 0 <= fold < num_folds:
         raise SystemExit(f"--fold must be between 0 and {num_folds - 1}, got {fold}")
+    folds = kfold_splits([c.case_id for c in load_dataset(data).cases], num_folds, split_seed)
     val = set(folds[fold]["val"])
     meta = json.loads((data / "dataset.json").read_text())
     entries = [e for e in meta["training"] if strip_nifti_suffix(Path(e["label"]).name) in val]
-    shutil.rmtree(out, ignore_errors=True)
-    for entry in entries:
-        for key in ("image", "label"):
-            _link(data / entry[key], out / entry[key])
-    part = {k: v for k, v in meta.items() if k not in ("training", "test", "numTest")}
-    part.update({"name": f"{meta.get('name', 'dataset')}-fold{fold}-validation", "training": entries,
-                 "numTraining": len(entries)})
-    (out / "dataset.json").write_text(json.dumps(part, indent=1))
-    return out / "dataset.json"
+    return _write_part(data, meta, entries, out, f"fold{fold}-validation")
 
 
 def _seconds_per_case(predictor: Any, cases: list[Any]) -> float:
