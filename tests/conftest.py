@@ -25,6 +25,9 @@ def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        # The pipeline remembers the URI it exported so as not to take it for the user's: an earlier module's
+        # in-process run (another server's) must not make this module's user-set variable look like ours.
+        mp.setattr("pipeline.registry.registration._uri_we_set", None)
         # Module fixtures register and predict too: never in the user's own cache.
         mp.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
         yield
@@ -32,8 +35,9 @@ def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test picks its own SQLite store in its work dir unless it sets one."""
+    """Every test picks its own SQLite store in its work dir unless it sets one, as a fresh process would."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("pipeline.registry.registration._uri_we_set", None)
 
 
 @pytest.fixture(autouse=True)
