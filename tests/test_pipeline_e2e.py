@@ -197,14 +197,21 @@ def test_console_script_demo_help() -> None:
 
 def test_each_work_dir_keeps_its_own_store(trained: dict, tmp_path: Path) -> None:
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; a later run in the same process must not follow it."""
-    other = tmp_path / "other"
+    import os
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    assert main(["run", str(trained["config"]), "--work-dir", str(first), "--set", "train.epochs=1"]) == 0
+    # The premise: the first run left its own store in this process's environment.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == f"sqlite:///{(first / 'mlflow.db').resolve()}"
     assert main(["run", str(trained["config"]), "--work-dir", str(other), "--set", "train.epochs=1"]) == 0
-    new_client, old_client = _client(other), _client(trained["work"])
+    new_client = _client(other)
     version = new_client.get_model_version_by_alias("tiny-unet", "champion")
     assert str(version.version) == "1"
     assert new_client.get_run(version.run_id).info.run_id == version.run_id
-    old_runs = old_client.search_runs([old_client.get_experiment_by_name("tests").experiment_id])
-    assert version.run_id not in {r.info.run_id for r in old_runs} and len(old_runs) == 2
+    for work, count in ((first, 1), (trained["work"], 2)):
+        client = _client(work)
+        runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        assert version.run_id not in {r.info.run_id for r in runs} and len(runs) == count, work.name
 
 
 def test_registered_model_loads_as_mlflow_pyfunc(trained: dict, tmp_path: Path) -> None:
