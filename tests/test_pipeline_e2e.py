@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -197,8 +198,6 @@ def test_console_script_demo_help() -> None:
 
 def test_each_work_dir_keeps_its_own_store(trained: dict, tmp_path: Path) -> None:
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; a later run in the same process must not follow it."""
-    import os
-
     first, other = tmp_path / "first", tmp_path / "other"
     assert main(["run", str(trained["config"]), "--work-dir", str(first), "--set", "train.epochs=1"]) == 0
     # The premise: the first run left its own store in this process's environment.

@@ -62,8 +62,6 @@ def folds(tmp_path_factory: pytest.TempPathFactory, mlflow_server) -> dict:  # n
 def server_env(folds: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     """``predict`` and ``evaluate`` find the registry where a user's shell would say: ``MLFLOW_TRACKING_URI``."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", folds["uri"])
-    # In one process the variable the fixture's runs exported reads as the pipeline's own, not the user's.
-    monkeypatch.setattr("pipeline.registry.registration._uri_we_set", None)
     mlflow.set_tracking_uri(folds["uri"])
     mlflow.set_registry_uri(folds["uri"])
     return folds
