@@ -28,6 +28,14 @@ class DataConfig:
     ``dataset`` is a ``dataset.json`` or a folder holding one (relative paths
     are resolved against the config file's folder). Leave it empty and set
     ``synthetic_cases`` to generate a synthetic demo dataset in the work dir.
+
+    Attributes:
+        dataset: ``dataset.json`` or its folder (MSD or nnU-Net v2 style); null: generate the synthetic demo data.
+        synthetic_cases: how many synthetic demo cases to generate when ``dataset`` is null.
+        synthetic_size: the synthetic demo volumes' size in voxels (three sizes of at least 25).
+        num_folds: k of the k-fold cross-validation (the split is stored in ``splits.json``).
+        fold: the cross-validation fold this run trains and validates on (``--fold K``).
+        split_seed: the seed of the stored k-fold split.
     """
 
     dataset: str | None = None
@@ -40,7 +48,14 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    """Spatial and intensity preprocessing applied before training and inference."""
+    """Spatial and intensity preprocessing applied before training and inference.
+
+    Attributes:
+        target_spacing: voxel spacing in mm every case is resampled to; null: the fingerprint's median spacing.
+        orientation: axis codes everything is reoriented to (e.g. RAS).
+        normalization: ``auto`` (CT: clip to the foreground's 0.5/99.5 percentiles and dataset z-score; else a
+            per-volume z-score inside the non-zero region), ``zscore``, ``ct`` or ``none``.
+    """
 
     target_spacing: list[float] | None = None
     orientation: str = "RAS"
@@ -49,7 +64,14 @@ class PreprocessConfig:
 
 @dataclass
 class ModelConfig:
-    """U-Net architecture (see :class:`models.unet.UNet`). ``features: null`` takes the plan's."""
+    """U-Net architecture (see :class:`models.unet.UNet`). ``features: null`` takes the plan's.
+
+    Attributes:
+        spatial_dims: 3, or 2 (slices along the third axis).
+        features: widths per level, finest first, the last one the bottleneck; null: planned.
+        norm: the normalisation layers, ``instance`` or ``batch``.
+        deep_supervision: Dice+CE on the coarser decoder outputs too (weights halve per level).
+    """
 
     spatial_dims: Literal[2, 3] = 3
     features: list[int] | None = None
@@ -59,7 +81,30 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation schedule. ``patch_size``/``batch_size: null`` take the plan's."""
+    """Optimisation schedule. ``patch_size``/``batch_size: null`` take the plan's.
+
+    Attributes:
+        epochs: the number of epochs (with a time budget: the most epochs).
+        iterations_per_epoch: steps (batches of patches) per epoch; 0: one pass over the training cases.
+        time_budget_minutes: wall-clock cap on training; the polynomial learning-rate decay follows it.
+        batch_size: patches per step; null: planned (for the device's memory).
+        patch_size: patch size in voxels; null: planned (the median case on the pooling grid, rounded up on a GPU,
+            down on a CPU).
+        foreground_ratio: share of patches centred on foreground.
+        optimizer: ``sgd`` (Nesterov, momentum 0.99, poly decay) or ``adamw``.
+        learning_rate: the peak learning rate.
+        weight_decay: the optimiser's weight decay.
+        augment: rotation, scaling, flips, noise, intensity scale and gamma augmentation (MONAI).
+        elastic: add elastic deformation (3D) or in-plane shear (2D) to the augmentation.
+        val_every: sliding-window validation every N epochs.
+        seed: the training seed (weights, patches, augmentation).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        amp: mixed precision of the forward pass: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32.
+        num_threads: torch threads; 0: torch's default.
+        num_workers: data loader workers; null: 0 on a CPU, up to 8 on a GPU.
+        memory_budget_gb: GPU memory the planner sizes the batch for; null: the device's.
+        ema_decay: exponential moving average of the weights per step (e.g. 0.999); null: none.
+    """
 
     epochs: int = 100
     iterations_per_epoch: int = 0
@@ -98,6 +143,17 @@ class EvaluateConfig:
     ``checkpoint: final`` (the weights at the end of training, as nnU-Net reports)
     keeps the held-out Dice unbiased; ``best`` picks the epoch with the best
     validation Dice on that same fold, which flatters it slightly.
+
+    Attributes:
+        checkpoint: which weights ``run`` evaluates and registers: ``final`` (unbiased) or ``best`` (best validation epoch).
+        mirror: test-time mirroring (average over axis flips), stored with the model.
+        overlap: sliding-window overlap in [0, 1).
+        mode: window blending, ``gaussian`` or ``constant``.
+        sw_batch_size: windows (flips included) per forward pass.
+        postprocess: decide keep-largest-component removal on the validation cases (kept only where it raised Dice).
+        surface_tolerance_mm: the surface Dice tolerance in mm.
+        qc_images: one QC picture per evaluated case (logged to MLflow under a pseudonym).
+        precision: the network's arithmetic on a CPU, stored with the model: ``auto``, ``float32`` or ``bfloat16``.
     """
 
     checkpoint: Literal["final", "best"] = "final"
@@ -113,7 +169,7 @@ class EvaluateConfig:
 
 @dataclass
 class QcConfig:
-    """The review flag of every prediction (see README "Quality and volumes").
+    """The review flag of every prediction (see docs/quality.md).
 
     ``run`` fits, on the validation cases, the map from each prediction's quality
     signals (disagreement of the mirrored passes, boundary entropy) to its Dice and
@@ -121,6 +177,11 @@ class QcConfig:
     Dice is below ``min_expected_dice`` (empty: chosen on validation so that
     ``flag_quantile`` of the validation cases are flagged) or its input is unlike the
     training data.
+
+    Attributes:
+        min_expected_dice: flag a case when any label's estimated Dice is below this; null: chosen during ``run`` on
+            the validation cases and stored with the model.
+        flag_quantile: with ``min_expected_dice`` null, the share of validation cases the chosen threshold flags.
     """
 
     min_expected_dice: float | None = None
@@ -134,6 +195,12 @@ class MlflowConfig:
     ``outage_wait_minutes``: at the end of a run, how long to wait for a tracking server
     that went away (metrics not yet sent stay on disk meanwhile) before giving up with
     exit code 5; the next call sends what is left and finishes the run.
+
+    Attributes:
+        tracking_uri: the tracking server or store; null: ``MLFLOW_TRACKING_URI``, else ``sqlite:///WORK_DIR/mlflow.db``.
+        experiment: the MLflow experiment name.
+        model_name: the registered model's name.
+        outage_wait_minutes: at the end of a run, how long to wait for a tracking server that went away (then exit 5).
     """
 
     tracking_uri: str | None = None
@@ -157,6 +224,13 @@ class RegistryConfig:
     lease held in the registry (:mod:`pipeline.registry.lease`): a job killed while holding
     it blocks the next gate for at most ``gate_lease_s``; a gate that waits longer than
     ``gate_wait_s`` for it ends with exit 3, naming the holder.
+
+    Attributes:
+        promote_margin: mean Dice the candidate must beat the champion by to take ``champion``.
+        evaluation_set: a fixed labelled dataset both models are scored on; null: the candidate's validation fold.
+        compile_ahead_of_time: compile a registered version's network for the CPU once, at registration.
+        gate_lease_s: seconds a gate's lease in the registry outlives its holder's last heartbeat.
+        gate_wait_s: seconds a gate waits for the lease before it gives up (exit 3, naming the holder).
     """
 
     promote_margin: float = 0.0
@@ -173,6 +247,13 @@ class PacsConfig:
     Credentials never go here: ``DICOMWEB_USER``/``DICOMWEB_PASSWORD`` or ``DICOMWEB_TOKEN``.
     ``series_description`` is a regular expression searched case-insensitively;
     ``min_slices`` leaves out localisers and scouts.
+
+    Attributes:
+        url: the DICOMweb root for ``pacs predict|watch`` (``--url`` overrides).
+        verify_tls: verify the server's TLS certificate (``false`` only for a lab's test server).
+        modality: series rule: the DICOM Modality (e.g. MR).
+        series_description: series rule: a regular expression searched case-insensitively in SeriesDescription.
+        min_slices: series rule: the fewest instances a series must have.
     """
 
     url: str | None = None

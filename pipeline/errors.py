@@ -1,7 +1,7 @@
 """User-facing errors and the exit codes they map to: the CLI prints these as one line and exits non-zero.
 
 Exit codes are part of the interface (cron, systemd and Kubernetes act on them) and
-are listed in the README:
+are listed in docs/scheduling.md and docs/troubleshooting.md:
 
 ====  ==========================================================================
 code  meaning

@@ -1,9 +1,9 @@
-"""The scheduler files in deploy/: parseable, and all of them make the call the README documents.
+"""The scheduler files in deploy/: parseable, and all of them make the call the docs document.
 
 The nightly schedulers (cron, systemd, Kubernetes CronJob) make the same ``unet-pipeline run`` call; the
 cluster examples (Slurm array, Slurm multi-node DDP, Kubernetes Indexed Job) are run by ``bash`` with
 ``srun``/``scontrol`` stubbed, so what they would start is what the shell really expands, and that is
-compared, fold by fold, with the command in the README block marked ``<!-- deploy: FILE -->``.
+compared, fold by fold, with the command in the docs/clusters.md block marked ``<!-- deploy: FILE -->``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pipeline.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "clusters.md"  # the page that documents the cluster examples
 CALL = ["run", "configs/hippocampus.yaml", "--work-dir", "/srv/unet/work"]
 APP_DIR = "/srv/unet"
 
@@ -171,10 +171,10 @@ def _run_sbatch_script(path: Path, env: dict[str, str]) -> tuple[subprocess.Comp
 
 
 def _documented(marker: str) -> tuple[list[str], list[str]]:
-    """The README block under ``<!-- deploy: MARKER -->``: its submit command and the command a task runs."""
-    text = README.read_text()
+    """The docs/clusters.md block under ``<!-- deploy: MARKER -->``: its submit command and the command a task runs."""
+    text = PAGE.read_text()
     match = re.search(rf"<!-- deploy: {re.escape(marker)} -->\s*```bash\n(.*?)```", text, re.S)
-    assert match, f"README.md has no ```bash block right after '<!-- deploy: {marker} -->'"
+    assert match, f"docs/clusters.md has no ```bash block right after '<!-- deploy: {marker} -->'"
     lines = [shlex.split(line, comments=True) for line in match.group(1).replace("\\\n", " ").splitlines()]
     lines = [tokens for tokens in lines if tokens]
     submit = next(tokens for tokens in lines if tokens[0] in ("sbatch", "kubectl"))
