@@ -23,11 +23,7 @@ DEMO_CONFIG = "demo.yaml"
 
 @dataclass
 class DataConfig:
-    """Where the cases come from and how they are split.
-
-    ``dataset`` is a ``dataset.json`` or a folder holding one (relative paths
-    are resolved against the config file's folder). Leave it empty and set
-    ``synthetic_cases`` to generate a synthetic demo dataset in the work dir.
+    """Where the cases come from and how they are split (relative paths: against the config file's folder).
 
     Attributes:
         dataset: ``dataset.json`` or its folder (MSD or nnU-Net v2 style); null: generate the synthetic demo data.
@@ -53,8 +49,7 @@ class PreprocessConfig:
     Attributes:
         target_spacing: voxel spacing in mm every case is resampled to; null: the fingerprint's median spacing.
         orientation: axis codes everything is reoriented to (e.g. RAS).
-        normalization: ``auto`` (CT: clip to the foreground's 0.5/99.5 percentiles and dataset z-score; else a
-            per-volume z-score inside the non-zero region), ``zscore``, ``ct`` or ``none``.
+        normalization: ``auto`` (CT: clipped, dataset z-score; else per-volume z-score), ``zscore``, ``ct`` or ``none``.
     """
 
     target_spacing: list[float] | None = None
@@ -88,8 +83,7 @@ class TrainConfig:
         iterations_per_epoch: steps (batches of patches) per epoch; 0: one pass over the training cases.
         time_budget_minutes: wall-clock cap on training; the polynomial learning-rate decay follows it.
         batch_size: patches per step; null: planned (for the device's memory).
-        patch_size: patch size in voxels; null: planned (the median case on the pooling grid, rounded up on a GPU,
-            down on a CPU).
+        patch_size: patch size in voxels; null: planned (the median case, rounded up on a GPU, down on a CPU).
         foreground_ratio: share of patches centred on foreground.
         optimizer: ``sgd`` (Nesterov, momentum 0.99, poly decay) or ``adamw``.
         learning_rate: the peak learning rate.
@@ -131,29 +125,18 @@ class TrainConfig:
 class EvaluateConfig:
     """Inference settings the model is validated (and then used) with, and which checkpoint ``run`` registers.
 
-    ``mirror`` is nnU-Net's test-time mirroring (on by default, as in nnU-Net).
-    ``postprocess`` lets ``run`` decide keep-the-largest-component removal on the
-    validation cases (kept only where it raised Dice). Everything here is stored
-    with the model and used by ``predict``/``evaluate`` unless overridden.
-    ``surface_tolerance_mm`` is the surface Dice tolerance; ``qc_images`` logs one
-    picture per evaluated case. ``precision`` is the network's arithmetic on a CPU:
-    ``auto`` runs it in bfloat16 autocast where the CPU has a native bf16 dot product
-    (as training does), else float32.
-
-    ``checkpoint: final`` (the weights at the end of training, as nnU-Net reports)
-    keeps the held-out Dice unbiased; ``best`` picks the epoch with the best
-    validation Dice on that same fold, which flatters it slightly.
+    Everything here is stored with the model and used by ``predict``/``evaluate`` unless a flag overrides it.
 
     Attributes:
-        checkpoint: which weights ``run`` evaluates and registers: ``final`` (unbiased) or ``best`` (best validation epoch).
-        mirror: test-time mirroring (average over axis flips), stored with the model.
+        checkpoint: what ``run`` evaluates and registers: ``final`` (unbiased) or ``best`` (best validation epoch).
+        mirror: test-time mirroring (average over axis flips, nnU-Net's default).
         overlap: sliding-window overlap in [0, 1).
         mode: window blending, ``gaussian`` or ``constant``.
         sw_batch_size: windows (flips included) per forward pass.
         postprocess: decide keep-largest-component removal on the validation cases (kept only where it raised Dice).
         surface_tolerance_mm: the surface Dice tolerance in mm.
         qc_images: one QC picture per evaluated case (logged to MLflow under a pseudonym).
-        precision: the network's arithmetic on a CPU, stored with the model: ``auto``, ``float32`` or ``bfloat16``.
+        precision: the network's arithmetic on a CPU: ``auto`` (bf16 where the CPU has native bf16), ``float32``, ``bfloat16``.
     """
 
     checkpoint: Literal["final", "best"] = "final"
@@ -171,16 +154,12 @@ class EvaluateConfig:
 class QcConfig:
     """The review flag of every prediction (see docs/quality.md).
 
-    ``run`` fits, on the validation cases, the map from each prediction's quality
-    signals (disagreement of the mirrored passes, boundary entropy) to its Dice and
-    stores it with the model. A case is flagged for review when any label's estimated
-    Dice is below ``min_expected_dice`` (empty: chosen on validation so that
-    ``flag_quantile`` of the validation cases are flagged) or its input is unlike the
-    training data.
+    ``run`` fits, on the validation cases, the map from each prediction's quality signals to its Dice and stores
+    it with the model. A case is flagged when any label's estimated Dice is below the threshold or its input is
+    unlike the training data.
 
     Attributes:
-        min_expected_dice: flag a case when any label's estimated Dice is below this; null: chosen during ``run`` on
-            the validation cases and stored with the model.
+        min_expected_dice: flag a case when any label's estimated Dice is below this; null: chosen during ``run``.
         flag_quantile: with ``min_expected_dice`` null, the share of validation cases the chosen threshold flags.
     """
 
@@ -190,11 +169,7 @@ class QcConfig:
 
 @dataclass
 class MlflowConfig:
-    """Tracking and registry. ``tracking_uri`` empty: ``MLFLOW_TRACKING_URI``, else SQLite in the work dir.
-
-    ``outage_wait_minutes``: at the end of a run, how long to wait for a tracking server
-    that went away (metrics not yet sent stay on disk meanwhile) before giving up with
-    exit code 5; the next call sends what is left and finishes the run.
+    """Tracking and registry.
 
     Attributes:
         tracking_uri: the tracking server or store; null: ``MLFLOW_TRACKING_URI``, else ``sqlite:///WORK_DIR/mlflow.db``.
@@ -211,19 +186,9 @@ class MlflowConfig:
 
 @dataclass
 class RegistryConfig:
-    """The champion gate.
+    """The champion gate: the candidate and the champion are scored in the same call on the same cases.
 
-    The candidate and the current champion are scored in the same call on the same
-    cases: ``evaluation_set`` (a ``dataset.json`` or its folder, relative to the
-    config file; a fixed set that no model trained on is the fair choice), or by default
-    the candidate's validation fold. ``champion`` moves only when the candidate's mean
-    Dice beats the champion's by more than ``promote_margin``. ``compile_ahead_of_time``
-    compiles a registered version's network for the CPU once, at registration, so that
-    every later ``predict`` on this platform loads it instead of compiling.
-    ``gate_lease_s``/``gate_wait_s``: one gate at a time per registered model, through a
-    lease held in the registry (:mod:`pipeline.registry.lease`): a job killed while holding
-    it blocks the next gate for at most ``gate_lease_s``; a gate that waits longer than
-    ``gate_wait_s`` for it ends with exit 3, naming the holder.
+    One gate at a time per registered model, through a lease held in the registry (:mod:`pipeline.registry.lease`).
 
     Attributes:
         promote_margin: mean Dice the candidate must beat the champion by to take ``champion``.
@@ -245,15 +210,13 @@ class PacsConfig:
     """The PACS (DICOMweb) for ``unet-pipeline pacs predict|watch``; CLI flags override each key.
 
     Credentials never go here: ``DICOMWEB_USER``/``DICOMWEB_PASSWORD`` or ``DICOMWEB_TOKEN``.
-    ``series_description`` is a regular expression searched case-insensitively;
-    ``min_slices`` leaves out localisers and scouts.
 
     Attributes:
-        url: the DICOMweb root for ``pacs predict|watch`` (``--url`` overrides).
+        url: the DICOMweb root (``--url`` overrides).
         verify_tls: verify the server's TLS certificate (``false`` only for a lab's test server).
         modality: series rule: the DICOM Modality (e.g. MR).
         series_description: series rule: a regular expression searched case-insensitively in SeriesDescription.
-        min_slices: series rule: the fewest instances a series must have.
+        min_slices: series rule: the fewest instances a series must have (leaves out localisers).
     """
 
     url: str | None = None

@@ -79,8 +79,10 @@ def test_the_nav_lists_every_page_of_the_site(site: Path) -> None:
 
 
 def test_every_page_loads_without_console_errors(served: str, driver: Any) -> None:
-    problems = {url or "/": found for url in nav_urls() if (found := _load(driver, served + url))}
+    urls = nav_urls()
+    problems = {url or "/": found for url in urls if (found := _load(driver, served + url))}
     assert not problems, problems
+    print(f"{len(urls)} pages loaded, console errors 0")
     title = driver.execute_script("return document.querySelector('article h1').textContent")
     assert title.strip().startswith("Python API")  # the last page really rendered, generated content included
 
