@@ -1,4 +1,4 @@
-"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs``. It parses and calls."""
+"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|dataset``. It parses and calls."""
 
 from __future__ import annotations
 
@@ -135,7 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen on its validation cases)")
     _add_common(p)
     _add_pacs_parsers(sub)
+    _add_dataset_parsers(sub)
     return parser
+
+
+def _add_dataset_parsers(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser("dataset", help="check or export a DICOM dataset: SEG/RTSTRUCT labels from a folder or DICOMweb")
+    dsub = ds.add_subparsers(dest="dataset_command")
+    for name, text in (("check", "list the cases a DICOM source gives for the config's classes, and every label "
+                                 "it cannot use, with the reason"),
+                       ("export", "write a DICOM source as an nnU-Net v2 / MSD dataset (imagesTr, labelsTr, "
+                                  "dataset.json, manifest.json)")):
+        p = dsub.add_parser(name, help=text, description=text + ". Credentials for a DICOMweb URL come from "
+                            "DICOMWEB_USER/DICOMWEB_PASSWORD or DICOMWEB_TOKEN, as for pacs.")
+        p.add_argument("source", help="a folder of DICOM files (any nesting) or a DICOMweb root URL")
+        p.add_argument("--config", required=True, help="YAML config naming the classes (data.classes)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable)")
+        _add_common(p)
+        if name == "check":
+            p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the table")
+        else:
+            p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (replaced whole)")
 
 
 def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
@@ -253,6 +274,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _pacs(args, stages)
     if args.command == "ensemble":
         return _ensemble(args, stages)
+    if args.command == "dataset":
+        return _dataset(args, stages)
     if args.command in ("run", "preprocess", "train"):
         overrides = [*args.overrides, *([f"data.fold={args.fold}"] if args.fold is not None else [])]
         cfg = load_config(args.config, overrides)
@@ -328,6 +351,33 @@ def _ensemble(args: argparse.Namespace, stages) -> int:
         print(f"Champion gate:      {p.decision}")
         print(f"Use it:             unet-pipeline predict --model models:/{s.model_name}/{p.version} IMAGE --out DIR")
     return 0
+
+
+def _dataset(args: argparse.Namespace, stages) -> int:
+    import json
+
+    from pipeline.config import ConfigError, load_config
+
+    if args.dataset_command is None:
+        raise ConfigError("dataset: choose 'check' or 'export' (see unet-pipeline dataset --help)")
+    cfg = load_config(args.config, args.overrides)
+    out = getattr(args, "out", None)
+    scan, stats, converted = stages.dataset_stage(cfg, args.source, args.work_dir, out)
+    if getattr(args, "json", False):
+        print(json.dumps(scan.manifest(), indent=1))
+        return 0
+    print(f"{'case':<18} {'label':<8} {'algorithm':<13} {'classes':<24} image series / label")
+    for c in scan.cases:
+        print(f"{c.case:<18} {c.label.kind:<8} {c.label.algorithm_type:<13} {','.join(scan.classes):<24} "
+              f"{c.series_uid}  ok{' (reader correction)' if c.reader_correction else ''}")
+    for row in scan.not_used:
+        print(f"{'not used':<18} {row['label_sop_instance_uid']}: {row['reason']}")
+    for row in scan.skipped:
+        print(f"{'skipped':<18} {row['label_sop_instance_uid']}: {row['reason']}")
+    print(f"{len(scan.cases)} case(s), {len(scan.skipped)} label(s) skipped, {len(scan.not_used)} not used; "
+          f"{stats.retrieved} instance(s) retrieved, {converted} conversion(s)"
+          + (f"; written to {out}" if out is not None else ""))
+    return 0 if scan.cases else 2
 
 
 def _pacs(args: argparse.Namespace, stages) -> int:

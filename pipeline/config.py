@@ -26,8 +26,21 @@ class DataConfig:
     """Where the cases come from and how they are split.
 
     ``dataset`` is a ``dataset.json`` or a folder holding one (relative paths
-    are resolved against the config file's folder). Leave it empty and set
+    are resolved against the config file's folder), a folder of DICOM files
+    whose labels are DICOM SEG or RTSTRUCT objects, or a DICOMweb URL (see
+    "Training from DICOM and the PACS"). Leave it empty and set
     ``synthetic_cases`` to generate a synthetic demo dataset in the work dir.
+
+    Attributes:
+        dataset: a dataset.json, an MSD/nnU-Net folder, a DICOM folder, or a DICOMweb URL (http(s)://.../dicom-web).
+        synthetic_cases: with no dataset, how many synthetic demo cases to generate.
+        synthetic_size: the synthetic cases' size in voxels (three sizes of at least 25).
+        num_folds: cross-validation folds of the stored split.
+        fold: the fold this run validates on (0-based).
+        split_seed: seed of the stored split's shuffle.
+        classes: class names in label order (label 1 first); a DICOM dataset needs them to match segments and ROIs by name.
+        label_aliases: class name -> other names, or SegmentedPropertyType codes as SCHEME:VALUE, that also match it.
+        allow_automatic_labels: let AUTOMATIC DICOM SEGs (a model's output) be training labels; off, only a reader's labels train.
     """
 
     dataset: str | None = None
@@ -36,6 +49,9 @@ class DataConfig:
     num_folds: int = 5
     fold: int = 0
     split_seed: int = 0
+    classes: list[str] | None = None
+    label_aliases: dict[str, list[str]] | None = None
+    allow_automatic_labels: bool = False
 
 
 @dataclass
@@ -215,6 +231,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
         tp, str(tp)
     )
@@ -238,6 +257,11 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError
         return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
     if tp is type(None):
         if value is None:
             return None
@@ -347,6 +371,12 @@ def _check_values(cfg: PipelineConfig) -> None:
         min_patch = 2 ** (len(features) - 1)
         if min(cfg.train.patch_size) < min_patch:
             fail("train.patch_size", f"must be >= {min_patch} along every axis for {len(features)} levels")
+    classes = cfg.data.classes or []
+    if any(not c.strip() for c in classes) or len({c.strip().casefold() for c in classes}) != len(classes):
+        fail("data.classes", f"must list distinct, non-empty class names, got {classes}")
+    unknown = sorted(set(cfg.data.label_aliases or {}) - set(classes))
+    if unknown:
+        fail("data.label_aliases", f"names {unknown[0]!r}, which is not one of data.classes {classes}")
     if cfg.data.dataset is None and cfg.data.synthetic_cases == 0:
         fail("data.dataset", "is empty and data.synthetic_cases is 0: there is nothing to train on")
 
@@ -425,7 +455,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}: not valid YAML{where}") from None
     cfg = build_config(raw, source, overrides)
-    if cfg.data.dataset is not None and not Path(cfg.data.dataset).is_absolute():
+    if cfg.data.dataset is not None and "://" not in cfg.data.dataset and not Path(cfg.data.dataset).is_absolute():
         cfg.data.dataset = str((base / cfg.data.dataset).resolve())
     if cfg.registry.evaluation_set is not None and not Path(cfg.registry.evaluation_set).is_absolute():
         cfg.registry.evaluation_set = str((base / cfg.registry.evaluation_set).resolve())

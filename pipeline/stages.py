@@ -11,7 +11,19 @@ from typing import Any
 
 from pipeline import registry
 from pipeline.config import PipelineConfig
-from pipeline.data import Case, Dataset, PreprocessedCase, load_dataset, make_demo_dataset, preprocess_dataset, stored_splits
+from pipeline.data import (
+    Case,
+    Dataset,
+    PreprocessedCase,
+    is_dicom_source,
+    load_dataset,
+    make_demo_dataset,
+    materialise,
+    preprocess_dataset,
+    scan_source,
+    stored_splits,
+    write_dataset,
+)
 from pipeline.scheduling import RunSession
 from pipeline.training import resolve_device
 
@@ -87,7 +99,32 @@ def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
             work_dir / "demo_data", cfg.data.synthetic_cases, cfg.data.synthetic_size, cfg.data.split_seed
         )
         return load_dataset(path)
+    if is_dicom_source(cfg.data.dataset):
+        d = cfg.data
+        folder, _ = materialise(d.dataset, d.classes, d.label_aliases, work_dir, d.allow_automatic_labels,
+                                cfg.pacs.verify_tls)
+        return load_dataset(folder)
     return load_dataset(cfg.data.dataset)
+
+
+def dataset_stage(cfg: PipelineConfig, source: str, work_dir: Path, out: Path | None = None):
+    """Scan a DICOM folder or DICOMweb server with the config's classes; with ``out``, export it there.
+
+    Args:
+        cfg: the pipeline configuration (``data.classes``, ``data.label_aliases``, ``pacs.verify_tls``).
+        source: a DICOM folder or a DICOMweb URL.
+        work_dir: the work directory (its ``dicom_cache`` holds retrieved instances and conversions).
+        out: write the nnU-Net v2 / MSD layout and ``manifest.json`` here.
+
+    Returns:
+        The :class:`~pipeline.data.DicomScan`, the :class:`~pipeline.data.PullStats` and the conversions made.
+    """
+    d = cfg.data
+    scan, stats, converted = scan_source(source, d.classes, d.label_aliases, work_dir / "dicom_cache",
+                                         d.allow_automatic_labels, cfg.pacs.verify_tls)
+    if out is not None:
+        write_dataset(scan, out, "dicom")
+    return scan, stats, converted
 
 
 def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:

@@ -1,0 +1,384 @@
+"""Datasets whose labels are DICOM objects: a folder of DICOM files (any nesting) or a DICOMweb server.
+
+A case is one label object (SEG or RTSTRUCT) with the image series it references. For each image
+series the label used is the newest human one (MANUAL or SEMIAUTOMATIC SEG, or RTSTRUCT), by
+content (else series) date and time; AUTOMATIC SEGs, this project's own predictions among them, are
+never used unless ``data.allow_automatic_labels``. So a reader's correction, stored as a new SEG,
+replaces the prediction it corrects. A label that cannot be used is skipped with its reason and the
+next newest human label of that series is tried.
+
+Cases are converted to NIfTI on each image's own grid and cached by content (the SOP Instance UIDs
+of the label and of the image's instances: DICOM gives changed content a new UID), so a second call
+with nothing new converts nothing. :func:`export_dicom_dataset` writes the nnU-Net v2 / MSD layout
+with a ``manifest.json``; ``run`` trains from the same export in its work directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from pipeline.data.dicom_labels import (
+    ClassMatcher,
+    LabelHeader,
+    LabelProblem,
+    read_label_header,
+    rtstruct_label,
+    seg_label,
+)
+from pipeline.data.files import write_text_atomic
+from pipeline.errors import InputDataError, PipelineError
+
+CONVERTER_VERSION = 1
+_MODALITY_NAMES = {"MR": "MRI", "CT": "CT", "PT": "PET"}
+_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"]
+
+
+def is_dicom_source(spec: str) -> bool:
+    """Whether ``data.dataset`` names a DICOM source: a DICOMweb URL, or a folder without dataset.json or imagesTr.
+
+    Args:
+        spec: the ``data.dataset`` value.
+    """
+    if spec.startswith(("http://", "https://")):
+        return True
+    p = Path(spec)
+    return p.is_dir() and not (p / "dataset.json").is_file() and not any(
+        (p / a).is_dir() and (p / b).is_dir() for a, b in (("imagesTr", "labelsTr"), ("images", "labels")))
+
+
+@dataclass
+class Instance:
+    """One DICOM file of the source (header fields only, no patient fields).
+
+    Args:
+        path: the file.
+        sop_uid: SOPInstanceUID.
+        modality: Modality.
+        study_uid: StudyInstanceUID.
+        series_uid: SeriesInstanceUID.
+        frame_of_reference_uid: FrameOfReferenceUID ("" when absent).
+    """
+
+    path: Path
+    sop_uid: str
+    modality: str
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+
+
+def _read_instance(path: Path) -> dict[str, str] | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+    except Exception:  # not a DICOM file: a folder exported from a PACS holds DICOMDIRs, notes, thumbnails
+        return None
+    record = {k: str(ds.get(k, "") or "") for k in _TAGS}
+    return record if record["SOPInstanceUID"] and record["SeriesInstanceUID"] else None
+
+
+def index_files(files: list[Path], index_path: Path) -> list[Instance]:
+    """The DICOM instances among ``files``; headers are read once and remembered by path, size and mtime.
+
+    Args:
+        files: candidate files.
+        index_path: the JSON file remembering headers already read.
+    """
+    try:
+        known = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    fresh: dict[str, Any] = {}
+    instances = []
+    for path in files:
+        st = path.stat()
+        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        record = known[key] if key in known else _read_instance(path)
+        fresh[key] = record
+        if record:
+            instances.append(Instance(path, record["SOPInstanceUID"], record["Modality"], record["StudyInstanceUID"],
+                                      record["SeriesInstanceUID"], record["FrameOfReferenceUID"]))
+    if fresh != known:
+        write_text_atomic(index_path, json.dumps(fresh))
+    return instances
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every regular file under ``folder``, at any depth, hidden folders left out.
+
+    Args:
+        folder: the DICOM folder.
+    """
+    if not folder.is_dir():
+        raise InputDataError(folder, "DICOM dataset folder not found")
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+    return found
+
+
+@dataclass
+class DicomCase:
+    """A usable case: a label object and the image series it references, converted.
+
+    Args:
+        case: its name in ``imagesTr``/``labelsTr`` (from the image series' UID, never a patient field).
+        series_uid: the image series.
+        study_uid: its study.
+        label: the label object used.
+        modality: the image's Modality.
+        reader_correction: a human label of a series that also holds an older AUTOMATIC label.
+        image: the converted image (NIfTI, in the cache).
+        label_map: the converted label map (NIfTI, in the cache).
+    """
+
+    case: str
+    series_uid: str
+    study_uid: str
+    label: LabelHeader
+    modality: str
+    reader_correction: bool
+    image: Path
+    label_map: Path
+
+    def manifest(self) -> dict[str, Any]:
+        """Its row of ``manifest.json``."""
+        return {"case": self.case, "series_instance_uid": self.series_uid, "study_instance_uid": self.study_uid,
+                "label_sop_instance_uid": self.label.sop_uid, "label_type": self.label.kind,
+                "algorithm_type": self.label.algorithm_type, "reader_correction": self.reader_correction}
+
+
+@dataclass
+class DicomScan:
+    """What a DICOM source holds for training.
+
+    Args:
+        cases: the usable cases, by case name.
+        skipped: labels that cannot be used: ``{"label_sop_instance_uid", "reason"}``.
+        not_used: usable labels that are not training labels (automatic, or superseded by a newer human label).
+        classes: the configured class names, in label order.
+    """
+
+    cases: list[DicomCase] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    not_used: list[dict[str, str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict[str, Any]:
+        """``{"cases": [...], "skipped": [...]}``, as ``manifest.json`` holds it."""
+        return {"cases": [c.manifest() for c in self.cases], "skipped": list(self.skipped)}
+
+    def digest(self) -> str:
+        """The label set's digest: which label object is used for which image series."""
+        pairs = sorted((c.series_uid, c.label.sop_uid) for c in self.cases)
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
+def case_name(series_uid: str) -> str:
+    """The case's file name stem: stable per image series, and no patient field in it.
+
+    Args:
+        series_uid: the image series' SeriesInstanceUID.
+    """
+    return "case_" + hashlib.sha256(series_uid.encode()).hexdigest()[:12]
+
+
+class _Converter:
+    """Converts images and labels into the cache, each once per content."""
+
+    def __init__(self, cache: Path, matcher: ClassMatcher, series: dict[str, list[Instance]]) -> None:
+        self.cache, self.matcher, self.series = cache, matcher, series
+        self.converted = 0
+
+    def _series_folder(self, series_uid: str) -> Path:
+        # The reader reads one folder: give it one of links to this series' files, wherever they lie.
+        folder = self.cache / "series" / hashlib.sha256(series_uid.encode()).hexdigest()[:16]
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for n, inst in enumerate(self.series[series_uid]):
+            (folder / f"{n:05d}.dcm").symlink_to(inst.path.resolve())
+        return folder
+
+    def _key(self, *parts: Any) -> str:
+        return hashlib.sha256(json.dumps([CONVERTER_VERSION, *parts]).encode()).hexdigest()[:24]
+
+    def _image(self, series_uid: str):
+        import SimpleITK as sitk
+
+        from transforms.dicom import read_dicom_series
+
+        sops = sorted(i.sop_uid for i in self.series[series_uid])
+        path = self.cache / "images" / f"{self._key(series_uid, sops)}.nii.gz"
+        try:
+            image = read_dicom_series(self._series_folder(series_uid), series_uid)
+        except InputDataError as exc:
+            raise LabelProblem(f"its image series {series_uid} cannot be read ({exc.problem})") from None
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+            os.replace(tmp, path)
+            self.converted += 1
+        return image, path
+
+    def convert(self, header: LabelHeader) -> tuple[Path, Path]:
+        """The image and label NIfTI of a label object and its series (from the cache when converted before).
+
+        Args:
+            header: the label object.
+
+        Raises:
+            LabelProblem: why it cannot be used (remembered, so a bad label is not read again either).
+        """
+        import SimpleITK as sitk
+
+        instances = self.series[header.series_uid]
+        sops = sorted(i.sop_uid for i in instances)
+        key = self._key(header.sop_uid, sops, list(self.matcher.classes), [list(a) for a in self.matcher.aliases])
+        done = self.cache / "labels" / key
+        if (done / "problem.txt").is_file():
+            raise LabelProblem((done / "problem.txt").read_text())
+        image, image_path = self._image(header.series_uid)
+        if (done / "label.nii.gz").is_file():
+            return image_path, done / "label.nii.gz"
+        frame_of_reference = instances[0].frame_of_reference_uid
+        done.mkdir(parents=True, exist_ok=True)
+        try:
+            if header.kind == "SEG":
+                label = seg_label(header, image, self.matcher, set(sops), frame_of_reference)
+            else:
+                label = rtstruct_label(header, image, self.matcher, frame_of_reference)
+        except LabelProblem as exc:
+            write_text_atomic(done / "problem.txt", str(exc))
+            raise
+        out = sitk.GetImageFromArray(label.astype(np.uint8))
+        out.CopyInformation(image)
+        tmp = done / f".label.{os.getpid()}.tmp.nii.gz"
+        sitk.WriteImage(out, str(tmp), useCompression=True)
+        os.replace(tmp, done / "label.nii.gz")
+        self.converted += 1
+        return image_path, done / "label.nii.gz"
+
+
+def _headers(instances: list[Instance], skipped: list[dict[str, str]]) -> list[LabelHeader]:
+    headers = []
+    for inst in instances:
+        if inst.modality.upper() not in ("SEG", "RTSTRUCT"):
+            continue
+        try:
+            header = read_label_header(inst.path)
+        except LabelProblem as exc:
+            skipped.append({"label_sop_instance_uid": inst.sop_uid, "reason": str(exc)})
+            continue
+        if header is not None:
+            headers.append(header)
+    return headers
+
+
+def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path,
+                   allow_automatic: bool = False) -> tuple[DicomScan, int]:
+    """Choose one label per image series, convert it, and report every label not used and why.
+
+    Args:
+        instances: the source's DICOM instances.
+        matcher: the configured classes.
+        cache: the conversion cache folder.
+        allow_automatic: AUTOMATIC SEGs may be training labels (never by default).
+
+    Returns:
+        The scan and how many conversions this call made (0: all from the cache).
+    """
+    scan = DicomScan(classes=list(matcher.classes))
+    series: dict[str, list[Instance]] = {}
+    for inst in instances:
+        if inst.modality.upper() not in ("SEG", "RTSTRUCT", "SR", "PR", "KO"):
+            series.setdefault(inst.series_uid, []).append(inst)
+    by_series: dict[str, list[LabelHeader]] = {}
+    for header in _headers(instances, scan.skipped):
+        if header.series_uid not in series:
+            scan.skipped.append({"label_sop_instance_uid": header.sop_uid, "reason":
+                                 f"{header.kind} {header.sop_uid}: references image series "
+                                 f"{header.series_uid or '(none)'}, which is not in the source"})
+            continue
+        by_series.setdefault(header.series_uid, []).append(header)
+    converter = _Converter(cache, matcher, series)
+    for series_uid in sorted(by_series):
+        labels = sorted(by_series[series_uid], key=lambda h: (h.when, h.sop_uid), reverse=True)
+        chosen: DicomCase | None = None
+        for header in labels:
+            if chosen is not None:
+                scan.not_used.append({"label_sop_instance_uid": header.sop_uid,
+                                      "reason": f"superseded by the newer label {chosen.label.sop_uid}"})
+                continue
+            if not header.is_human and not allow_automatic:
+                scan.not_used.append({"label_sop_instance_uid": header.sop_uid,
+                                      "reason": "AUTOMATIC (a model's output; data.allow_automatic_labels is off)"})
+                continue
+            try:
+                image, label = converter.convert(header)
+            except LabelProblem as exc:
+                scan.skipped.append({"label_sop_instance_uid": header.sop_uid, "reason": str(exc)})
+                continue
+            corrects = header.is_human and any(not h.is_human and h.when <= header.when for h in labels)
+            first = series[series_uid][0]
+            chosen = DicomCase(case_name(series_uid), series_uid, first.study_uid, header, first.modality,
+                               corrects, image, label)
+            scan.cases.append(chosen)
+    scan.cases.sort(key=lambda c: c.case)
+    return scan, converter.converted
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: copy
+        shutil.copyfile(src, dst)
+
+
+def write_dataset(scan: DicomScan, out: Path, name: str) -> None:
+    """Write ``scan`` in the nnU-Net v2 / MSD layout, replacing ``out`` whole (never half-written).
+
+    ``imagesTr/CASE_0000.nii.gz``, ``labelsTr/CASE.nii.gz``, ``dataset.json`` (nnU-Net v2's
+    ``channel_names``/``labels``/``numTraining``/``file_ending`` and MSD's ``training`` list) and
+    ``manifest.json``.
+
+    Args:
+        scan: the scanned source.
+        out: the output folder.
+        name: the dataset's name.
+    """
+    if not scan.cases:
+        raise PipelineError("the DICOM source holds no usable case" + (
+            f" ({len(scan.skipped)} label(s) skipped; `unet-pipeline dataset check` lists why)" if scan.skipped else ""))
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise InputDataError(out, "exists and is not an earlier export (no manifest.json): choose an empty folder")
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "imagesTr").mkdir(parents=True)
+    (staging / "labelsTr").mkdir()
+    for case in scan.cases:
+        _link(case.image, staging / "imagesTr" / f"{case.case}_0000.nii.gz")
+        _link(case.label_map, staging / "labelsTr" / f"{case.case}.nii.gz")
+    modality = _MODALITY_NAMES.get(scan.cases[0].modality.upper(), scan.cases[0].modality or "MRI")
+    meta = {"name": name, "channel_names": {"0": modality},
+            "labels": {"background": 0, **{n: v for v, n in enumerate(scan.classes, start=1)}},
+            "numTraining": len(scan.cases), "file_ending": ".nii.gz",
+            "training": [{"image": f"./imagesTr/{c.case}.nii.gz", "label": f"./labelsTr/{c.case}.nii.gz"}
+                         for c in scan.cases]}
+    (staging / "dataset.json").write_text(json.dumps(meta, indent=1))
+    (staging / "manifest.json").write_text(json.dumps(scan.manifest(), indent=1))
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
