@@ -188,7 +188,10 @@ def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_s
     config = redact_config(cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
     folds = json.loads((work_dir / "splits.json").read_text())["folds"]
     tags = {"preprocess.cases_preprocessed": str(prepared.preprocessed)}  # by this call; 0: another fold's job did
-    return params, config, {"preprocess": prepared.out_dir / "plans.json"}, folds, tags
+    artifacts = {"preprocess": prepared.out_dir / "plans.json"}
+    if (prepared.dataset.root / "manifest.json").is_file():  # a DICOM dataset: which label object made each case
+        artifacts["dataset"] = prepared.dataset.root / "manifest.json"
+    return params, config, artifacts, folds, tags
 
 
 def _lock(work_dir: Path, command: str, is_main: bool, fold: int):
