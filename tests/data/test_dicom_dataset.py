@@ -226,3 +226,38 @@ def test_a_dicom_source_needs_class_names(studies, tmp_path: Path) -> None:
     cfg.write_text(f"data:\n  dataset: {source}\n")
     result = run_main("dataset", "check", str(source), "--config", str(cfg), "--work-dir", str(tmp_path / "w"))
     assert result.returncode == 2 and "data.classes" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_trains_from_dicom_and_retrains_only_on_a_new_correction(studies, tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import TINY
+
+    source, made, maker = studies
+    dest = tmp_path / "src"
+    for n in range(4):
+        _copy_study(source, n, dest)
+    cfg = {**TINY, "data": {"dataset": str(dest), "classes": CLASSES, "num_folds": 2},
+           "train": {**TINY["train"], "epochs": 2, "iterations_per_epoch": 2, "val_every": 2}}
+    config = tmp_path / "dicom.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    first = run_main("run", str(config), "--work-dir", str(work))
+    assert first.returncode == 0, first.stderr
+    assert "Up to date" not in first.stdout
+    assert "Up to date" in run_main("run", str(config), "--work-dir", str(work)).stdout
+    folds = json.loads((work / "splits.json").read_text())["folds"]
+    # A reader corrects case 0: a newer MANUAL SEG of the same series.
+    study = dest / "study_0000"
+    slices = sorted((pydicom.dcmread(p) for p in (study / "mr").iterdir()), key=lambda d: int(d.InstanceNumber))
+    label = np.asarray(nib.load(made[0]["label"]).dataobj).astype(np.uint8)
+    label[(label == 2) & (np.arange(label.shape[2]) % 2 == 0)[None, None, :]] = 1
+    corrected = maker.write_seg(label, slices, CLASSES, study / "corrected.dcm", datetime(2026, 6, 1, 9))
+    again = run_main("run", str(config), "--work-dir", str(work))
+    assert again.returncode == 0, again.stderr
+    assert "Up to date" not in again.stdout
+    manifest = json.loads((work / "dicom_dataset" / "manifest.json").read_text())
+    assert corrected in {c["label_sop_instance_uid"] for c in manifest["cases"]}
+    assert made[0]["label_sop_uid"] not in json.dumps(manifest)
+    assert json.loads((work / "splits.json").read_text())["folds"] == folds  # same cases, same folds
