@@ -194,6 +194,18 @@ def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_s
     return params, config, artifacts, folds, tags
 
 
+def _labels(cfg: PipelineConfig, prepared: Prepared) -> dict[str, Any] | None:
+    """A DICOM dataset's label set (counts, source without credentials or path, digest); ``None`` for NIfTI data."""
+    from pipeline.data import label_summary
+    from pipeline.dicomweb import redact_url
+
+    manifest = prepared.dataset.root / "manifest.json"
+    if cfg.data.dataset is None or not manifest.is_file():
+        return None
+    source = redact_url(cfg.data.dataset) if "://" in cfg.data.dataset else "a DICOM folder"
+    return label_summary(json.loads(manifest.read_text()), source)
+
+
 def _lock(work_dir: Path, command: str, is_main: bool, fold: int):
     """The fold's lock (``work_dir/locks/fold_K.lock``) on rank 0 (``torchrun``'s other processes follow rank 0)."""
     from contextlib import nullcontext
@@ -265,6 +277,9 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
         if env.is_main:
             _, _, state = decision
             run_id = session.open_run(action, state, *_run_record(cfg, work_dir, prepared, env.world_size))
+            labels = _labels(cfg, prepared)
+            if labels:
+                session.log.dataset_input(labels)
         try:
             if action == "finish":
                 result = _training_result_from_disk(cfg, work_dir)
@@ -341,7 +356,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
             cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
             cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]),
             len(prepared.split["val"]), keys.config_hash, keys.code, prepared.plan, summary, inference,
-            gate_result.decision)
+            gate_result.decision, _labels(cfg, prepared))
         describe_version(facts, gate_tags(gate_result, eval_set), log)
 
     lease = registry.GateLease(cfg.mlflow.model_name, cfg.registry.gate_lease_s, cfg.registry.gate_wait_s, call=log.call)

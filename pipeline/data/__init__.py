@@ -10,7 +10,7 @@ of the other subpackages of ``pipeline`` (only ``pipeline.config``,
 
 from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
 from pipeline.data.demo import make_demo_dataset
-from pipeline.data.dicom_dataset import DicomScan, write_dataset
+from pipeline.data.dicom_dataset import DicomScan, label_summary, write_dataset
 from pipeline.data.dicom_source import PullStats, is_dicom_source, materialise, scan_source
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
 from pipeline.data.fingerprint import intensity_distance, intensity_percentiles, obliquity_deg, training_fingerprint
@@ -29,6 +29,7 @@ __all__ = [
     "file_sha256",
     "intensity_distance",
     "is_dicom_source",
+    "label_summary",
     "materialise",
     "scan_source",
     "write_dataset",

@@ -179,8 +179,24 @@ class DicomScan:
 
     def digest(self) -> str:
         """The label set's digest: which label object is used for which image series."""
-        pairs = sorted((c.series_uid, c.label.sop_uid) for c in self.cases)
-        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+        return label_summary(self.manifest(), "")["digest"]
+
+
+def label_summary(manifest: dict[str, Any], source: str) -> dict[str, Any]:
+    """What made a DICOM dataset, for the run's input and the version's description: counts, source, digest.
+
+    Args:
+        manifest: ``manifest.json``'s content.
+        source: where the labels came from, without credentials (a URL, or "a DICOM folder").
+    """
+    cases = manifest.get("cases", [])
+    pairs = sorted((c["series_instance_uid"], c["label_sop_instance_uid"]) for c in cases)
+    return {"source": source, "cases": len(cases),
+            "seg": sum(c["label_type"] == "SEG" for c in cases),
+            "rtstruct": sum(c["label_type"] == "RTSTRUCT" for c in cases),
+            "reader_corrections": sum(bool(c.get("reader_correction")) for c in cases),
+            "skipped": len(manifest.get("skipped", [])),
+            "digest": hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]}
 
 
 def case_name(series_uid: str) -> str:

@@ -229,7 +229,9 @@ def test_a_dicom_source_needs_class_names(studies, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_trains_from_dicom_and_retrains_only_on_a_new_correction(studies, tmp_path: Path) -> None:
+def test_run_trains_from_dicom_and_retrains_only_on_a_reader_correction(studies, tmp_path: Path) -> None:
+    """The corrections loop on a folder: predict writes an AUTOMATIC SEG, a reader's newer SEG retrains."""
+    import mlflow
     import yaml
 
     from tests.conftest import TINY
@@ -246,18 +248,33 @@ def test_run_trains_from_dicom_and_retrains_only_on_a_new_correction(studies, tm
     first = run_main("run", str(config), "--work-dir", str(work))
     assert first.returncode == 0, first.stderr
     assert "Up to date" not in first.stdout
-    assert "Up to date" in run_main("run", str(config), "--work-dir", str(work)).stdout
     folds = json.loads((work / "splits.json").read_text())["folds"]
-    # A reader corrects case 0: a newer MANUAL SEG of the same series.
+    # The model's own SEG of study 0 lands beside it (as `pacs predict` stores it in the study): never a label.
     study = dest / "study_0000"
+    predicted = run_main("predict", "--model", "models:/tiny-unet/1", str(study / "mr"), "--out", str(study / "pred"),
+                         "--work-dir", str(work))
+    assert predicted.returncode == 0, predicted.stderr
+    automatic = pydicom.dcmread(next((study / "pred").glob("*.seg.dcm")))
+    assert automatic.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert "Up to date" in run_main("run", str(config), "--work-dir", str(work)).stdout
+    # A reader corrects it in a viewer and stores a newer MANUAL SEG of the same series.
     slices = sorted((pydicom.dcmread(p) for p in (study / "mr").iterdir()), key=lambda d: int(d.InstanceNumber))
     label = np.asarray(nib.load(made[0]["label"]).dataobj).astype(np.uint8)
     label[(label == 2) & (np.arange(label.shape[2]) % 2 == 0)[None, None, :]] = 1
-    corrected = maker.write_seg(label, slices, CLASSES, study / "corrected.dcm", datetime(2026, 6, 1, 9))
+    corrected = maker.write_seg(label, slices, CLASSES, study / "corrected.dcm", datetime.now())
     again = run_main("run", str(config), "--work-dir", str(work))
     assert again.returncode == 0, again.stderr
     assert "Up to date" not in again.stdout
     manifest = json.loads((work / "dicom_dataset" / "manifest.json").read_text())
-    assert corrected in {c["label_sop_instance_uid"] for c in manifest["cases"]}
-    assert made[0]["label_sop_uid"] not in json.dumps(manifest)
+    row = next(c for c in manifest["cases"] if c["series_instance_uid"] == made[0]["series_uid"])
+    assert (row["label_sop_instance_uid"], row["reader_correction"]) == (corrected, True)
+    assert made[0]["label_sop_uid"] not in json.dumps(manifest) and automatic.SOPInstanceUID not in json.dumps(manifest)
     assert json.loads((work / "splits.json").read_text())["folds"] == folds  # same cases, same folds
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    version = client.get_model_version("tiny-unet", "2")
+    assert "1 of them are reader corrections of automatic output" in version.description
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    from pipeline.data import label_summary
+
+    assert [d.dataset.digest for d in inputs] == [label_summary(manifest, "")["digest"]]
+    assert str(dest) not in version.description and "P0000" not in version.description
