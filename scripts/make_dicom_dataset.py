@@ -39,7 +39,7 @@ def rotation(degrees: float) -> np.ndarray:
 
 
 def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, patient: str, study_uid: str,
-                    when: datetime) -> list[pydicom.Dataset]:
+                    when: datetime, series_uid: str | None = None, frame_uid: str | None = None) -> list[pydicom.Dataset]:
     """One MR file per slice of ``volume`` (axes i, j, k; k the slices), with the geometry of ``affine_ras``.
 
     Args:
@@ -49,6 +49,8 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
         patient: PatientID (and name) of the synthetic patient.
         study_uid: the study.
         when: the study's date and time.
+        series_uid: its SeriesInstanceUID (default: a new one).
+        frame_uid: its FrameOfReferenceUID (default: a new one).
 
     Returns:
         The slices, in k order.
@@ -60,7 +62,7 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
     lo, hi = float(volume.min()), float(volume.max())
     slope = (hi - lo) / 4095 if hi > lo else 1.0
     stored = np.round((volume - lo) / slope).astype(np.uint16)
-    series_uid, frame_uid = generate_uid(), generate_uid()
+    series_uid, frame_uid = series_uid or generate_uid(), frame_uid or generate_uid()
     slices = []
     for k in range(volume.shape[2]):
         meta = FileMetaDataset()

@@ -78,7 +78,8 @@ class Instance:
 
 def _read_instance(path: Path) -> dict[str, str] | None:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        # force: some tools write objects without the Part 10 preamble and file meta; they have the UIDs all the same.
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=True)
     except Exception:  # not a DICOM file: a folder exported from a PACS holds DICOMDIRs, notes, thumbnails
         return None
     record = {k: str(ds.get(k, "") or "") for k in _TAGS}

@@ -94,7 +94,7 @@ def read_label_header(path: Path) -> LabelHeader | None:
         LabelProblem: a SEG or RTSTRUCT whose header cannot be read.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # no preamble/file meta in some tools' files
     except Exception:  # not DICOM, or unreadable: not a label object we can name
         return None
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -356,7 +356,7 @@ def rtstruct_label(header: LabelHeader, image: sitk.Image, matcher: ClassMatcher
             and header.frame_of_reference_uid != image_frame_of_reference:
         raise LabelProblem(f"{what}: its frame of reference is not the image series' one")
     try:
-        ds = pydicom.dcmread(header.path)
+        ds = pydicom.dcmread(header.path, force=True)
     except Exception as exc:
         raise LabelProblem(f"{what}: not a readable RTSTRUCT ({type(exc).__name__})") from None
     names = {int(r.ROINumber): str(r.get("ROIName", "") or "") for r in ds.get("StructureSetROISequence", [])}

@@ -278,3 +278,34 @@ def test_run_trains_from_dicom_and_retrains_only_on_a_reader_correction(studies,
 
     assert [d.dataset.digest for d in inputs] == [label_summary(manifest, "")["digest"]]
     assert str(dest) not in version.description and "P0000" not in version.description
+
+
+def test_an_rtstruct_written_by_another_tool_is_read_and_rasterised(tmp_path: Path) -> None:
+    """pydicom's sample RTSTRUCT (no preamble or file meta; POINT ROIs beside a CLOSED_PLANAR body outline) on a
+    series made for its frame of reference: the outline's three slices come out filled, the points are ignored."""
+    from pydicom.data import get_testdata_file
+
+    rtstruct = Path(get_testdata_file("rtstruct.dcm"))
+    ds = pydicom.dcmread(rtstruct, force=True)
+    frame = ds.ReferencedFrameOfReferenceSequence[0]
+    series_uid = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID
+    lps = np.array([[5.0, 0, 0, -250], [0, 5.0, 0, -200], [0, 0, 10.0, -200], [0, 0, 0, 1]])
+    dest = tmp_path / "src"
+    _maker().write_mr_series(np.zeros((100, 80, 3)), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, dest / "ct", "P9",
+                             ds.StudyInstanceUID, datetime(2026, 1, 1), series_uid, frame.FrameOfReferenceUID)
+    shutil.copy(rtstruct, dest / "structures")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"data:\n  dataset: {dest}\n  classes: [Patient]\n")
+    result = run_main("dataset", "export", str(dest), "--config", str(cfg), "--out", str(tmp_path / "out"),
+                      "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    case = json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"][0]
+    assert case["label_type"] == "RTSTRUCT" and case["label_sop_instance_uid"] == ds.SOPInstanceUID
+    label = nib.load(str(tmp_path / "out" / "labelsTr" / f"{case['case']}.nii.gz"))
+    world = label.affine @ np.array([*np.argwhere(np.asarray(label.dataobj) == 1).T, np.ones((np.asarray(label.dataobj) == 1).sum())])
+    lps_points = np.diag([-1.0, -1.0, 1.0, 1.0]) @ world
+    # Inside the outline's bounding box (x -200..200, y -150..150 mm) on the slices z = -200, -190, -180.
+    assert sorted(set(np.round(lps_points[2]).astype(int))) == [-200, -190, -180]
+    assert lps_points[0].min() >= -200 and lps_points[0].max() <= 200
+    assert lps_points[1].min() >= -150 and lps_points[1].max() <= 150
+    assert (np.asarray(label.dataobj) == 1).sum() > 0.5 * 3 * (400 * 300) / 25  # most of the outline's area
