@@ -229,13 +229,16 @@ class _Converter:
     def _key(self, *parts: Any) -> str:
         return hashlib.sha256(json.dumps([CONVERTER_VERSION, *parts]).encode()).hexdigest()[:24]
 
+    def _image_path(self, series_uid: str) -> Path:
+        sops = sorted(i.sop_uid for i in self.series[series_uid])
+        return self.cache / "images" / f"{self._key(series_uid, sops)}.nii.gz"
+
     def _image(self, series_uid: str):
         import SimpleITK as sitk
 
         from transforms.dicom import read_dicom_series
 
-        sops = sorted(i.sop_uid for i in self.series[series_uid])
-        path = self.cache / "images" / f"{self._key(series_uid, sops)}.nii.gz"
+        path = self._image_path(series_uid)
         try:
             image = read_dicom_series(self._series_folder(series_uid), series_uid)
         except InputDataError as exc:
@@ -265,9 +268,9 @@ class _Converter:
         done = self.cache / "labels" / key
         if (done / "problem.txt").is_file():
             raise LabelProblem((done / "problem.txt").read_text())
+        if (done / "label.nii.gz").is_file() and self._image_path(header.series_uid).is_file():
+            return self._image_path(header.series_uid), done / "label.nii.gz"
         image, image_path = self._image(header.series_uid)
-        if (done / "label.nii.gz").is_file():
-            return image_path, done / "label.nii.gz"
         frame_of_reference = instances[0].frame_of_reference_uid
         done.mkdir(parents=True, exist_ok=True)
         try:
