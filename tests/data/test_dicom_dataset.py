@@ -228,58 +228,6 @@ def test_a_dicom_source_needs_class_names(studies, tmp_path: Path) -> None:
     assert result.returncode == 2 and "data.classes" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_run_trains_from_dicom_and_retrains_only_on_a_reader_correction(studies, tmp_path: Path) -> None:
-    """The corrections loop on a folder: predict writes an AUTOMATIC SEG, a reader's newer SEG retrains."""
-    import mlflow
-    import yaml
-
-    from tests.conftest import TINY
-
-    source, made, maker = studies
-    dest = tmp_path / "src"
-    for n in range(4):
-        _copy_study(source, n, dest)
-    cfg = {**TINY, "data": {"dataset": str(dest), "classes": CLASSES, "num_folds": 2},
-           "train": {**TINY["train"], "epochs": 2, "iterations_per_epoch": 2, "val_every": 2}}
-    config = tmp_path / "dicom.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    work = tmp_path / "work"
-    first = run_main("run", str(config), "--work-dir", str(work))
-    assert first.returncode == 0, first.stderr
-    assert "Up to date" not in first.stdout
-    folds = json.loads((work / "splits.json").read_text())["folds"]
-    # The model's own SEG of study 0 lands beside it (as `pacs predict` stores it in the study): never a label.
-    study = dest / "study_0000"
-    predicted = run_main("predict", "--model", "models:/tiny-unet/1", str(study / "mr"), "--out", str(study / "pred"),
-                         "--work-dir", str(work))
-    assert predicted.returncode == 0, predicted.stderr
-    automatic = pydicom.dcmread(next((study / "pred").glob("*.seg.dcm")))
-    assert automatic.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
-    assert "Up to date" in run_main("run", str(config), "--work-dir", str(work)).stdout
-    # A reader corrects it in a viewer and stores a newer MANUAL SEG of the same series.
-    slices = sorted((pydicom.dcmread(p) for p in (study / "mr").iterdir()), key=lambda d: int(d.InstanceNumber))
-    label = np.asarray(nib.load(made[0]["label"]).dataobj).astype(np.uint8)
-    label[(label == 2) & (np.arange(label.shape[2]) % 2 == 0)[None, None, :]] = 1
-    corrected = maker.write_seg(label, slices, CLASSES, study / "corrected.dcm", datetime.now())
-    again = run_main("run", str(config), "--work-dir", str(work))
-    assert again.returncode == 0, again.stderr
-    assert "Up to date" not in again.stdout
-    manifest = json.loads((work / "dicom_dataset" / "manifest.json").read_text())
-    row = next(c for c in manifest["cases"] if c["series_instance_uid"] == made[0]["series_uid"])
-    assert (row["label_sop_instance_uid"], row["reader_correction"]) == (corrected, True)
-    assert made[0]["label_sop_uid"] not in json.dumps(manifest) and automatic.SOPInstanceUID not in json.dumps(manifest)
-    assert json.loads((work / "splits.json").read_text())["folds"] == folds  # same cases, same folds
-    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    version = client.get_model_version("tiny-unet", "2")
-    assert "1 of them are reader corrections of automatic output" in version.description
-    inputs = client.get_run(version.run_id).inputs.dataset_inputs
-    from pipeline.data import label_summary
-
-    assert [d.dataset.digest for d in inputs] == [label_summary(manifest, "")["digest"]]
-    assert str(dest) not in version.description and "P0000" not in version.description
-
-
 def test_an_rtstruct_written_by_another_tool_is_read_and_rasterised(tmp_path: Path) -> None:
     """pydicom's sample RTSTRUCT (no preamble or file meta; POINT ROIs beside a CLOSED_PLANAR body outline) on a
     series made for its frame of reference: the outline's three slices come out filled, the points are ignored."""
