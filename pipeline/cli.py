@@ -1,4 +1,7 @@
-"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|dataset``. It parses and calls."""
+"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|dataset|cache``.
+
+It parses and calls.
+"""
 
 from __future__ import annotations
 
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_pacs_parsers(sub)
     _add_dataset_parsers(sub)
+    _add_cache_parsers(sub)
     return parser
 
 
@@ -157,6 +161,22 @@ def _add_dataset_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the table")
         else:
             p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (replaced whole)")
+
+
+def _add_cache_parsers(sub: argparse._SubParsersAction) -> None:
+    text = ("the per-user cache of registered model versions (UNET_PIPELINE_CACHE, else ~/.cache/unet-pipeline): "
+            "list or clear it")
+    cache = sub.add_parser("cache", help=text, description=text + ". Its size cap: UNET_PIPELINE_CACHE_MAX_GB, "
+                           "else registry.model_cache_max_gb; past it, the copies used longest ago are evicted.")
+    csub = cache.add_subparsers(dest="cache_command", help="what to do with the cache")
+    p = csub.add_parser("list", help="list the cached model versions, the one used longest ago first, with the "
+                                     "total size and the cap")
+    p.add_argument("--config", default=None,
+                   help="YAML config whose registry.model_cache_max_gb is the cap shown (the environment overrides it)")
+    p = csub.add_parser("clear", help="delete cached model versions (all of them, or one model's); the next use "
+                                      "downloads them again")
+    p.add_argument("--model", default=None, metavar="NAME", help="only this registered model's versions")
+    p.add_argument("--version", default=None, help="only this version (with --model)")
 
 
 def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
@@ -269,6 +289,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline import stages
     from pipeline.config import load_config
 
+    if args.command == "cache":
+        return _cache(args)
     work_dir = args.work_dir
     if args.command == "pacs":
         return _pacs(args, stages)
@@ -378,6 +400,22 @@ def _dataset(args: argparse.Namespace, stages) -> int:
           f"{stats.retrieved} instance(s) retrieved, {converted} conversion(s)"
           + (f"; written to {out}" if out is not None else ""))
     return 0 if scan.cases else 2
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.registry import clear_cache, list_cache
+
+    if args.cache_command == "clear":
+        print(clear_cache(args.model, args.version))
+    elif args.cache_command == "list":
+        if args.config:
+            print("\n".join(list_cache(load_config(args.config).registry.model_cache_max_gb, args.config)))
+        else:
+            print("\n".join(list_cache()))
+    else:
+        raise ConfigError("cache: choose 'list' or 'clear' (see unet-pipeline cache --help)")
+    return 0
 
 
 def _pacs(args: argparse.Namespace, stages) -> int:

@@ -173,6 +173,17 @@ class RegistryConfig:
     lease held in the registry (:mod:`pipeline.registry.lease`): a job killed while holding
     it blocks the next gate for at most ``gate_lease_s``; a gate that waits longer than
     ``gate_wait_s`` for it ends with exit 3, naming the holder.
+
+    Attributes:
+        promote_margin: how much the candidate's mean Dice must beat the champion's by to take ``champion``.
+        evaluation_set: a labelled dataset (``dataset.json`` or its folder) both models are scored on; empty:
+            the candidate's validation fold.
+        compile_ahead_of_time: compile a registered version's network for the CPU once, at registration.
+        gate_lease_s: seconds a gate's lease lasts; a job killed while holding it blocks the next for at most this.
+        gate_wait_s: seconds a gate waits for another's lease before it ends with exit 3.
+        model_cache_max_gb: size cap of the per-user model cache in GB (null: no cap); the copies used longest
+            ago are evicted, never the one in use. The environment variable ``UNET_PIPELINE_CACHE_MAX_GB``
+            overrides it; ``predict``, ``evaluate`` and ``pacs`` read the cap from it or this default.
     """
 
     promote_margin: float = 0.0
@@ -180,6 +191,7 @@ class RegistryConfig:
     compile_ahead_of_time: bool = True
     gate_lease_s: float = 60.0
     gate_wait_s: float = 3600.0
+    model_cache_max_gb: float | None = 20.0
 
 
 @dataclass
@@ -347,6 +359,8 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("registry.gate_lease_s", f"must be >= 1 (seconds), got {cfg.registry.gate_lease_s:g}")
     if cfg.registry.gate_wait_s < 0:
         fail("registry.gate_wait_s", f"must be >= 0 (seconds), got {cfg.registry.gate_wait_s:g}")
+    if cfg.registry.model_cache_max_gb is not None and not cfg.registry.model_cache_max_gb >= 0:
+        fail("registry.model_cache_max_gb", f"must be >= 0 (GB) or null (no cap), got {cfg.registry.model_cache_max_gb:g}")
     if cfg.mlflow.outage_wait_minutes < 0:
         fail("mlflow.outage_wait_minutes", f"must be >= 0, got {cfg.mlflow.outage_wait_minutes}")
     if cfg.evaluate.surface_tolerance_mm <= 0:

@@ -342,7 +342,8 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
                     "logging the quality calibration")
     def gate() -> tuple[Any, str]:
         return score_and_log(cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device,
-                             work_dir, prepared.raw_cases("val"), evaluation, model_path, log)
+                             work_dir, prepared.raw_cases("val"), evaluation, model_path, log,
+                             cache_max_gb=cfg.registry.model_cache_max_gb)
 
     def register() -> str | None:
         version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
