@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class DataConfig:
         classes: class names in label order (label 1 first); a DICOM dataset needs them to match segments and ROIs by name.
         label_aliases: class name -> other names, or SegmentedPropertyType codes as SCHEME:VALUE, that also match it.
         allow_automatic_labels: let AUTOMATIC DICOM SEGs (a model's output) be training labels; off, only a reader's labels train.
+        channel_series: a DICOM dataset's further channels: a regex per channel, searched in SeriesDescription in the study.
     """
 
     dataset: str | None = None
@@ -52,6 +54,7 @@ class DataConfig:
     classes: list[str] | None = None
     label_aliases: dict[str, list[str]] | None = None
     allow_automatic_labels: bool = False
+    channel_series: list[str] | None = None
 
 
 @dataclass
@@ -388,6 +391,11 @@ def _check_values(cfg: PipelineConfig) -> None:
     classes = cfg.data.classes or []
     if any(not c.strip() for c in classes) or len({c.strip().casefold() for c in classes}) != len(classes):
         fail("data.classes", f"must list distinct, non-empty class names, got {classes}")
+    for pattern in cfg.data.channel_series or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            fail("data.channel_series", f"holds {pattern!r}, not a regular expression ({exc})")
     unknown = sorted(set(cfg.data.label_aliases or {}) - set(classes))
     if unknown:
         fail("data.label_aliases", f"names {unknown[0]!r}, which is not one of data.classes {classes}")

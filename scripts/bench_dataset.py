@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.data import dicom_source  # noqa: E402
-from pipeline.data.dicom_dataset import index_files, scan_instances  # noqa: E402
+from pipeline.data.dicom_dataset import scan_instances  # noqa: E402
+from pipeline.data.dicom_index import index_files  # noqa: E402
 from pipeline.data.dicom_labels import ClassMatcher  # noqa: E402
 
 

@@ -39,7 +39,8 @@ def rotation(degrees: float) -> np.ndarray:
 
 
 def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, patient: str, study_uid: str,
-                    when: datetime, series_uid: str | None = None, frame_uid: str | None = None) -> list[pydicom.Dataset]:
+                    when: datetime, series_uid: str | None = None, frame_uid: str | None = None,
+                    description: str = "T1 hippocampus") -> list[pydicom.Dataset]:
     """One MR file per slice of ``volume`` (axes i, j, k; k the slices), with the geometry of ``affine_ras``.
 
     Args:
@@ -51,6 +52,7 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
         when: the study's date and time.
         series_uid: its SeriesInstanceUID (default: a new one).
         frame_uid: its FrameOfReferenceUID (default: a new one).
+        description: its SeriesDescription.
 
     Returns:
         The slices, in k order.
@@ -76,7 +78,7 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
         ds.StudyDate = ds.SeriesDate = when.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = when.strftime("%H%M%S")
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "MR", 1, k + 1, "T1 hippocampus"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "MR", 1, k + 1, description
         ds.Manufacturer, ds.PositionReferenceIndicator = "unet-pipeline test", ""
         ds.ImagePositionPatient = [float(x) for x in (lps @ [0, 0, k, 1])[:3]]
         ds.ImageOrientationPatient = [float(x) for x in (*u, *v)]

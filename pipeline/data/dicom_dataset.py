@@ -18,14 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
+from pipeline.data.dicom_index import Instance
 from pipeline.data.dicom_labels import (
     ClassMatcher,
     LabelHeader,
@@ -39,7 +40,6 @@ from pipeline.errors import InputDataError, PipelineError
 
 CONVERTER_VERSION = 1
 _MODALITY_NAMES = {"MR": "MRI", "CT": "CT", "PT": "PET"}
-_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"]
 
 
 def is_dicom_source(spec: str) -> bool:
@@ -56,78 +56,6 @@ def is_dicom_source(spec: str) -> bool:
 
 
 @dataclass
-class Instance:
-    """One DICOM file of the source (header fields only, no patient fields).
-
-    Args:
-        path: the file.
-        sop_uid: SOPInstanceUID.
-        modality: Modality.
-        study_uid: StudyInstanceUID.
-        series_uid: SeriesInstanceUID.
-        frame_of_reference_uid: FrameOfReferenceUID ("" when absent).
-    """
-
-    path: Path
-    sop_uid: str
-    modality: str
-    study_uid: str
-    series_uid: str
-    frame_of_reference_uid: str
-
-
-def _read_instance(path: Path) -> dict[str, str] | None:
-    try:
-        # force: some tools write objects without the Part 10 preamble and file meta; they have the UIDs all the same.
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS, force=True)
-    except Exception:  # not a DICOM file: a folder exported from a PACS holds DICOMDIRs, notes, thumbnails
-        return None
-    record = {k: str(ds.get(k, "") or "") for k in _TAGS}
-    return record if record["SOPInstanceUID"] and record["SeriesInstanceUID"] else None
-
-
-def index_files(files: list[Path], index_path: Path) -> list[Instance]:
-    """The DICOM instances among ``files``; headers are read once and remembered by path, size and mtime.
-
-    Args:
-        files: candidate files.
-        index_path: the JSON file remembering headers already read.
-    """
-    try:
-        known = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        known = {}
-    fresh: dict[str, Any] = {}
-    instances = []
-    for path in files:
-        st = path.stat()
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-        record = known[key] if key in known else _read_instance(path)
-        fresh[key] = record
-        if record:
-            instances.append(Instance(path, record["SOPInstanceUID"], record["Modality"], record["StudyInstanceUID"],
-                                      record["SeriesInstanceUID"], record["FrameOfReferenceUID"]))
-    if fresh != known:
-        write_text_atomic(index_path, json.dumps(fresh))
-    return instances
-
-
-def folder_files(folder: Path) -> list[Path]:
-    """Every regular file under ``folder``, at any depth, hidden folders left out.
-
-    Args:
-        folder: the DICOM folder.
-    """
-    if not folder.is_dir():
-        raise InputDataError(folder, "DICOM dataset folder not found")
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
-    return found
-
-
-@dataclass
 class DicomCase:
     """A usable case: a label object and the image series it references, converted.
 
@@ -136,9 +64,9 @@ class DicomCase:
         series_uid: the image series.
         study_uid: its study.
         label: the label object used.
-        modality: the image's Modality.
+        modalities: each channel's Modality.
         reader_correction: a human label of a series that also holds an older AUTOMATIC label.
-        image: the converted image (NIfTI, in the cache).
+        images: the converted image channels (NIfTI, in the cache), the labelled series first.
         label_map: the converted label map (NIfTI, in the cache).
     """
 
@@ -146,9 +74,9 @@ class DicomCase:
     series_uid: str
     study_uid: str
     label: LabelHeader
-    modality: str
+    modalities: list[str]
     reader_correction: bool
-    image: Path
+    images: list[Path]
     label_map: Path
 
     def manifest(self) -> dict[str, Any]:
@@ -212,8 +140,9 @@ def case_name(series_uid: str) -> str:
 class _Converter:
     """Converts images and labels into the cache, each once per content."""
 
-    def __init__(self, cache: Path, matcher: ClassMatcher, series: dict[str, list[Instance]]) -> None:
-        self.cache, self.matcher, self.series = cache, matcher, series
+    def __init__(self, cache: Path, matcher: ClassMatcher, series: dict[str, list[Instance]],
+                 channels: tuple[str, ...] = ()) -> None:
+        self.cache, self.matcher, self.series, self.channels = cache, matcher, series, channels
         self.converted = 0
 
     def _series_folder(self, series_uid: str) -> Path:
@@ -250,6 +179,56 @@ class _Converter:
             os.replace(tmp, path)
             self.converted += 1
         return image, path
+
+    def _channel_series(self, header: LabelHeader, number: int, pattern: str) -> str:
+        study = self.series[header.series_uid][0].study_uid
+        found = sorted(uid for uid, insts in self.series.items() if uid != header.series_uid
+                       and insts[0].study_uid == study and re.search(pattern, insts[0].description, re.IGNORECASE))
+        if len(found) != 1:
+            raise LabelProblem(f"channel {number} (data.channel_series {pattern!r}): "
+                               f"{'no' if not found else len(found)} series of study {study} match")
+        return found[0]
+
+    def channel_images(self, header: LabelHeader, reference: Path) -> list[tuple[Path, str]]:
+        """The other channels of a multi-channel task, found in the labelled series' study, on its grid.
+
+        A channel on another grid is resampled onto the labelled series' one (linear), as nnU-Net needs
+        every channel of a case on one grid.
+
+        Args:
+            header: the label object (its series is channel 0).
+            reference: channel 0's converted image.
+
+        Returns:
+            Each further channel's converted image and Modality.
+        """
+        import SimpleITK as sitk
+
+        from transforms.dicom import read_dicom_series
+
+        paths = []
+        for number, pattern in enumerate(self.channels, start=1):
+            uid = self._channel_series(header, number, pattern)
+            sops = sorted(i.sop_uid for i in self.series[uid])
+            path = self.cache / "channels" / f"{self._key(reference.name, uid, sops)}.nii.gz"
+            if not path.is_file():
+                try:
+                    image = read_dicom_series(self._series_folder(uid), uid)
+                except InputDataError as exc:
+                    raise LabelProblem(f"channel {number}: series {uid} cannot be read ({exc.problem})") from None
+                ref = sitk.ReadImage(str(reference))
+                same = (image.GetSize() == ref.GetSize() and np.allclose(image.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+                        and np.allclose(image.GetSpacing(), ref.GetSpacing(), rtol=1e-4)
+                        and np.allclose(image.GetDirection(), ref.GetDirection(), atol=1e-4))
+                if not same:
+                    image = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+                os.replace(tmp, path)
+                self.converted += 1
+            paths.append((path, self.series[uid][0].modality))
+        return paths
 
     def convert(self, header: LabelHeader) -> tuple[Path, Path]:
         """The image and label NIfTI of a label object and its series (from the cache when converted before).
@@ -305,8 +284,8 @@ def _headers(instances: list[Instance], skipped: list[dict[str, str]]) -> list[L
     return headers
 
 
-def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path,
-                   allow_automatic: bool = False) -> tuple[DicomScan, int]:
+def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path, allow_automatic: bool = False,
+                   channels: tuple[str, ...] = ()) -> tuple[DicomScan, int]:
     """Choose one label per image series, convert it, and report every label not used and why.
 
     Args:
@@ -314,6 +293,8 @@ def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path
         matcher: the configured classes.
         cache: the conversion cache folder.
         allow_automatic: AUTOMATIC SEGs may be training labels (never by default).
+        channels: for a multi-channel task, one regular expression per further channel, searched in the
+            SeriesDescription of the labelled series' study (``data.channel_series``).
 
     Returns:
         The scan and how many conversions this call made (0: all from the cache).
@@ -331,7 +312,7 @@ def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path
                                  f"{header.series_uid or '(none)'}, which is not in the source"})
             continue
         by_series.setdefault(header.series_uid, []).append(header)
-    converter = _Converter(cache, matcher, series)
+    converter = _Converter(cache, matcher, series, channels)
     for series_uid in sorted(by_series):
         labels = sorted(by_series[series_uid], key=lambda h: (h.when, h.sop_uid), reverse=True)
         chosen: DicomCase | None = None
@@ -346,13 +327,14 @@ def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path
                 continue
             try:
                 image, label = converter.convert(header)
+                more = converter.channel_images(header, image)
             except LabelProblem as exc:
                 scan.skipped.append({"label_sop_instance_uid": header.sop_uid, "reason": str(exc)})
                 continue
             corrects = header.is_human and any(not h.is_human and h.when <= header.when for h in labels)
             first = series[series_uid][0]
-            chosen = DicomCase(case_name(series_uid), series_uid, first.study_uid, header, first.modality,
-                               corrects, image, label)
+            chosen = DicomCase(case_name(series_uid), series_uid, first.study_uid, header,
+                               [first.modality, *(m for _, m in more)], corrects, [image, *(p for p, _ in more)], label)
             scan.cases.append(chosen)
     scan.cases.sort(key=lambda c: c.case)
     return scan, converter.converted
@@ -387,10 +369,11 @@ def write_dataset(scan: DicomScan, out: Path, name: str) -> None:
     (staging / "imagesTr").mkdir(parents=True)
     (staging / "labelsTr").mkdir()
     for case in scan.cases:
-        _link(case.image, staging / "imagesTr" / f"{case.case}_0000.nii.gz")
+        for channel, image in enumerate(case.images):
+            _link(image, staging / "imagesTr" / f"{case.case}_{channel:04d}.nii.gz")
         _link(case.label_map, staging / "labelsTr" / f"{case.case}.nii.gz")
-    modality = _MODALITY_NAMES.get(scan.cases[0].modality.upper(), scan.cases[0].modality or "MRI")
-    meta = {"name": name, "channel_names": {"0": modality},
+    channel_names = {str(c): _MODALITY_NAMES.get(m.upper(), m or "MRI") for c, m in enumerate(scan.cases[0].modalities)}
+    meta = {"name": name, "channel_names": channel_names,
             "labels": {"background": 0, **{n: v for v, n in enumerate(scan.classes, start=1)}},
             "numTraining": len(scan.cases), "file_ending": ".nii.gz",
             "training": [{"image": f"./imagesTr/{c.case}.nii.gz", "label": f"./labelsTr/{c.case}.nii.gz"}

@@ -10,6 +10,7 @@ leaves the dataset even though its file stays in the cache.
 from __future__ import annotations
 
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,11 @@ from tqdm import tqdm
 
 from pipeline.data.dicom_dataset import (
     DicomScan,
-    folder_files,
-    index_files,
     is_dicom_source,
     scan_instances,
     write_dataset,
 )
+from pipeline.data.dicom_index import folder_files, index_files
 from pipeline.data.dicom_labels import ClassMatcher, LabelProblem, read_label_header
 from pipeline.dicomweb import DicomWebClient, redact_url
 from pipeline.errors import ConfigError
@@ -65,13 +65,15 @@ def _fetch(client: DicomWebClient, wanted: list[tuple[str, str, str]], cache: Pa
     return paths
 
 
-def pull(url: str, cache: Path, verify_tls: bool = True) -> tuple[list[Path], PullStats]:
+def pull(url: str, cache: Path, verify_tls: bool = True,
+         channels: tuple[str, ...] = ()) -> tuple[list[Path], PullStats]:
     """Bring the label objects of a DICOMweb server and the image series they reference into ``cache``.
 
     Args:
         url: the DICOMweb root (credentials from the environment, as for ``pacs``).
         cache: the instance cache folder.
         verify_tls: verify the server's TLS certificate.
+        channels: a multi-channel task's channel patterns: the matching series of each labelled study come too.
 
     Returns:
         The cached files of every instance the server lists now, and what the pull did.
@@ -91,6 +93,9 @@ def pull(url: str, cache: Path, verify_tls: bool = True) -> tuple[list[Path], Pu
             continue  # reported with its reason when the dataset is scanned
         if header is not None and header.series_uid:
             images.add((header.study_uid, header.series_uid))
+    for study in sorted({study for study, _ in images} if channels else ()):
+        images.update((study, s.uid) for s in client.list_series(study)
+                      if any(re.search(c, s.description, re.IGNORECASE) for c in channels))
     image_wanted = [(study, series, sop) for study, series in sorted(images)
                     for sop in sorted(client.instance_uids(study, series))]
     image_files = _fetch(client, image_wanted, cache, "images", stats)
@@ -100,7 +105,8 @@ def pull(url: str, cache: Path, verify_tls: bool = True) -> tuple[list[Path], Pu
 
 
 def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[str]] | None, cache: Path,
-                allow_automatic: bool = False, verify_tls: bool = True) -> tuple[DicomScan, PullStats, int]:
+                allow_automatic: bool = False, verify_tls: bool = True,
+                channels: list[str] | None = None) -> tuple[DicomScan, PullStats, int]:
     """Scan a DICOM folder or DICOMweb server: the cases it gives for these classes, and the labels it cannot.
 
     Args:
@@ -110,6 +116,7 @@ def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[st
         cache: the cache folder (instances, header index, conversions).
         allow_automatic: AUTOMATIC SEGs may be training labels.
         verify_tls: verify a server's TLS certificate (``pacs.verify_tls``).
+        channels: a multi-channel task's further channels (``data.channel_series``).
 
     Returns:
         The scan, what the pull did (zeros for a folder), and how many conversions this call made.
@@ -119,16 +126,18 @@ def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[st
                           "name the classes in data.classes (label 1 first), so that segments and ROIs "
                           "can be matched to them by name")
     if spec.startswith(("http://", "https://")):
-        files, stats = pull(spec, cache / "instances", verify_tls)
+        files, stats = pull(spec, cache / "instances", verify_tls, tuple(channels or ()))
     else:
         files, stats = folder_files(Path(spec)), PullStats()
     instances = index_files(files, cache / "index.json")
-    scan, converted = scan_instances(instances, ClassMatcher.from_config(classes, aliases), cache, allow_automatic)
+    scan, converted = scan_instances(instances, ClassMatcher.from_config(classes, aliases), cache, allow_automatic,
+                                     tuple(channels or ()))
     return scan, stats, converted
 
 
 def materialise(spec: str, classes: list[str] | None, aliases: dict[str, list[str]] | None, work_dir: Path,
-                allow_automatic: bool = False, verify_tls: bool = True) -> tuple[Path, DicomScan]:
+                allow_automatic: bool = False, verify_tls: bool = True,
+                channels: list[str] | None = None) -> tuple[Path, DicomScan]:
     """A DICOM source as a dataset folder in the work directory (``work_dir/dicom_dataset``), for training.
 
     Args:
@@ -138,11 +147,13 @@ def materialise(spec: str, classes: list[str] | None, aliases: dict[str, list[st
         work_dir: the work directory (the cache is ``work_dir/dicom_cache``).
         allow_automatic: AUTOMATIC SEGs may be training labels.
         verify_tls: verify a server's TLS certificate.
+        channels: a multi-channel task's further channels (``data.channel_series``).
 
     Returns:
         The dataset folder (``dataset.json``, ``manifest.json``) and the scan.
     """
-    scan, stats, converted = scan_source(spec, classes, aliases, work_dir / "dicom_cache", allow_automatic, verify_tls)
+    scan, stats, converted = scan_source(spec, classes, aliases, work_dir / "dicom_cache", allow_automatic, verify_tls,
+                                         channels)
     out = work_dir / "dicom_dataset"
     write_dataset(scan, out, "dicom")
     logger.warning("DICOM dataset: %d case(s), %d label(s) skipped, %d not used (automatic or superseded); "

@@ -258,3 +258,29 @@ def test_an_rtstruct_written_by_another_tool_is_read_and_rasterised(tmp_path: Pa
     assert lps_points[0].min() >= -200 and lps_points[0].max() <= 200
     assert lps_points[1].min() >= -150 and lps_points[1].max() <= 150
     assert len(inside) > 0.5 * 3 * (400 * 300) / 25  # most of the outline's area
+
+
+def test_a_multi_channel_task_finds_its_other_channels_in_the_study(studies, tmp_path: Path) -> None:
+    source, made, maker = studies
+    dest = tmp_path / "src"
+    study = _copy_study(source, 0, dest)
+    _copy_study(source, 2, dest)  # no second channel in this study: skipped
+    first = pydicom.dcmread(next((study / "mr").iterdir()))
+    image = nib.load(made[0]["image"])
+    flair = np.asarray(image.dataobj, dtype=np.float64) * -1.0 + 7.0
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 0.5 * shifted[:3, 0]  # half a voxel along i: another grid, resampled onto the T1's
+    maker.write_mr_series(flair, shifted, study / "flair", "P0000", first.StudyInstanceUID, datetime(2026, 1, 1, 8),
+                          frame_uid=first.FrameOfReferenceUID, description="FLAIR axial")
+    manifest, out = _export(tmp_path, dest, "  channel_series: ['flair']\n")
+    assert [c["series_instance_uid"] for c in manifest["cases"]] == [made[0]["series_uid"]]
+    assert "channel 1 (data.channel_series 'flair'): no series of study" in manifest["skipped"][0]["reason"]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "MRI", "1": "MRI"}
+    case = manifest["cases"][0]["case"]
+    t1 = nib.load(str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+    second = nib.load(str(out / "imagesTr" / f"{case}_0001.nii.gz"))
+    assert np.allclose(t1.affine, second.affine) and t1.shape == second.shape
+    a, b = np.asarray(t1.dataobj, dtype=np.float64).ravel(), np.asarray(second.dataobj, dtype=np.float64).ravel()
+    inside = b != 0  # the resampled channel is 0 where it had no data
+    assert np.corrcoef(a[inside], b[inside])[0, 1] < -0.9  # the FLAIR (the T1 negated) on the T1's grid
