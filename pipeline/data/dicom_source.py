@@ -55,8 +55,9 @@ def _fetch(client: DicomWebClient, wanted: list[tuple[str, str, str]], cache: Pa
     missing = [(key, path) for key, path in zip(wanted, paths) if not path.is_file()]
     stats.listed += len(wanted)
     if missing:
+        # disable=None: a bar on a terminal, none in a scheduled job's log (the summary line says what was pulled).
         with ThreadPoolExecutor(MAX_WORKERS) as pool, tqdm(total=len(missing), desc=f"retrieving {what}",
-                                                           unit="instance", leave=False) as bar:
+                                                           unit="instance", leave=False, disable=None) as bar:
             futures = [pool.submit(client.retrieve_instance, *key, path) for key, path in missing]
             for future in futures:
                 future.result()
