@@ -11,6 +11,7 @@ from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffi
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
 from pipeline.data.fingerprint import intensity_distance, intensity_percentiles, obliquity_deg, training_fingerprint
+from pipeline.data.mirroring import find_mirror_pairs, flip_permutation, mirror_swaps
 from pipeline.data.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.data.splits import kfold_splits, stored_splits
 
@@ -22,6 +23,8 @@ __all__ = [
     "atomic_file",
     "cache_root",
     "file_sha256",
+    "find_mirror_pairs",
+    "flip_permutation",
     "intensity_distance",
     "intensity_percentiles",
     "obliquity_deg",
@@ -29,6 +32,7 @@ __all__ = [
     "kfold_splits",
     "load_dataset",
     "make_demo_dataset",
+    "mirror_swaps",
     "preprocess_dataset",
     "save_file",
     "stored_splits",

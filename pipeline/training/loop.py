@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.unet import UNet
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.data import PreprocessedCase
+from pipeline.data import PreprocessedCase, mirror_swaps
 from pipeline.errors import TrainingFailedError
 from pipeline.inference import (
     InferenceSettings,
@@ -417,7 +417,7 @@ def train(
 
     train_data = load_cases(train_cases)
     val_data = load_cases(val_cases) if env.is_main else []
-    transforms = train_transforms(cfg, patch_size)
+    transforms = train_transforms(cfg, patch_size, mirror_swaps(plan))
     iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / (batch_size * env.world_size)))
     budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
     workers = _num_workers(t.num_workers, device)
