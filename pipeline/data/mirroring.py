@@ -10,7 +10,8 @@ the left organ's output with the right's. The plan finds the pairs two ways:
 * **label maps**: on a sample of preprocessed training label maps, class A reflected along an
   axis (about the plane halfway between the two classes, its other coordinates moved onto B's)
   overlaps class B, A lies on the same side of B in (nearly) every case, and A and B differ
-  mainly along that axis. This gives a named pair its axis in the preprocessed array (the
+  mainly along that axis (for a pair found without names: with a gap between them along it, at least
+  half their size). This gives a named pair its axis in the preprocessed array (the
   orientation code cannot: a file whose affine holds no direction says nothing about left and
   right) and finds unnamed pairs; those must also straddle the middle of the array.
 
@@ -92,8 +93,9 @@ def pair_evidence(label_maps: Sequence[np.ndarray], spacing: Sequence[float], va
         values: the foreground label values to consider.
 
     Returns:
-        ``{(a, b, axis): {"overlap", "same_side", "along", "centred", "cases"}}`` (medians over the cases holding both):
-        reflected Dice; the fraction of cases in which ``a`` lies on the side of ``b`` it most often does; the
+        ``{(a, b, axis): {"overlap", "same_side", "gap", "along", "centred", "cases"}}`` (medians over the cases
+        holding both): reflected Dice; the fraction of cases in which ``a`` lies on the side of ``b`` it most often
+        does; the gap between their extents along the axis over their mean extent (negative: they overlap); the
         separation along the axis over the separation along the others; the pair's midplane off the array's
         middle, over their separation.
     """
@@ -110,7 +112,10 @@ def pair_evidence(label_maps: Sequence[np.ndarray], spacing: Sequence[float], va
                 along = abs(diff[axis])
                 across = float(np.linalg.norm(np.delete(diff, axis)))
                 mid = (centroids[a][axis] + centroids[b][axis]) / 2
-                s = stats.setdefault((a, b, axis), {"overlap": [], "side": [], "along": [], "centred": []})
+                s = stats.setdefault((a, b, axis), {"overlap": [], "side": [], "gap": [], "along": [], "centred": []})
+                ra, rb = voxels[a][:, axis], voxels[b][:, axis]
+                extent = (ra.max() - ra.min() + rb.max() - rb.min() + 2) / 2
+                s["gap"].append(float(max(ra.min(), rb.min()) - min(ra.max(), rb.max()) - 1) / extent)
                 s["overlap"].append(_reflected_overlap(voxels[a], b_mask, axis, centroids[a], centroids[b]))
                 s["side"].append(float(np.sign(diff[axis])))
                 s["along"].append(along / max(across, 1e-6))
@@ -121,6 +126,7 @@ def pair_evidence(label_maps: Sequence[np.ndarray], spacing: Sequence[float], va
         out[key] = {
             "overlap": float(np.median(s["overlap"])),
             "same_side": float(max(np.mean(sides > 0), np.mean(sides < 0))),
+            "gap": float(np.median(s["gap"])),
             "along": float(np.median(s["along"])),
             "centred": float(np.median(s["centred"])),
             "cases": len(sides),
@@ -135,7 +141,8 @@ def _mirrors(e: dict[str, Any], named: bool) -> bool:
         return False
     if named:
         return e["overlap"] >= MIN_OVERLAP_NAMED
-    return e["overlap"] >= MIN_OVERLAP_UNNAMED and e["centred"] < 0.25
+    # Two parts of one organ (anterior and posterior hippocampus) touch; a left/right pair lies apart.
+    return e["overlap"] >= MIN_OVERLAP_UNNAMED and e["centred"] < 0.25 and e["gap"] >= 0.5
 
 
 def find_mirror_pairs(

@@ -145,3 +145,14 @@ def test_test_time_mirroring_swaps_the_parotids_back(hn_label: np.ndarray, tmp_p
     # Without the pairs (an older plan) the four left-right-flipped passes call the left parotid right.
     crossed = _predict({k: v for k, v in plan.items() if k != "mirror_pairs"}, hn_label, tmp_path)
     assert not np.any(crossed == LEFT)
+
+
+def test_two_parts_of_one_organ_are_no_pair(hippocampus: Path) -> None:
+    """Anterior and posterior hippocampus lie side by side along one axis, and must never be swapped by a flip."""
+    import nibabel as nib
+
+    entries = json.loads((hippocampus / "dataset.json").read_text())["training"]
+    maps = [np.asarray(nib.load(hippocampus / entries[i]["label"]).dataobj).astype(np.uint8)
+            for i in np.linspace(0, len(entries) - 1, 8).astype(int)]
+    unnamed = {0: "background", 1: "part one", 2: "part two"}
+    assert find_mirror_pairs(unnamed, maps, [1.0, 1.0, 1.0], "RAS") == []
