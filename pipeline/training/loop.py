@@ -325,8 +325,15 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     t, parts = run.cfg.train, run.parts
     model = parts.exported()
     last_epoch = epoch + 1 == t.epochs or state.stopped
-    if run.val_data and run.val_budget.needs_calibration:
-        _calibrate_validation(run, state, epoch, model)
+    if run.val_data and run.val_budget.needs_replan:
+        vb = run.val_budget
+        epoch_s = (state.elapsed() - state.elapsed_before - vb.spent_s) / max(1, epoch + 1 - state.start_epoch)
+        plan = vb.replan(epoch_s, state.elapsed())
+        if (len(plan.cases), plan.overlap, plan.every) != (len(run.val_data), run.cfg.evaluate.overlap, run.cfg.train.val_every):
+            logger.info("in-training validation planned into the budget: %d of %d cases, overlap %.2f, every %s epochs "
+                        "(about %.0f s a pass; training stops %.0f s early for the last one)", len(plan.cases),
+                        len(run.val_data), plan.overlap, plan.every if plan.every < 10**9 else "(last only)",
+                        plan.pass_s, vb.reserve_s())
     if run.val_data and run.val_budget.due(epoch, last_epoch):
         plan, started = run.val_budget.plan, _clock()
         per_label = validate(model, [run.val_data[i] for i in plan.cases], run.cfg, run.base["patch_size"], run.labels,
@@ -350,19 +357,13 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     }, run.last_path)
 
 
-def _calibrate_validation(run: _Run, state: _State, epoch: int, model: torch.nn.Module) -> None:
-    """Time one validation case (without overlap) and plan the passes into the budget; log the plan where it differs."""
+def _calibrate_validation(run: _Run) -> None:
+    """Before the first step: time one validation case (no overlap), so the last pass is planned into the budget."""
     vb = run.val_budget
     case, started = vb.calibration_case(), _clock()
-    validate(model, [run.val_data[case]], run.cfg, run.base["patch_size"], run.labels, run.device, overlap=0.0)
-    seconds = _clock() - started
-    epoch_s = (state.elapsed() - state.elapsed_before - seconds) / max(1, epoch + 1 - state.start_epoch)
-    plan = vb.calibrate(seconds, 0.0, epoch_s, state.elapsed())
-    if (len(plan.cases), plan.overlap, plan.every) != (len(run.val_data), run.cfg.evaluate.overlap, run.cfg.train.val_every):
-        logger.info("in-training validation planned into the budget: %d of %d cases, overlap %.2f, every %s epochs "
-                    "(about %.0f s a pass; training stops %.0f s early for the last one)", len(plan.cases),
-                    len(run.val_data), plan.overlap, plan.every if plan.every < 10**9 else "(last only)", plan.pass_s,
-                    vb.reserve_s())
+    validate(run.parts.exported(), [run.val_data[case]], run.cfg, run.base["patch_size"], run.labels, run.device,
+             overlap=0.0)
+    vb.calibrate(_clock() - started, 0.0)
 
 
 def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
@@ -371,6 +372,8 @@ def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
     state.start = _clock()
     progress = TrainingProgress(state.start_epoch, t.epochs, run.budget_s, env.is_main, state.elapsed)
     epoch = state.start_epoch
+    if run.val_data and run.val_budget.needs_calibration and t.epochs > state.start_epoch:
+        _calibrate_validation(run)
     try:
         for epoch in range(state.start_epoch, t.epochs):
             metrics = _train_epoch(run, state, batches, epoch)

@@ -1,13 +1,15 @@
 """Validation during training: mean Dice per label by sliding window in the plan's voxel space, fitted into the time budget.
 
 Under ``train.time_budget_minutes`` the in-training validation passes are planned into the budget
-(:class:`ValidationBudget`): after the first epoch one validation case is timed, which gives the
+(:class:`ValidationBudget`): before the first step one validation case is timed, which gives the
 cost of a window; from it and the number of windows each case needs, every pass's cost is known
-before it runs. All passes together may take :data:`VALIDATION_SHARE` of the budget. A dataset whose
-passes fit keeps them as configured (hippocampus: 42 small cases every 10 epochs, about 8 s a pass);
-a larger one gets, in turn, windows without overlap, a fixed subset of the cases (at least
-:data:`MIN_CASES`), then fewer passes. Training stops early enough for the last pass to end within
-:data:`GRACE_S` of the budget. The final evaluation after training is separate and unchanged.
+before it runs. At first only the last pass is planned, so that an epoch longer than the budget
+still ends in time; once an epoch's length is known, the passes between are planned too. All
+passes together may take :data:`VALIDATION_SHARE` of the budget. A dataset whose passes fit keeps
+them as configured (hippocampus: 42 small cases every 10 epochs, about 8 s a pass); a larger one
+gets, in turn, windows without overlap, a fixed subset of the cases (at least :data:`MIN_CASES`),
+then fewer passes. Training stops early enough for the last pass to end within :data:`GRACE_S`
+of the budget. The final evaluation after training is separate and unchanged.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class ValidationBudget:
         self.spent_s = 0.0
         self.seconds_per_window: float | None = None
         self.plan = ValidationPlan(tuple(range(len(self.shapes))), overlap, max(1, every), 0.0)
-        self._overlap = overlap
+        self._overlap, self._every, self._replanned = overlap, max(1, every), False
 
     @property
     def needs_calibration(self) -> bool:
@@ -140,30 +142,46 @@ class ValidationBudget:
         """
         return sum(windows_per_case(self.shapes[i], self.window, overlap) for i in cases)
 
-    def calibrate(self, seconds: float, overlap: float, epoch_s: float, elapsed_s: float) -> ValidationPlan:
-        """Plan the passes from one timed case.
+    def calibrate(self, seconds: float, overlap: float) -> ValidationPlan:
+        """Plan the last pass from one timed case (the passes between wait for :meth:`replan`).
 
         Args:
             seconds: what validating :meth:`calibration_case` took.
             overlap: the overlap it ran with.
-            epoch_s: the seconds of one training epoch.
-            elapsed_s: the budget already spent.
         """
         self.seconds_per_window = seconds / max(1, self.windows([self.calibration_case()], overlap))
         self.spent_s += seconds
-        self.plan = self._fit(epoch_s, elapsed_s)
+        self.plan = self._fit(1)
+        return self.plan
+
+    @property
+    def needs_replan(self) -> bool:
+        """Calibrated, but the passes between are not planned yet."""
+        return self.seconds_per_window is not None and not self._replanned
+
+    def replan(self, epoch_s: float, elapsed_s: float) -> ValidationPlan:
+        """Plan every pass, once the length of an epoch is known.
+
+        Args:
+            epoch_s: the seconds of one training epoch.
+            elapsed_s: the budget already spent.
+        """
+        assert self.budget_s is not None
+        self._replanned = True
+        # The passes left as configured: the intermediate ones and the last.
+        passes = math.floor(max(0.0, self.budget_s - elapsed_s) / max(epoch_s * self._every, 1e-9)) + 1
+        self.plan = self._fit(passes)
         return self.plan
 
     def _cost(self, cases: Sequence[int], overlap: float) -> float:
         assert self.seconds_per_window is not None
         return self.seconds_per_window * self.windows(cases, overlap)
 
-    def _fit(self, epoch_s: float, elapsed_s: float) -> ValidationPlan:
+    def _fit(self, passes: int) -> ValidationPlan:
+        """The cheapest change to the configured passes that lets ``passes`` of them fit the allowance."""
         assert self.budget_s is not None
         allowance = VALIDATION_SHARE * self.budget_s
-        every, n = self.plan.every, len(self.shapes)
-        # The passes left as configured: the intermediate ones and the last.
-        passes = math.floor(max(0.0, self.budget_s - elapsed_s) / max(epoch_s * every, 1e-9)) + 1
+        every, n = self._every, len(self.shapes)
         everything = tuple(range(n))
         for overlap in dict.fromkeys((self._overlap, 0.0)):
             cost = self._cost(everything, overlap)

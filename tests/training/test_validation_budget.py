@@ -23,7 +23,8 @@ def test_small_cases_validate_as_configured() -> None:
     budget = ValidationBudget([(36, 50, 35)] * 42, [32, 48, 32], 3, 0.5, 10, BUDGET_S)
     assert budget.needs_calibration
     per_window = 8.0 / budget.windows(range(42), 0.5)
-    plan = budget.calibrate(per_window * windows_per_case((36, 50, 35), budget.window, 0.0), 0.0, 70.0, 70.0)
+    budget.calibrate(per_window * windows_per_case((36, 50, 35), budget.window, 0.0), 0.0)
+    plan = budget.replan(70.0, 70.0)
     assert (len(plan.cases), plan.overlap, plan.every) == (42, 0.5, 10)
     assert plan.pass_s == pytest.approx(8.0)
     assert budget.reserve_s() == 0.0  # the last pass ends within the grace: training keeps its whole budget
@@ -34,7 +35,11 @@ def test_large_cases_get_cheaper_passes_within_the_share() -> None:
     """hn_ct-like: 23 cases of 128^3 at 64^3 windows, 15.6 s a case at overlap 0.5 (27 windows), epochs of 100 s."""
     budget = ValidationBudget([(128, 128, 128)] * 23, [64, 64, 64], 3, 0.5, 10, BUDGET_S)
     per_window = 15.6 / 27
-    plan = budget.calibrate(per_window * 8, 0.0, 100.0, 100.0)
+    # Before the first epoch: only the last pass is planned, all 23 cases without overlap (about 110 s).
+    first = budget.calibrate(per_window * 8, 0.0)
+    assert (len(first.cases), first.overlap) == (23, 0.0)
+    assert first.pass_s <= VALIDATION_SHARE * BUDGET_S
+    plan = budget.replan(100.0, 100.0)
     passes = 2  # at epoch 10 and the last, as configured
     assert plan.overlap == 0.0
     assert passes * plan.pass_s <= VALIDATION_SHARE * BUDGET_S
@@ -49,9 +54,15 @@ def test_no_budget_changes_nothing() -> None:
     assert budget.due(9, last=False) and budget.plan.cases == tuple(range(23)) and budget.plan.overlap == 0.5
 
 
+@pytest.mark.parametrize(("step_s", "iterations"), [(40.0, 4), (100.0, 20)])
 def test_training_and_validation_end_within_a_minute_of_the_budget(tiny_config: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny data whose validation is, by the clock, dear: without the plan the run ends about 5 minutes late."""
+                                                                 monkeypatch: pytest.MonkeyPatch, step_s: float,
+                                                                 iterations: int) -> None:
+    """Tiny data whose validation is, by the clock, dear: without the plan the run ends minutes late.
+
+    With 20 steps of 100 s the first epoch outlasts the budget (as on hn_ct on a CPU): the last pass must be
+    planned before it ends.
+    """
     from pipeline.inference import SlidingWindowInferer
     from pipeline.stages import prepare
     from pipeline.training import loop, train
@@ -62,7 +73,7 @@ def test_training_and_validation_end_within_a_minute_of_the_budget(tiny_config: 
 
     def timed_step(self: loop.TrainParts) -> None:
         step(self)
-        now[0] += 40.0
+        now[0] += step_s
 
     def timed_infer(self: SlidingWindowInferer, image):  # noqa: ANN001, ANN202
         out = infer(self, image)
@@ -71,7 +82,8 @@ def test_training_and_validation_end_within_a_minute_of_the_budget(tiny_config: 
 
     monkeypatch.setattr(loop.TrainParts, "step", timed_step)
     monkeypatch.setattr(SlidingWindowInferer, "__call__", timed_infer)
-    cfg = load_config(tiny_config, ["train.epochs=1000", "train.time_budget_minutes=20"])
+    cfg = load_config(tiny_config, ["train.epochs=1000", "train.time_budget_minutes=20",
+                                    f"train.iterations_per_epoch={iterations}"])
     prepared = prepare(cfg, tmp_path / "w")
     validated = []
     result = train(cfg, prepared.plan, prepared.subset("train"), prepared.subset("val"), tmp_path / "ckpt",
