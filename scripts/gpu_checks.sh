@@ -42,7 +42,7 @@ limit "$PYTHON" -m pipeline run "$CONFIG" --set train.time_budget_minutes="$BUDG
 echo "training exit code $?"
 grep -A7 "Dice per label" "$OUT/train.log"
 grep "Epochs trained" "$OUT/train.log"
-grep "planned into the budget" "$OUT/train.log"
+grep "planned into the time budget" "$OUT/train.log"
 if [ "$TASK" != hippocampus ]; then
   # Training plus its validation passes, from the last checkpoint's clock (the final evaluation is separate).
   "$PYTHON" - "$WORK/checkpoints/fold_0/last.pt" "$BUDGET" <<'PY' || true

@@ -328,12 +328,9 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     if run.val_data and run.val_budget.needs_replan:
         vb = run.val_budget
         epoch_s = (state.elapsed() - state.elapsed_before - vb.spent_s) / max(1, epoch + 1 - state.start_epoch)
-        plan = vb.replan(epoch_s, state.elapsed())
-        if (len(plan.cases), plan.overlap, plan.every) != (len(run.val_data), run.cfg.evaluate.overlap, run.cfg.train.val_every):
-            logger.info("in-training validation planned into the budget: %d of %d cases, overlap %.2f, every %s epochs "
-                        "(about %.0f s a pass; training stops %.0f s early for the last one)", len(plan.cases),
-                        len(run.val_data), plan.overlap, plan.every if plan.every < 10**9 else "(last only)",
-                        plan.pass_s, vb.reserve_s())
+        before = vb.plan
+        if vb.replan(epoch_s, state.elapsed()) != before:
+            _log_validation_plan(run)
     if run.val_data and run.val_budget.due(epoch, last_epoch):
         plan, started = run.val_budget.plan, _clock()
         per_label = validate(model, [run.val_data[i] for i in plan.cases], run.cfg, run.base["patch_size"], run.labels,
@@ -363,7 +360,19 @@ def _calibrate_validation(run: _Run) -> None:
     case, started = vb.calibration_case(), _clock()
     validate(run.parts.exported(), [run.val_data[case]], run.cfg, run.base["patch_size"], run.labels, run.device,
              overlap=0.0)
-    vb.calibrate(_clock() - started, 0.0)
+    plan = vb.calibrate(_clock() - started, 0.0)
+    if (len(plan.cases), plan.overlap, plan.every) != (len(run.val_data), run.cfg.evaluate.overlap, run.cfg.train.val_every):
+        _log_validation_plan(run)
+
+
+def _log_validation_plan(run: _Run) -> None:
+    """Say how the in-training validation differs from the config's (a warning: the config asked otherwise)."""
+    vb = run.val_budget
+    plan = vb.plan
+    logger.warning("in-training validation planned into the time budget: %d of %d validation cases, overlap %.2f, "
+                   "every %s epochs (about %.0f s a pass; training stops %.0f s early for the last one)",
+                   len(plan.cases), len(run.val_data), plan.overlap,
+                   plan.every if plan.every < 10**9 else "(last only)", plan.pass_s, vb.reserve_s())
 
 
 def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
