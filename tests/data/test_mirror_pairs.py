@@ -156,3 +156,17 @@ def test_two_parts_of_one_organ_are_no_pair(hippocampus: Path) -> None:
             for i in np.linspace(0, len(entries) - 1, 8).astype(int)]
     unnamed = {0: "background", 1: "part one", 2: "part two"}
     assert find_mirror_pairs(unnamed, maps, [1.0, 1.0, 1.0], "RAS") == []
+
+
+def test_a_saved_model_carries_its_pairs_to_every_prediction_path(tiny_checkpoint: Path) -> None:
+    """The plan travels in the checkpoint (and so in a registered model and the pyfunc): the Predictor mirrors by it."""
+    from pipeline.inference import Predictor, load_checkpoint, load_models, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["plan"]["mirror_pairs"] = [{"axis": 0, "labels": [1, 2], "names": ["a", "b"], "found_by": "label maps"}]
+    path = tiny_checkpoint.with_name("paired.pt")
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, path)
+    assert [e.label_swaps for e in Predictor(load_models(path, torch.device("cpu")), torch.device("cpu")).engines] == [
+        {0: [(1, 2)]}]
+    older = Predictor(load_models(tiny_checkpoint, torch.device("cpu")), torch.device("cpu"))
+    assert older.engines[0].label_swaps == {}
