@@ -14,6 +14,7 @@ from pipeline.data.dicom_dataset import DicomScan, label_summary, write_dataset
 from pipeline.data.dicom_source import PullStats, is_dicom_source, materialise, scan_source
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
 from pipeline.data.fingerprint import intensity_distance, intensity_percentiles, obliquity_deg, training_fingerprint
+from pipeline.data.mirroring import find_mirror_pairs, flip_permutation, mirror_swaps
 from pipeline.data.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.data.splits import kfold_splits, stored_splits
 
@@ -27,6 +28,8 @@ __all__ = [
     "atomic_file",
     "cache_root",
     "file_sha256",
+    "find_mirror_pairs",
+    "flip_permutation",
     "intensity_distance",
     "is_dicom_source",
     "label_summary",
@@ -39,6 +42,7 @@ __all__ = [
     "kfold_splits",
     "load_dataset",
     "make_demo_dataset",
+    "mirror_swaps",
     "preprocess_dataset",
     "save_file",
     "stored_splits",
