@@ -1,4 +1,7 @@
-"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs``. It parses and calls."""
+"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|dataset|cache``.
+
+It parses and calls.
+"""
 
 from __future__ import annotations
 
@@ -135,7 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen on its validation cases)")
     _add_common(p)
     _add_pacs_parsers(sub)
+    _add_dataset_parsers(sub)
+    _add_cache_parsers(sub)
     return parser
+
+
+def _add_dataset_parsers(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser("dataset", help="check or export a DICOM dataset: SEG/RTSTRUCT labels from a folder or DICOMweb")
+    dsub = ds.add_subparsers(dest="dataset_command")
+    for name, text in (("check", "list the cases a DICOM source gives for the config's classes, and every label "
+                                 "it cannot use, with the reason"),
+                       ("export", "write a DICOM source as an nnU-Net v2 / MSD dataset (imagesTr, labelsTr, "
+                                  "dataset.json, manifest.json)")):
+        p = dsub.add_parser(name, help=text, description=text + ". Credentials for a DICOMweb URL come from "
+                            "DICOMWEB_USER/DICOMWEB_PASSWORD or DICOMWEB_TOKEN, as for pacs.")
+        p.add_argument("source", help="a folder of DICOM files (any nesting) or a DICOMweb root URL")
+        p.add_argument("--config", required=True, help="YAML config naming the classes (data.classes)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable)")
+        _add_common(p)
+        if name == "check":
+            p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the table")
+        else:
+            p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (replaced whole)")
+
+
+def _add_cache_parsers(sub: argparse._SubParsersAction) -> None:
+    text = ("the per-user cache of registered model versions (UNET_PIPELINE_CACHE, else ~/.cache/unet-pipeline): "
+            "list or clear it")
+    cache = sub.add_parser("cache", help=text, description=text + ". Its size cap: UNET_PIPELINE_CACHE_MAX_GB, "
+                           "else registry.model_cache_max_gb; past it, the copies used longest ago are evicted.")
+    csub = cache.add_subparsers(dest="cache_command", help="what to do with the cache")
+    p = csub.add_parser("list", help="list the cached model versions, the one used longest ago first, with the "
+                                     "total size and the cap")
+    p.add_argument("--config", default=None,
+                   help="YAML config whose registry.model_cache_max_gb is the cap shown (the environment overrides it)")
+    p = csub.add_parser("clear", help="delete cached model versions (all of them, or one model's); the next use "
+                                      "downloads them again")
+    p.add_argument("--model", default=None, metavar="NAME", help="only this registered model's versions")
+    p.add_argument("--version", default=None, help="only this version (with --model)")
 
 
 def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
@@ -248,11 +289,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     from pipeline import stages
     from pipeline.config import load_config
 
+    if args.command == "cache":
+        return _cache(args)
     work_dir = args.work_dir
     if args.command == "pacs":
         return _pacs(args, stages)
     if args.command == "ensemble":
         return _ensemble(args, stages)
+    if args.command == "dataset":
+        return _dataset(args, stages)
     if args.command in ("run", "preprocess", "train"):
         overrides = [*args.overrides, *([f"data.fold={args.fold}"] if args.fold is not None else [])]
         cfg = load_config(args.config, overrides)
@@ -327,6 +372,49 @@ def _ensemble(args: argparse.Namespace, stages) -> int:
               f"(aliases: {'candidate, champion' if p.promoted else 'candidate'})")
         print(f"Champion gate:      {p.decision}")
         print(f"Use it:             unet-pipeline predict --model models:/{s.model_name}/{p.version} IMAGE --out DIR")
+    return 0
+
+
+def _dataset(args: argparse.Namespace, stages) -> int:
+    import json
+
+    from pipeline.config import ConfigError, load_config
+
+    if args.dataset_command is None:
+        raise ConfigError("dataset: choose 'check' or 'export' (see unet-pipeline dataset --help)")
+    cfg = load_config(args.config, args.overrides)
+    out = getattr(args, "out", None)
+    scan, stats, converted = stages.dataset_stage(cfg, args.source, args.work_dir, out)
+    if getattr(args, "json", False):
+        print(json.dumps(scan.manifest(), indent=1))
+        return 0
+    print(f"{'case':<18} {'label':<8} {'algorithm':<13} {'classes':<24} image series / label")
+    for c in scan.cases:
+        print(f"{c.case:<18} {c.label.kind:<8} {c.label.algorithm_type:<13} {','.join(scan.classes):<24} "
+              f"{c.series_uid}  ok{' (reader correction)' if c.reader_correction else ''}")
+    for row in scan.not_used:
+        print(f"{'not used':<18} {row['label_sop_instance_uid']}: {row['reason']}")
+    for row in scan.skipped:
+        print(f"{'skipped':<18} {row['label_sop_instance_uid']}: {row['reason']}")
+    print(f"{len(scan.cases)} case(s), {len(scan.skipped)} label(s) skipped, {len(scan.not_used)} not used; "
+          f"{stats.retrieved} instance(s) retrieved, {converted} conversion(s)"
+          + (f"; written to {out}" if out is not None else ""))
+    return 0 if scan.cases else 2
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError, load_config
+    from pipeline.registry import clear_cache, list_cache
+
+    if args.cache_command == "clear":
+        print(clear_cache(args.model, args.version))
+    elif args.cache_command == "list":
+        if args.config:
+            print("\n".join(list_cache(load_config(args.config).registry.model_cache_max_gb, args.config)))
+        else:
+            print("\n".join(list_cache()))
+    else:
+        raise ConfigError("cache: choose 'list' or 'clear' (see unet-pipeline cache --help)")
     return 0
 
 

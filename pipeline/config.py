@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,15 +24,19 @@ DEMO_CONFIG = "demo.yaml"
 
 @dataclass
 class DataConfig:
-    """Where the cases come from and how they are split (relative paths: against the config file's folder).
+    """Where the cases come from and how they are split (paths relative to the config file; see docs/data.md).
 
     Attributes:
-        dataset: ``dataset.json`` or its folder (MSD or nnU-Net v2 style); null: generate the synthetic demo data.
-        synthetic_cases: how many synthetic demo cases to generate when ``dataset`` is null.
-        synthetic_size: the synthetic demo volumes' size in voxels (three sizes of at least 25).
-        num_folds: k of the k-fold cross-validation (the split is stored in ``splits.json``).
-        fold: the cross-validation fold this run trains and validates on (``--fold K``).
-        split_seed: the seed of the stored k-fold split.
+        dataset: a dataset.json, an MSD/nnU-Net folder, a DICOM folder, or a DICOMweb URL (http(s)://.../dicom-web).
+        synthetic_cases: with no dataset, how many synthetic demo cases to generate.
+        synthetic_size: the synthetic cases' size in voxels (three sizes of at least 25).
+        num_folds: cross-validation folds of the stored split.
+        fold: the fold this run validates on (0-based).
+        split_seed: seed of the stored split's shuffle.
+        classes: class names in label order (label 1 first); a DICOM dataset needs them to match segments and ROIs by name.
+        label_aliases: class name -> other names, or SegmentedPropertyType codes as SCHEME:VALUE, that also match it.
+        allow_automatic_labels: let AUTOMATIC DICOM SEGs (a model's output) be training labels; off, only a reader's labels train.
+        channel_series: a DICOM dataset's further channels: a regex per channel, searched in SeriesDescription in the study.
     """
 
     dataset: str | None = None
@@ -40,6 +45,10 @@ class DataConfig:
     num_folds: int = 5
     fold: int = 0
     split_seed: int = 0
+    classes: list[str] | None = None
+    label_aliases: dict[str, list[str]] | None = None
+    allow_automatic_labels: bool = False
+    channel_series: list[str] | None = None
 
 
 @dataclass
@@ -81,7 +90,7 @@ class TrainConfig:
     Attributes:
         epochs: the number of epochs (with a time budget: the most epochs).
         iterations_per_epoch: steps (batches of patches) per epoch; 0: one pass over the training cases.
-        time_budget_minutes: wall-clock cap on training; the polynomial learning-rate decay follows it.
+        time_budget_minutes: wall-clock cap on training and its validation passes; the learning-rate decay follows it.
         batch_size: patches per step; null: planned (for the device's memory).
         patch_size: patch size in voxels; null: planned (the median case, rounded up on a GPU, down on a CPU).
         foreground_ratio: share of patches centred on foreground.
@@ -90,7 +99,7 @@ class TrainConfig:
         weight_decay: the optimiser's weight decay.
         augment: rotation, scaling, flips, noise, intensity scale and gamma augmentation (MONAI).
         elastic: add elastic deformation (3D) or in-plane shear (2D) to the augmentation.
-        val_every: sliding-window validation every N epochs.
+        val_every: sliding-window validation every N epochs (under a time budget, fewer when passes would take >10%).
         seed: the training seed (weights, patches, augmentation).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: mixed precision of the forward pass: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32.
@@ -123,9 +132,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Inference settings the model is validated (and then used) with, and which checkpoint ``run`` registers.
-
-    Everything here is stored with the model and used by ``predict``/``evaluate`` unless a flag overrides it.
+    """Inference settings the model is validated with, stored with it and used by ``predict`` unless a flag overrides them.
 
     Attributes:
         checkpoint: what ``run`` evaluates and registers: ``final`` (unbiased) or ``best`` (best validation epoch).
@@ -152,11 +159,7 @@ class EvaluateConfig:
 
 @dataclass
 class QcConfig:
-    """The review flag of every prediction (see docs/quality.md).
-
-    ``run`` fits, on the validation cases, the map from each prediction's quality signals to its Dice and stores
-    it with the model. A case is flagged when any label's estimated Dice is below the threshold or its input is
-    unlike the training data.
+    """The review flag of every prediction: a low estimated Dice, or an input unlike the training data (docs/quality.md).
 
     Attributes:
         min_expected_dice: flag a case when any label's estimated Dice is below this; null: chosen during ``run``.
@@ -186,16 +189,16 @@ class MlflowConfig:
 
 @dataclass
 class RegistryConfig:
-    """The champion gate: the candidate and the champion are scored in the same call on the same cases.
-
-    One gate at a time per registered model, through a lease held in the registry (:mod:`pipeline.registry.lease`).
+    """The champion gate: candidate and champion scored on the same cases, one gate at a time (docs/registry.md).
 
     Attributes:
-        promote_margin: mean Dice the candidate must beat the champion by to take ``champion``.
-        evaluation_set: a fixed labelled dataset both models are scored on; null: the candidate's validation fold.
+        promote_margin: how much the candidate's mean Dice must beat the champion's by to take ``champion``.
+        evaluation_set: a labelled dataset both models are scored on; empty: the candidate's validation fold.
         compile_ahead_of_time: compile a registered version's network for the CPU once, at registration.
-        gate_lease_s: seconds a gate's lease in the registry outlives its holder's last heartbeat.
-        gate_wait_s: seconds a gate waits for the lease before it gives up (exit 3, naming the holder).
+        gate_lease_s: seconds a gate's lease lasts; a job killed while holding it blocks the next for at most this.
+        gate_wait_s: seconds a gate waits for another's lease before it ends with exit 3.
+        model_cache_max_gb: size cap of the per-user model cache in GB (null: no cap; least recently used copies go
+            first, never one in use); ``UNET_PIPELINE_CACHE_MAX_GB`` overrides it.
     """
 
     promote_margin: float = 0.0
@@ -203,13 +206,12 @@ class RegistryConfig:
     compile_ahead_of_time: bool = True
     gate_lease_s: float = 60.0
     gate_wait_s: float = 3600.0
+    model_cache_max_gb: float | None = 20.0
 
 
 @dataclass
 class PacsConfig:
-    """The PACS (DICOMweb) for ``unet-pipeline pacs predict|watch``; CLI flags override each key.
-
-    Credentials never go here: ``DICOMWEB_USER``/``DICOMWEB_PASSWORD`` or ``DICOMWEB_TOKEN``.
+    """The PACS for ``pacs predict|watch``; flags override each key; credentials never go here (``DICOMWEB_*``).
 
     Attributes:
         url: the DICOMweb root (``--url`` overrides).
@@ -259,6 +261,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
         tp, str(tp)
     )
@@ -282,6 +287,11 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError
         return [_coerce(v, typing.get_args(tp)[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
     if tp is type(None):
         if value is None:
             return None
@@ -367,6 +377,8 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("registry.gate_lease_s", f"must be >= 1 (seconds), got {cfg.registry.gate_lease_s:g}")
     if cfg.registry.gate_wait_s < 0:
         fail("registry.gate_wait_s", f"must be >= 0 (seconds), got {cfg.registry.gate_wait_s:g}")
+    if cfg.registry.model_cache_max_gb is not None and not cfg.registry.model_cache_max_gb >= 0:
+        fail("registry.model_cache_max_gb", f"must be >= 0 (GB) or null (no cap), got {cfg.registry.model_cache_max_gb:g}")
     if cfg.mlflow.outage_wait_minutes < 0:
         fail("mlflow.outage_wait_minutes", f"must be >= 0, got {cfg.mlflow.outage_wait_minutes}")
     if cfg.evaluate.surface_tolerance_mm <= 0:
@@ -391,6 +403,17 @@ def _check_values(cfg: PipelineConfig) -> None:
         min_patch = 2 ** (len(features) - 1)
         if min(cfg.train.patch_size) < min_patch:
             fail("train.patch_size", f"must be >= {min_patch} along every axis for {len(features)} levels")
+    classes = cfg.data.classes or []
+    if any(not c.strip() for c in classes) or len({c.strip().casefold() for c in classes}) != len(classes):
+        fail("data.classes", f"must list distinct, non-empty class names, got {classes}")
+    for pattern in cfg.data.channel_series or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            fail("data.channel_series", f"holds {pattern!r}, not a regular expression ({exc})")
+    unknown = sorted(set(cfg.data.label_aliases or {}) - set(classes))
+    if unknown:
+        fail("data.label_aliases", f"names {unknown[0]!r}, which is not one of data.classes {classes}")
     if cfg.data.dataset is None and cfg.data.synthetic_cases == 0:
         fail("data.dataset", "is empty and data.synthetic_cases is 0: there is nothing to train on")
 
@@ -469,7 +492,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}: not valid YAML{where}") from None
     cfg = build_config(raw, source, overrides)
-    if cfg.data.dataset is not None and not Path(cfg.data.dataset).is_absolute():
+    if cfg.data.dataset is not None and "://" not in cfg.data.dataset and not Path(cfg.data.dataset).is_absolute():
         cfg.data.dataset = str((base / cfg.data.dataset).resolve())
     if cfg.registry.evaluation_set is not None and not Path(cfg.registry.evaluation_set).is_absolute():
         cfg.registry.evaluation_set = str((base / cfg.registry.evaluation_set).resolve())

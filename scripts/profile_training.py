@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.data import mirror_swaps  # noqa: E402
 from pipeline.stages import prepare  # noqa: E402
 from pipeline.training.augmentation import train_transforms  # noqa: E402
 from pipeline.training.loop import build_parts, load_cases, model_kwargs  # noqa: E402
@@ -90,7 +91,7 @@ def profile_variant(cfg: Any, plan: dict[str, Any], train_data: list[dict], vari
         parts.amp_dtype = torch.bfloat16
     if "compile" in levers:
         parts.network = torch.compile(parts.network)
-    stream = PatchStream(train_data, train_transforms(cfg, patch), t.seed, 0, 100 * batch)
+    stream = PatchStream(train_data, train_transforms(cfg, patch, mirror_swaps(plan)), t.seed, 0, 100 * batch)
     workers = t.num_workers or 0
     batches = iter(patch_loader(stream, 0, 1000, batch, workers, False))
     fixed = next(batches) if "no-data" in levers else None

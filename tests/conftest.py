@@ -30,6 +30,7 @@ def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:
         mp.setattr("pipeline.registry.registration._uri_we_set", None)
         # Module fixtures register and predict too: never in the user's own cache.
         mp.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+        mp.delenv("UNET_PIPELINE_CACHE_MAX_GB", raising=False)
         yield
 
 
@@ -42,8 +43,10 @@ def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_model_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every test gets an empty model cache of its own: none touches the user's, none sees another test's copies."""
+    """Every test gets an empty model cache of its own: none touches the user's, none sees another test's copies,
+    and none is capped by the user's ``UNET_PIPELINE_CACHE_MAX_GB``."""
     monkeypatch.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+    monkeypatch.delenv("UNET_PIPELINE_CACHE_MAX_GB", raising=False)
 
 
 @pytest.fixture

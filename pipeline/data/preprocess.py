@@ -17,6 +17,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.dataset import Case, Dataset
 from pipeline.data.files import file_sha256, write_text_atomic
 from pipeline.data.fingerprint import intensity_percentiles, obliquity_deg, training_fingerprint
+from pipeline.data.mirroring import SAMPLE_CASES, find_mirror_pairs
 from pipeline.data.planning import plan_network
 from pipeline.errors import InputDataError
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
@@ -318,11 +319,25 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
             # Saved per case: an interrupted call keeps what it finished.
             write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
+    plan["mirror_pairs"] = _mirror_pairs(plan, result)
     plan["fingerprint"] = _conformity_fingerprint(dataset, fingerprint, result, manifest, percentiles)
     write_text_atomic(percentiles_path, json.dumps(percentiles))
     # Written once, complete: a fold's job past preprocessing may log this file while another job preprocesses.
     write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
     return PreprocessResult(plan, result, data_hash, case_hashes, redone)
+
+
+def _mirror_pairs(plan: dict[str, Any], cases: list[PreprocessedCase]) -> list[dict[str, Any]]:
+    """The label pairs that mirror onto each other (see :mod:`pipeline.data.mirroring`), from a sample of label maps."""
+    labels = {int(k): v for k, v in plan["labels"].items()}
+    if len([v for v in labels if v != 0]) < 2 or not cases:
+        return []
+    picked = sorted({int(i) for i in np.linspace(0, len(cases) - 1, min(SAMPLE_CASES, len(cases)))})
+    maps = []
+    for i in picked:
+        with np.load(cases[i].path) as npz:
+            maps.append(npz["label"][0])
+    return find_mirror_pairs(labels, maps, plan["target_spacing"], plan["orientation"])
 
 
 def _conformity_fingerprint(

@@ -36,8 +36,24 @@ def kfold_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> 
     return folds
 
 
+def _extended(stored: list[dict[str, list[str]]], case_ids: Sequence[str], seed: int) -> list[dict[str, list[str]]]:
+    """The stored folds with cases that left removed and new cases added, each to the fold with fewest cases."""
+    present = set(case_ids)
+    val = [[c for c in fold["val"] if c in present] for fold in stored]
+    known = {c for fold in val for c in fold}
+    new = sorted(present - known)
+    np.random.RandomState(seed).shuffle(new)
+    for case in new:
+        min(val, key=len).append(case)
+    return [{"train": sorted(present - set(v)), "val": sorted(v)} for v in val]
+
+
 def stored_splits(case_ids: Sequence[str], num_folds: int, seed: int, path: Path) -> list[dict[str, list[str]]]:
     """The folds stored at ``path``, computed and written there first when missing or stale.
+
+    When the cases change (a new labelled case, a case removed) but ``num_folds`` and ``seed`` do not,
+    every case that stays keeps its fold and each new case joins the fold with the fewest cases, so a
+    model validated on a fold never trained on a case of it; other changes split afresh.
 
     Args:
         case_ids: all labelled case ids.
@@ -46,11 +62,14 @@ def stored_splits(case_ids: Sequence[str], num_folds: int, seed: int, path: Path
         path: the ``splits.json`` file.
     """
     key = {"cases": sorted(case_ids), "num_folds": num_folds, "seed": seed}
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["folds"]
-    folds = kfold_splits(case_ids, num_folds, seed)
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if stored.get("key") == key:
+        return stored["folds"]
+    old = stored.get("key") or {}
+    if old.get("num_folds") == num_folds and old.get("seed") == seed and stored.get("folds"):
+        folds = _extended(stored["folds"], case_ids, seed)
+    else:
+        folds = kfold_splits(case_ids, num_folds, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps({"key": key, "folds": folds}, indent=1))
     return folds

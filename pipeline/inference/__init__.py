@@ -26,7 +26,7 @@ from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.predict import PredictReport, algorithm_for, exit_code, expand_inputs, group_cases, predict_cases, shard
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.settings import InferenceSettings, Overrides, inference_section
-from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings, window_size
+from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings, tile_starts, window_size
 
 __all__ = [
     "PredictReport",
@@ -59,6 +59,7 @@ __all__ = [
     "read_dicom_sr",
     "save_checkpoint",
     "seg_series_description",
+    "tile_starts",
     "window_size",
     "write_dicom_seg",
     "write_dicom_sr",

@@ -2,7 +2,10 @@
 
 The report belongs in the source study: it references the SEG (one measurement group per
 segment, by segment number) and the series the SEG was predicted from. Volumes are in mL;
-the estimated Dice, having no standard concept, is a private code (``99UNETPIPE``).
+the estimated Dice, having no standard concept, is a private code (``99UNETPIPE``). Where
+the estimate was withheld (an input unlike the training data), the group states that
+instead of a Dice: a qualitative evaluation of the same concept, valued with a private code
+whose meaning says why.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ class SegmentMeasurement:
         volume_ml: the segment's volume in mL.
         estimated_dice: the Dice similarity coefficient estimated for it; ``None``: not estimated (no Dice
             measurement is written).
+        estimate_withheld: the estimate was withheld on purpose (the input is unlike the training data):
+            the group says so instead of giving a Dice.
     """
 
     name: str
     volume_ml: float
     estimated_dice: float | None = None
+    estimate_withheld: bool = False
 
 
 def measurements_of(record: Mapping[str, Any]) -> list[SegmentMeasurement]:
@@ -44,7 +50,9 @@ def measurements_of(record: Mapping[str, Any]) -> list[SegmentMeasurement]:
     Args:
         record: a case record (``CASE.json``'s content).
     """
-    return [SegmentMeasurement(name, e["volume_ml"], e["estimated_dice"]) for name, e in record["labels"].items()]
+    withheld = bool(record.get("estimate_withheld"))
+    return [SegmentMeasurement(name, e["volume_ml"], e["estimated_dice"], withheld and e["estimated_dice"] is None)
+            for name, e in record["labels"].items()]
 
 
 def write_dicom_sr(
@@ -94,8 +102,9 @@ def read_dicom_sr(path: Path) -> dict[str, dict[str, float | None]]:
         path: the SR file.
 
     Returns:
-        Segment label -> ``{"volume_ml": ..., "estimated_dice": ...}``; the Dice is ``None`` where
-        the report has none.
+        Segment label -> ``{"volume_ml": ..., "estimated_dice": ..., "estimate_withheld": ...}``; the Dice
+        is ``None`` where the report has none, and ``estimate_withheld`` the reason the report gives
+        for withholding it (``None``: it gives none).
 
     Raises:
         InputDataError: the file cannot be read or is not such a measurement report.
@@ -118,7 +127,9 @@ def read_dicom_sr(path: Path) -> dict[str, dict[str, float | None]]:
                                                "its label or volume, or repeats one)")
                 if volume[0].unit.value.lower() != "ml":
                     raise InputDataError(path, "states a segment volume in a unit other than mL")
-                result[label] = {"volume_ml": volume[0].value, "estimated_dice": dice[0].value if dice else None}
+                withheld = [e.value.meaning for e in group.get_qualitative_evaluations(name=_dice_concept())]
+                result[label] = {"volume_ml": volume[0].value, "estimated_dice": dice[0].value if dice else None,
+                                 "estimate_withheld": withheld[0] if withheld else None}
         except FileNotFoundError:
             raise InputDataError(path, "does not exist") from None
         except OSError as error:
@@ -178,6 +189,14 @@ def _dice_concept() -> Any:
                               meaning="Estimated Dice similarity coefficient")
 
 
+def _withheld_concept() -> Any:
+    import highdicom as hd
+
+    # CodeMeaning is a LO: at most 64 characters.
+    return hd.sr.CodedConcept(value="EST-WITHHELD", scheme_designator=PRIVATE_SCHEME,
+                              meaning="Withheld: input unlike the training data")
+
+
 def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMeasurement, Any]],
               algorithm: Algorithm) -> Any:
     import highdicom as hd
@@ -194,6 +213,8 @@ def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMe
         if m.estimated_dice is not None:
             measured.append(hd.sr.Measurement(name=_dice_concept(), value=float(m.estimated_dice),
                                               unit=codes.UCUM.NoUnits))
+        withheld = [hd.sr.QualitativeEvaluation(name=_dice_concept(), value=_withheld_concept())
+                    ] if m.estimate_withheld and m.estimated_dice is None else None
         property_type = item.get("SegmentedPropertyTypeCodeSequence")
         rois.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=m.name),
@@ -202,7 +223,7 @@ def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMe
                 segment_number=int(item.SegmentNumber), source_series=source_series,
             ),
             finding_type=hd.sr.CodedConcept.from_dataset(property_type[0]) if property_type else codes.SCT.Tissue,
-            algorithm_id=algorithm_id, measurements=measured,
+            algorithm_id=algorithm_id, measurements=measured, qualitative_evaluations=withheld,
         ))
     # The same algorithm is the same device in every report: its UID is derived from its identity.
     device = hd.sr.DeviceObserverIdentifyingAttributes(

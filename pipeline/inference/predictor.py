@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.transforms import Invertd
 
+from pipeline.data import mirror_swaps
 from pipeline.inference.model import LoadedModel
 from pipeline.inference.settings import Overrides
 from pipeline.inference.sliding_window import SlidingWindowInferer
@@ -77,7 +78,8 @@ class Predictor:
         self.settings = [self.overrides.apply(m.settings) for m in self.models]
         self.postprocessing = self.settings[0].postprocessing
         self.engines = [
-            SlidingWindowInferer(m.network, m.patch_size, s.window(**self.overrides.engine()), device)
+            SlidingWindowInferer(m.network, m.patch_size, s.window(**self.overrides.engine()), device,
+                                 label_swaps=mirror_swaps(m.plan))
             for m, s in zip(self.models, self.settings)
         ]
         self.chain = preprocessing(self.plan, with_label=False, series_uid=series_uid)

@@ -21,7 +21,9 @@ and why:
   volume's sliding-window prediction, i.e. exactly what running
   ``sliding_window_inference`` on each flipped volume and averaging gives; where a
   flip moves the tiles (an axis whose tiles are not symmetric), that flip gets its own
-  normalisation, so the identity holds for any placement.
+  normalisation, so the identity holds for any placement. A flip along an axis that
+  maps one label onto another (a left/right organ pair, ``label_swaps`` from the plan's
+  ``mirror_pairs``) swaps those output channels as it takes the pass back.
 * **CUDA**: ``torch.inference_mode``, autocast (float16), ``cudnn.benchmark``, the
   volume copied to the device once from pinned memory without blocking.
 * **CPU**: ``torch.compile`` (Inductor, frozen weights) once a job is long enough to
@@ -41,7 +43,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -50,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
+from pipeline.data import flip_permutation
 from pipeline.inference import accelerate, aot
 from pipeline.inference.accelerate import CompileMode, Precision
 from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan
@@ -193,12 +196,16 @@ class SlidingWindowInferer:
             are completed with 1 along the third axis).
         settings: placement, blending, mirroring, batch size, memory cap.
         device: where the network runs.
+        label_swaps: axis -> label pairs a flip along it swaps (:func:`pipeline.data.mirroring.mirror_swaps`
+            of the model's plan); ``None``: none.
     """
 
     def __init__(
-        self, network: torch.nn.Module, patch_size: Sequence[int], settings: WindowSettings, device: torch.device
+        self, network: torch.nn.Module, patch_size: Sequence[int], settings: WindowSettings, device: torch.device,
+        label_swaps: Mapping[int, Sequence[tuple[int, int]]] | None = None,
     ) -> None:
         self.network = network
+        self.label_swaps = dict(label_swaps or {})
         self.spatial_dims = int(getattr(network, "spatial_dims", len(patch_size)))
         self.window = window_size(patch_size, self.spatial_dims)
         self.settings = settings
@@ -378,6 +385,7 @@ class SlidingWindowInferer:
         budget.take(batch_in.numel() * 4 * 2, "one batch of windows")
         budget.take(self._activation_bytes(batch_size, channels), "the network's activations for one batch")
         self.windows_evaluated = 0
+        perms: dict[tuple[int, ...], list[int] | None] = {}
         for key, flips in plan.groups.items():
             jobs = plan.jobs(key, flips)
             stitched.start_group()
@@ -387,11 +395,23 @@ class SlidingWindowInferer:
                     win = x[(slice(None), *plan.tile(pos))]
                     batch_in[i].copy_(torch.flip(win, [d + 1 for d in flip]) if flip else win)
                 pred = network(batch_in, len(chunk))
+                if self.label_swaps:
+                    pred = self._swap_labels(pred, chunk, perms)
                 self.windows_evaluated += len(chunk)
                 stitched.add(pred, chunk, flips[0])
             stitched.end_group()
         flips = len(self._flips())
         return stitched.result(flips), stitched.mean_squares(flips)
+
+    def _swap_labels(self, pred: torch.Tensor, chunk: list, perms: dict[tuple[int, ...], list[int] | None]) -> torch.Tensor:
+        """A flipped pass's left/right channels swapped back (the flip made the left organ look like the right one)."""
+        for i, (_, flip) in enumerate(chunk):
+            if flip not in perms:
+                perms[flip] = flip_permutation(self.label_swaps, flip, pred.shape[1])
+            perm = perms[flip]
+            if perm is not None:
+                pred[i] = pred[i, perm]
+        return pred
 
     def _activation_bytes(self, batch_size: int, channels: int) -> int:
         """A rough upper bound of one batch's activations (the CPU simulation's only estimate)."""

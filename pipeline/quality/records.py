@@ -4,6 +4,11 @@ A case is flagged for review when any label's estimated Dice is below the model'
 ``min_expected_dice`` (fitted on validation, or set), when a label that every validation
 case had was not found, or when the input does not conform to the training data; every
 flag carries its reasons.
+
+An input that does not conform gets no estimated Dice at all: the calibration was fitted on
+validation cases like the training data, and applied to anything else it extrapolates (a
+brain T1 post-contrast series through a hippocampus model was estimated at Dice 1.0). The
+record says so in ``estimate_withheld``, and the reasons start with it.
 """
 
 from __future__ import annotations
@@ -23,9 +28,39 @@ from pipeline.quality.calibration import ALWAYS_PRESENT, Calibration
 from pipeline.quality.conformity import Conformity
 from pipeline.quality.measurements import label_volumes, spacing_mm, voxel_volume_ml
 
+#: why a non-conforming input has no estimated Dice (``estimate_withheld`` in its record).
+WITHHELD = "the input is unlike the training data, so an estimate would be an extrapolation"
+
 
 def _clean(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def estimate_withheld(conformity: Conformity, calibration: Calibration | None) -> str | None:
+    """Why the case gets no estimated Dice although the model has a calibration (``None``: it gets one).
+
+    Args:
+        conformity: the input check.
+        calibration: the model's calibration.
+    """
+    return WITHHELD if calibration is not None and conformity.checked and not conformity.conforms else None
+
+
+def below(estimate: float, threshold: float) -> str:
+    """``"E is below T"`` with as many decimals as it takes for the two numbers to read differently.
+
+    Two decimals suffice mostly, but an estimate of 0.8704 against a threshold of 0.8712 would
+    read "0.87 is below 0.87".
+
+    Args:
+        estimate: the estimated Dice (below ``threshold``).
+        threshold: the review threshold.
+    """
+    for digits in range(2, 7):
+        a, b = f"{estimate:.{digits}f}", f"{threshold:.{digits}f}"
+        if a != b:
+            return f"{a} is below {b}"
+    return f"{estimate!r} is below {threshold!r}"
 
 
 def review(
@@ -44,15 +79,15 @@ def review(
         voxels: label name -> voxels predicted (0: the structure was not found).
     """
     reasons = []
+    if (withheld := estimate_withheld(conformity, calibration)) is not None:
+        reasons.append(f"no estimated Dice: {withheld}")
     if calibration is not None:
         threshold = calibration.min_expected_dice if min_expected_dice is None else min_expected_dice
         for name, estimate in estimates.items():
-            if estimate is None:
-                continue
             if (voxels or {}).get(name) == 0 and (presence or {}).get(name, 0.0) >= ALWAYS_PRESENT:
                 reasons.append(f"no {name} found, though every validation case had one")
-            elif estimate < threshold:
-                reasons.append(f"estimated Dice of {name} {estimate:.2f} is below {threshold:.2f}")
+            elif estimate is not None and estimate < threshold:
+                reasons.append(f"estimated Dice of {name} {below(estimate, threshold)}")
     return reasons + list(conformity.reasons)
 
 
@@ -79,7 +114,8 @@ def case_record(
     """
     volumes = label_volumes(labels, affine, label_names)
     estimates: dict[str, float | None] = {n: None for n in volumes}
-    if calibration is not None and signals is not None:
+    withheld = estimate_withheld(conformity, calibration)
+    if calibration is not None and signals is not None and withheld is None:
         by_value = calibration.estimate(signals)
         estimates = {n: _clean(by_value.get(v["value"])) for n, v in volumes.items()}
     presence = {n: calibration.labels[v["value"]].presence for n, v in volumes.items()
@@ -98,6 +134,7 @@ def case_record(
                        "signals": {k: _clean(x) for k, x in (signals or {}).get(v["value"], {}).items()}}
                    for n, v in volumes.items()},
         "estimated_mean_dice": float(np.mean(known)) if known and len(known) == len(estimates) else None,
+        "estimate_withheld": withheld,
         "min_expected_dice": (calibration.min_expected_dice if min_expected_dice is None else min_expected_dice)
         if calibration is not None else None,
         "conformity": conformity.to_dict(),
@@ -155,7 +192,8 @@ def summary_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in sorted(records, key=review_order):
         row: dict[str, Any] = {"case": r["case"], "flagged": "yes" if r["flagged"] else "no",
-                               "estimated_mean_dice": r.get("estimated_mean_dice")}
+                               "estimated_mean_dice": r.get("estimated_mean_dice"),
+                               "estimate_withheld": r.get("estimate_withheld")}
         if "true_mean_dice" in r:
             row["true_mean_dice"] = r["true_mean_dice"]
         for name, entry in r["labels"].items():

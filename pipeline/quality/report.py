@@ -161,6 +161,14 @@ def _num_cell(value: Any, fmt: str = "dice") -> str:
     return f'<td class="num" data-value="{number!r}">{text}</td>'
 
 
+def _estimate_cell(record: Mapping[str, Any], value: Any) -> str:
+    """An estimated Dice cell; a withheld estimate (input unlike the training data) says so, and why on hover."""
+    withheld = record.get("estimate_withheld")
+    if withheld and _number(value) is None:
+        return f'<td class="num missing withheld" data-value="" title="{html.escape(str(withheld))}">withheld</td>'
+    return _num_cell(value)
+
+
 def _label_field(record: Mapping[str, Any], label: str, field: str) -> Any:
     entry = (record.get("labels") or {}).get(label)
     return entry.get(field) if isinstance(entry, Mapping) else None
@@ -197,10 +205,10 @@ def _row(record: Mapping[str, Any], labels: Sequence[str], evaluated: bool, thum
              f'<td class="flagcell" data-value="{int(flagged)}">{flag}</td>']
     cells += [_num_cell(_label_field(record, label, "volume_ml"), "ml") for label in labels]
     for label in labels:
-        cells.append(_num_cell(_label_field(record, label, "estimated_dice")))
+        cells.append(_estimate_cell(record, _label_field(record, label, "estimated_dice")))
         if evaluated:
             cells.append(_num_cell(_label_field(record, label, "true_dice")))
-    cells.append(_num_cell(record.get("estimated_mean_dice")))
+    cells.append(_estimate_cell(record, record.get("estimated_mean_dice")))
     if evaluated:
         cells.append(_num_cell(record.get("true_mean_dice")))
     reasons = "".join(f"<li>{html.escape(str(reason))}</li>" for reason in record.get("reasons") or [])
@@ -303,7 +311,8 @@ def write_report(records: Sequence[Mapping[str, Any]], path: Path, thumbnails: M
     Rows come flagged cases first, then by estimated mean Dice ascending (cases without an
     estimate after those with one). Columns: thumbnail, case, flagged, per-label volume and
     estimated Dice, estimated mean Dice, and when any record has ``true_dice`` (evaluate) the
-    true Dice beside each estimate, then the reasons. Clicking a header sorts by it, again reverses.
+    true Dice beside each estimate, then the reasons (a withheld estimate reads "withheld", why on hover
+    and among the reasons). Clicking a header sorts by it, again reverses.
 
     Args:
         records: the case records (see the case record schema); labels are the keys of the

@@ -10,6 +10,7 @@ from pipeline.registry.ensemble import EnsembleData, EnsembleSummary, FoldModel,
 from pipeline.registry.gate import gated_registration, judge, score_and_log
 from pipeline.registry.gate import tags as gate_tags
 from pipeline.registry.lease import GateLease, GateLeaseError, lease_model_name
+from pipeline.registry.model_cache import clear_cache, list_cache
 from pipeline.registry.predictors import load_predictor
 from pipeline.registry.privacy import dataset_label, redact_config, run_params
 from pipeline.registry.provenance import Provenance, describe_version
@@ -43,11 +44,13 @@ __all__ = [
     "gated_registration",
     "judge",
     "lease_model_name",
+    "list_cache",
     "when_reachable",
     "SELECTION_METRIC",
     "Promotion",
     "ResolvedModel",
     "champion_version",
+    "clear_cache",
     "dataset_label",
     "log_model",
     "metric_name",

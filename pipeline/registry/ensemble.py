@@ -309,7 +309,8 @@ def _score_and_register(cfg: PipelineConfig, work_dir: Path, folds: Sequence[Fol
 
     def gate() -> tuple[Any, str]:
         return score_and_log(cfg.registry.evaluation_set, cfg.registry.promote_margin, name, device, work_dir,
-                             cases, evaluation, path, log, evaluated_on_set=True)
+                             cases, evaluation, path, log, evaluated_on_set=True,
+                             cache_max_gb=cfg.registry.model_cache_max_gb)
 
     def register() -> str | None:
         version = log.call(lambda: log_model(path, name), "registering the ensemble")

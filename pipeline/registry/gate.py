@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.data import Case
 from pipeline.errors import user_error
 from pipeline.evaluation import EvaluationResult
+from pipeline.registry import model_cache
 
 if TYPE_CHECKING:
     from pipeline.registry.lease import GateLease
@@ -173,7 +174,7 @@ def eval_cases(evaluation_set: str | None, validation: Sequence[Case]) -> tuple[
 def score_and_log(
     evaluation_set: str | None, promote_margin: float, model_name: str, device: Any, work_dir: Path,
     val_cases: Sequence[Case], evaluation: EvaluationResult, model_path: Path, log: Any,
-    evaluated_on_set: bool = False,
+    evaluated_on_set: bool = False, cache_max_gb: float | None = model_cache.DEFAULT_MAX_GB,
 ) -> tuple[GateResult, str]:
     """Score the candidate and the champion on the same cases, in this call; log the comparison.
 
@@ -191,6 +192,7 @@ def score_and_log(
         log: the run's :class:`~pipeline.registry.tracking.RunLogger`.
         evaluated_on_set: ``evaluation`` is already the candidate's on ``evaluation_set`` (a fold
             ensemble, which has no validation fold of its own): it is not scored a second time.
+        cache_max_gb: ``registry.model_cache_max_gb`` (the champion is fetched through the model cache).
 
     Returns:
         The gate's result and its cases in words.
@@ -213,7 +215,8 @@ def score_and_log(
 
     def score_champion(champion_version: str, tmp: Path) -> EvaluationResult:
         resolved = log.call(lambda: registry.resolve_model(f"models:/{model_name}/{champion_version}", work_dir,
-                                                           tmp / "model", log.uri), "downloading the champion")
+                                                           tmp / "model", log.uri, cache_max_gb),
+                            "downloading the champion")
         predictor = Predictor(load_models(resolved.path, device), device)  # a fold ensemble: all its folds
         return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False, report=False)
 

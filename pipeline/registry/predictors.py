@@ -61,8 +61,10 @@ def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides: Any = N
             identities.append(resolved)
     # The fingerprint differs between folds of separate work directories (each saw other cases); the voxel
     # part must not. (One fold ensemble file was checked to share one whole plan when it was written.)
-    voxel_plan = {k: v for k, v in models[0].plan.items() if k not in ("network", "fingerprint")}
+    # Each model's engine mirrors with its own plan's label pairs (an older model has none).
+    own = ("network", "fingerprint", "mirror_pairs")
+    voxel_plan = {k: v for k, v in models[0].plan.items() if k not in own}
     for ref, m in zip(origins, models):
-        if {k: v for k, v in m.plan.items() if k not in ("network", "fingerprint")} != voxel_plan:
+        if {k: v for k, v in m.plan.items() if k not in own} != voxel_plan:
             raise PipelineError(f"{ref}: its preprocessing plan differs from the first model's; cannot ensemble")
     return Predictor(models, device, overrides, series_uid), identities[0]

@@ -38,6 +38,7 @@ class Provenance:
         summary: the validation summary (Dice, HD95, surface Dice per label).
         inference: the stored inference settings (``InferenceSettings.to_dict()``).
         gate_decision: the champion gate's decision in words.
+        labels: for a DICOM dataset, :func:`pipeline.data.label_summary` of its manifest; else ``None``.
     """
 
     model_name: str
@@ -57,6 +58,7 @@ class Provenance:
     summary: Mapping[str, Any]
     inference: Mapping[str, Any]
     gate_decision: str
+    labels: Mapping[str, Any] | None = None
 
 
 def _x(values: Any) -> str:
@@ -117,6 +119,15 @@ def _use_it(model_name: str, version: str) -> list[str]:
     ]
 
 
+def _label_words(labels: Mapping[str, Any] | None) -> list[str]:
+    if not labels:
+        return []
+    return ["", f"Labels: {labels['cases']} DICOM label objects from {labels['source']} ({labels['seg']} SEG, "
+                f"{labels['rtstruct']} RTSTRUCT); {labels['reader_corrections']} of them are reader corrections of "
+                f"automatic output; {labels['skipped']} label(s) skipped (the run's `dataset/manifest.json` says "
+                f"which and why); label set digest `{labels['digest']}`."]
+
+
 def tags(p: Provenance, metric_name: Any) -> dict[str, str]:
     """Provenance tags for the model version.
 
@@ -136,6 +147,9 @@ def tags(p: Provenance, metric_name: Any) -> dict[str, str]:
     }
     for name, value in p.summary["dice_per_label"].items():
         out[f"val.dice.{metric_name(name)}"] = f"{value:.4f}"
+    if p.labels:
+        out.update({"data.labels.source": str(p.labels["source"]), "data.labels.digest": str(p.labels["digest"]),
+                    "data.labels.reader_corrections": str(p.labels["reader_corrections"])})
     return out
 
 
@@ -151,6 +165,7 @@ def description(p: Provenance) -> str:
         f"Trained by {_code_words(p.code)} on **{p.dataset_name}**: {p.num_cases} labelled cases, content sha256 "
         f"`{p.data_hash[:16]}...`, fold {p.fold} of {p.num_folds} (split seed {p.split_seed}: {p.num_train} training / "
         f"{p.num_val} validation cases).",
+        *_label_words(p.labels),
         "",
         f"{_plan_words(p.plan)} "
         f"Config sha256 `{p.config_hash[:16]}...` (the resolved config is the run's `config/resolved.yaml`).",

@@ -20,6 +20,11 @@ preprocessing, sliding window, test-time mirroring and postprocessing):
 
 The answer is a ``uint8`` label map ``(X, Y, Z)``. The same JSON works against
 ``mlflow models serve``: ``{"inputs": {"image": [...], "affine": [...]}}``.
+
+The per-case record (``"output": "measurements"``) names the model it came from as
+``predict`` does: the registered name and version when MLflow loaded it by
+``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (an alias as the version it pointed to
+then), ``run`` and the run id for ``runs:/``, else ``local`` and the folder's name.
 """
 
 from __future__ import annotations
@@ -34,6 +39,32 @@ import numpy as np
 
 #: Where a pyfunc predicts: ``UNET_DEVICE=cpu|cuda`` (default: CUDA when available).
 DEVICE_ENV = "UNET_DEVICE"
+#: What MLflow writes beside a model it downloads by a ``models:/`` name and version or alias.
+REGISTERED_META = "registered_model_meta"
+
+
+def model_identity(checkpoint: Path) -> dict[str, str]:
+    """The name and version of the MLflow model holding ``checkpoint``, as ``predict`` names a model.
+
+    Args:
+        checkpoint: the model's ``artifacts/checkpoint.pt`` as MLflow loaded it.
+    """
+    import yaml
+
+    folder = next((f for f in list(Path(checkpoint).parents)[:3] if (f / "MLmodel").is_file()), None)
+    if folder is None:
+        return {"name": "local", "version": Path(checkpoint).name}
+    try:
+        meta = yaml.safe_load((folder / REGISTERED_META).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        meta = {}
+    if isinstance(meta, dict) and meta.get("model_name") and meta.get("model_version") is not None:
+        return {"name": str(meta["model_name"]), "version": str(meta["model_version"])}
+    try:
+        run_id = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("run_id")
+    except (OSError, yaml.YAMLError, AttributeError):
+        run_id = None
+    return {"name": "run", "version": str(run_id)} if run_id else {"name": "local", "version": folder.name}
 
 
 class UNetPyfunc(mlflow.pyfunc.PythonModel):
@@ -52,6 +83,7 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
         self.models = load_models(Path(context.artifacts["checkpoint"]), device)
         self.model = self.models[0]
         self.predictor = Predictor(self.models, device)
+        self.identity = model_identity(Path(context.artifacts["checkpoint"]))
 
     # MLflow reads a ``model_input`` annotation as a data schema (it must be list[...]) and warns
     # at import and at log_model whether there is one or not; ours is a dict of arrays or paths, so
@@ -102,8 +134,8 @@ class UNetPyfunc(mlflow.pyfunc.PythonModel):
     def _measure(self, paths: list) -> dict[str, Any]:  # noqa: ANN001
         """The case record ``predict`` writes as ``CASE.json``: volumes, estimated Dice, flag and reasons."""
         result = self.predictor.predict_loaded(self.predictor.load(paths), quality=True)
-        model = {"name": str(self.model.checkpoint.get("registered_name", "")), "version": ""}
-        return self.predictor.record("input", result, model, {})
+        return self.predictor.record("input", result, self.identity, {})
+
 
 def requirements() -> list[str]:
     """Pinned requirements of the model's code (the versions it was trained and validated with).

@@ -207,7 +207,8 @@ class ResolvedModel:
     version: str
 
 
-def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | None = None) -> ResolvedModel:
+def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | None = None,
+                  cache_max_gb: float | None = model_cache.DEFAULT_MAX_GB) -> ResolvedModel:
     """A local checkpoint path for any model reference.
 
     A registered version (``models:/``) is downloaded once into the per-user model cache
@@ -219,6 +220,7 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | 
         download_dir: where a run's artifacts are downloaded, and a registered version's when the
             cache cannot be written (the caller removes it).
         tracking: the tracking URI to use (a run's own); ``None``: ``MLFLOW_TRACKING_URI``, else the work dir's store.
+        cache_max_gb: ``registry.model_cache_max_gb``, the model cache's size cap (the environment's overrides it).
     """
     if not ref.startswith(("models:/", "runs:/")):
         path = Path(ref)
@@ -231,7 +233,7 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | 
 
     try:
         if ref.startswith("models:/"):
-            return _registered_model(ref, download_dir)
+            return _registered_model(ref, download_dir, cache_max_gb)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_dir)))
         return ResolvedModel(_checkpoint_in(local, ref), "run", ref[len("runs:/"):].split("/")[0])
     except (MlflowException, OSError) as exc:
@@ -239,7 +241,7 @@ def resolve_model(ref: str, work_dir: Path, download_dir: Path, tracking: str | 
         raise PipelineError(f"{ref}: model not found in {redact_uri(mlflow.get_tracking_uri())} ({message})") from None
 
 
-def _registered_model(ref: str, download_dir: Path) -> ResolvedModel:
+def _registered_model(ref: str, download_dir: Path, cache_max_gb: float | None) -> ResolvedModel:
     """A ``models:/`` reference's checkpoint, from the model cache (or ``download_dir`` when it cannot be written)."""
     import mlflow
 
@@ -255,8 +257,9 @@ def _registered_model(ref: str, download_dir: Path) -> ResolvedModel:
     if models_dir is None:
         return ResolvedModel(download(download_dir), name, version)
     key = model_cache.cache_key(mlflow.get_registry_uri(), name, version, mv.run_id, mv.creation_timestamp)
-    return ResolvedModel(model_cache.cached_checkpoint(models_dir, key, f"{name} version {version}", download),
-                         name, version)
+    checkpoint = model_cache.cached_checkpoint(models_dir, key, f"{name} version {version}", download, (name, version),
+                                               cache_max_gb)
+    return ResolvedModel(checkpoint, name, version)
 
 
 def _checkpoint_in(local: Path, ref: str) -> Path:

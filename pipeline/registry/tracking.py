@@ -176,6 +176,22 @@ class RunLogger:
 
         self.call(log, "logging the run's parameters")
 
+    def dataset_input(self, labels: dict[str, Any]) -> None:
+        """Log the DICOM label set as the run's training input (source without credentials, digest of the label set).
+
+        Args:
+            labels: :func:`pipeline.data.label_summary` of the dataset's manifest.
+        """
+        import mlflow
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = labels["source"]
+        origin = HTTPDatasetSource(source) if "://" in source else CodeDatasetSource({"source": source})
+        dataset = MetaDataset(origin, name="dicom-labels", digest=labels["digest"])
+        self.call(lambda: mlflow.log_input(dataset, context="training"), "logging the dataset input")
+
     def metrics(self, values: dict[str, float], what: str = "logging metrics") -> None:
         """Log final (non-epoch) metrics.
 

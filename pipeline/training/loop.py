@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.unet import UNet
 from pipeline.config import PipelineConfig, TrainConfig
-from pipeline.data import PreprocessedCase
+from pipeline.data import PreprocessedCase, mirror_swaps
 from pipeline.errors import TrainingFailedError
 from pipeline.inference import (
     InferenceSettings,
@@ -36,11 +36,14 @@ from pipeline.training.ema import WeightAverage
 from pipeline.training.loss import DeepSupervisionLoss
 from pipeline.training.patches import PatchStream, patch_loader
 from pipeline.training.progress import TrainingProgress
-from pipeline.training.validation import validate
+from pipeline.training.validation import ValidationBudget, validate
 
 logger = logging.getLogger(__name__)
 
 MetricLogger = Callable[[dict[str, float], int], None]
+
+#: The training clock (the budget's): one name, so a test can run a training on a clock it controls.
+_clock = time.monotonic
 
 
 @dataclass
@@ -195,7 +198,7 @@ class _State:
     patches: int = 0  # trained on in this run, over all processes
 
     def elapsed(self) -> float:
-        return self.elapsed_before + time.monotonic() - self.start
+        return self.elapsed_before + _clock() - self.start
 
 
 @dataclass
@@ -215,6 +218,11 @@ class _Run:
     labels: list[int]  # the foreground label values
     log_metrics: MetricLogger | None
     extra_state: dict[str, Any] | None
+    val_budget: ValidationBudget  # which passes, on which cases, fit the time budget
+
+    def train_budget_s(self) -> float | None:
+        """When training stops: the budget less what the last validation pass needs (see ``ValidationBudget``)."""
+        return self.budget_s - self.val_budget.reserve_s() if self.budget_s else None
 
 
 def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
@@ -306,7 +314,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
         parts.step()
         losses.append(value)
         state.patches += image.shape[0] * run.env.world_size
-        if run.budget_s and distributed.any_true(state.elapsed() > run.budget_s):
+        if run.budget_s and distributed.any_true(state.elapsed() > run.train_budget_s()):
             state.stopped = True
             break
     return {"train_loss": float(np.mean(losses)), "lr": parts.optimizer.param_groups[0]["lr"]}
@@ -317,8 +325,17 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     t, parts = run.cfg.train, run.parts
     model = parts.exported()
     last_epoch = epoch + 1 == t.epochs or state.stopped
-    if run.val_data and ((epoch + 1) % t.val_every == 0 or last_epoch):
-        per_label = validate(model, run.val_data, run.cfg, run.base["patch_size"], run.labels, run.device)
+    if run.val_data and run.val_budget.needs_replan:
+        vb = run.val_budget
+        epoch_s = (state.elapsed() - state.elapsed_before - vb.spent_s) / max(1, epoch + 1 - state.start_epoch)
+        before = vb.plan
+        if vb.replan(epoch_s, state.elapsed()) != before:
+            _log_validation_plan(run)
+    if run.val_data and run.val_budget.due(epoch, last_epoch):
+        plan, started = run.val_budget.plan, _clock()
+        per_label = validate(model, [run.val_data[i] for i in plan.cases], run.cfg, run.base["patch_size"], run.labels,
+                             run.device, overlap=plan.overlap)
+        run.val_budget.record(_clock() - started)
         metrics["val_dice"] = float(np.mean(list(per_label.values())))
         metrics.update({f"val_dice_{v}": d for v, d in per_label.items()})
         if metrics["val_dice"] > state.best_dice:
@@ -337,12 +354,35 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     }, run.last_path)
 
 
+def _calibrate_validation(run: _Run) -> None:
+    """Before the first step: time one validation case (no overlap), so the last pass is planned into the budget."""
+    vb = run.val_budget
+    case, started = vb.calibration_case(), _clock()
+    validate(run.parts.exported(), [run.val_data[case]], run.cfg, run.base["patch_size"], run.labels, run.device,
+             overlap=0.0)
+    plan = vb.calibrate(_clock() - started, 0.0)
+    if (len(plan.cases), plan.overlap, plan.every) != (len(run.val_data), run.cfg.evaluate.overlap, run.cfg.train.val_every):
+        _log_validation_plan(run)
+
+
+def _log_validation_plan(run: _Run) -> None:
+    """Say how the in-training validation differs from the config's (a warning: the config asked otherwise)."""
+    vb = run.val_budget
+    plan = vb.plan
+    logger.warning("in-training validation planned into the time budget: %d of %d validation cases, overlap %.2f, "
+                   "every %s epochs (about %.0f s a pass; training stops %.0f s early for the last one)",
+                   len(plan.cases), len(run.val_data), plan.overlap,
+                   plan.every if plan.every < 10**9 else "(last only)", plan.pass_s, vb.reserve_s())
+
+
 def _run_epochs(run: _Run, state: _State, batches: Iterator[Any]) -> int:
     """The epochs left to train, each ended on rank 0 and then by a barrier; returns the epochs completed."""
     t, env = run.cfg.train, run.env
-    state.start = time.monotonic()
+    state.start = _clock()
     progress = TrainingProgress(state.start_epoch, t.epochs, run.budget_s, env.is_main, state.elapsed)
     epoch = state.start_epoch
+    if run.val_data and run.val_budget.needs_calibration and t.epochs > state.start_epoch:
+        _calibrate_validation(run)
     try:
         for epoch in range(state.start_epoch, t.epochs):
             metrics = _train_epoch(run, state, batches, epoch)
@@ -367,7 +407,7 @@ def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
                              "epoch": completed}, run.best_path)
     checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
     checksums = distributed.gather(checksum)
-    run_s = time.monotonic() - state.start
+    run_s = _clock() - state.start
     return TrainResult(run.best_path, run.last_path, final_path, state.best_dice, completed, state.stopped,
                        state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums,
                        run.parts.precision)
@@ -417,12 +457,14 @@ def train(
 
     train_data = load_cases(train_cases)
     val_data = load_cases(val_cases) if env.is_main else []
-    transforms = train_transforms(cfg, patch_size)
+    transforms = train_transforms(cfg, patch_size, mirror_swaps(plan))
     iterations = t.iterations_per_epoch or max(1, math.ceil(len(train_data) / (batch_size * env.world_size)))
     budget_s = t.time_budget_minutes * 60 if t.time_budget_minutes else None
     workers = _num_workers(t.num_workers, device)
+    val_budget = ValidationBudget([c["image"].shape[1:] for c in val_data], patch_size, cfg.model.spatial_dims,
+                                  cfg.evaluate.overlap, t.val_every, budget_s)
     run = _Run(cfg, env, device, parts, _checkpoint_base(cfg, plan, kwargs, patch_size), best_path, last_path,
-               iterations, budget_s, val_data, labels, log_metrics, extra_state)
+               iterations, budget_s, val_data, labels, log_metrics, extra_state, val_budget)
 
     stream = PatchStream(train_data, transforms, t.seed, env.rank, iterations * batch_size)
     # One iterator for the whole run: workers start once and keep prefetching across epoch ends.

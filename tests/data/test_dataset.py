@@ -76,3 +76,17 @@ def test_not_a_dataset(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(InputDataError, match="not a readable JSON"):
         load_dataset(bad)
+
+
+def test_stored_folds_keep_their_cases_when_cases_come_and_go(tmp_path: Path) -> None:
+    from pipeline.data import stored_splits
+
+    path = tmp_path / "splits.json"
+    first = stored_splits([f"c{i:02d}" for i in range(20)], 5, 0, path)
+    grown = stored_splits([f"c{i:02d}" for i in range(1, 23)], 5, 0, path)  # c00 gone, c20-c22 new
+    for before, after in zip(first, grown):
+        assert set(before["val"]) - {"c00"} <= set(after["val"])
+        assert not set(after["val"]) & set(after["train"])
+    assert sorted(c for f in grown for c in f["val"]) == [f"c{i:02d}" for i in range(1, 23)]
+    assert max(len(f["val"]) for f in grown) - min(len(f["val"]) for f in grown) <= 1
+    assert stored_splits([f"c{i:02d}" for i in range(1, 23)], 5, 0, path) == grown

@@ -55,7 +55,8 @@ def test_reads_back_exactly_the_measurements_written(written: tuple[Path, Path, 
     _, sr, _ = written
     read = read_dicom_sr(sr)
     assert set(read) == {"anterior", "posterior"}
-    assert set(read["anterior"]) == set(read["posterior"]) == {"volume_ml", "estimated_dice"}
+    assert set(read["anterior"]) == set(read["posterior"]) == {"volume_ml", "estimated_dice", "estimate_withheld"}
+    assert read["anterior"]["estimate_withheld"] is read["posterior"]["estimate_withheld"] is None
     assert isinstance(read["anterior"]["volume_ml"], float) and isinstance(read["anterior"]["estimated_dice"], float)
     assert read["anterior"]["volume_ml"] == pytest.approx(0.072, abs=1e-6)
     assert read["anterior"]["estimated_dice"] == pytest.approx(0.8123456789, abs=1e-9)
@@ -75,6 +76,17 @@ def test_no_estimated_dice_writes_no_dice_measurement(written: tuple[Path, Path,
     assert sorted(names["anterior"]) == sorted([(codes.SCT.Volume.value, "SCT"), ("EST-DICE", "99UNETPIPE")])
     units = {m.name.value: m.unit.value for m in groups["anterior"].get_measurements()}
     assert units == {codes.SCT.Volume.value: "ml", "EST-DICE": "1"}
+
+
+def test_a_withheld_estimate_is_stated_with_why_instead_of_a_dice(written: tuple[Path, Path, list[Path]],
+                                                                   tmp_path: Path) -> None:
+    seg, _, sources = written
+    withheld = [SegmentMeasurement("anterior", ANTERIOR_VOXELS / 1000.0, None, estimate_withheld=True),
+                SegmentMeasurement("posterior", 0.0, None)]
+    read = read_dicom_sr(write_dicom_sr(seg, sources, withheld, ALGORITHM, tmp_path / "sr.dcm"))
+    assert read["anterior"]["estimated_dice"] is None
+    assert read["anterior"]["estimate_withheld"] == "Withheld: input unlike the training data"
+    assert read["posterior"] == {"volume_ml": 0.0, "estimated_dice": None, "estimate_withheld": None}
 
 
 def test_references_the_seg_and_the_source_series_in_the_same_study(written: tuple[Path, Path, list[Path]]) -> None:

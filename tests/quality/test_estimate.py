@@ -13,6 +13,7 @@ import torch
 
 from pipeline.inference import SlidingWindowInferer, WindowSettings
 from pipeline.quality import Calibration, fit_calibration, label_volumes, quality_signals
+from pipeline.quality.records import WITHHELD
 from tests.conftest import dicom_series
 
 
@@ -142,6 +143,59 @@ def test_the_flag_tells_a_missing_structure_from_a_low_estimate() -> None:
     assert review({"a": 0.0}, Conformity(True), cal, None, present, {"a": 900}) == ["estimated Dice of a 0.00 is below 0.80"]
     assert review({"a": 0.0}, Conformity(True), cal, None, present, {"a": 0}) == [
         "no a found, though every validation case had one"]
-    assert review({"a": 0.9}, Conformity(False, ["spacing 3 mm"]), cal, 0.95, present, {"a": 500}) == [
-        "estimated Dice of a 0.90 is below 0.95", "spacing 3 mm"]
+    assert review({"a": 0.9}, Conformity(True), cal, 0.95, present, {"a": 500}) == ["estimated Dice of a 0.90 is below 0.95"]
+    # An input unlike the training data has no estimate (withheld), and the reasons say why first.
+    assert review({"a": None}, Conformity(False, ["spacing 3 mm"]), cal, 0.95, present, {"a": 500}) == [
+        f"no estimated Dice: {WITHHELD}", "spacing 3 mm"]
+    assert review({"a": None}, Conformity(False, ["spacing 3 mm"]), cal, None, present, {"a": 0}) == [
+        f"no estimated Dice: {WITHHELD}", "no a found, though every validation case had one", "spacing 3 mm"]
     assert review({"a": None}, Conformity(True), None, None) == []  # no calibration: no estimate-based reason
+
+
+def test_a_flag_reason_never_reads_the_same_number_on_both_sides() -> None:
+    from pipeline.quality import Conformity, review
+
+    signals, dice = _synthetic(20)
+    cal = fit_calibration(signals, dice, min_expected_dice=0.8712)
+    present = {"a": 1.0}
+    # Both round to 0.87: three decimals tell them apart.
+    assert review({"a": 0.8704}, Conformity(True), cal, None, present, {"a": 500}) == [
+        "estimated Dice of a 0.870 is below 0.871"]
+    assert review({"a": 0.86}, Conformity(True), cal, None, present, {"a": 500}) == ["estimated Dice of a 0.86 is below 0.87"]
+    assert review({"a": 0.87119}, Conformity(True), cal, None, present, {"a": 500}) == [
+        "estimated Dice of a 0.87119 is below 0.87120"]
+
+
+def test_a_non_conforming_input_gets_no_estimate_and_every_output_says_why(tmp_path) -> None:
+    import csv
+    import html
+
+    from pipeline.quality import Conformity, case_record, write_report, write_summary_csv
+
+    signals, dice = _synthetic(20)
+    cal = fit_calibration(signals, dice, min_expected_dice=0.5)
+    labels = np.zeros((20, 20, 10), np.uint8)
+    labels[5:15, 5:15, 2:8] = 1
+    # The signals of a confident prediction: in domain, the calibration estimates a high Dice.
+    case_signals = {1: {"soft_dice": 0.99, "expected_error": 0.01, "voxels": 600.0, "spread": 0.0,
+                        "boundary_entropy": 0.1}}
+    args = (labels, np.eye(4), {1: "a"}, case_signals, cal)
+    kwargs = {"model": {"name": "m", "version": "1"}, "settings": {}, "files": {"mask": "x.nii.gz"}}
+    inside = case_record("inside", *args, Conformity(True), **kwargs)
+    outside = case_record("outside", *args, Conformity(False, ["spacing 0.43x0.43x6.50 mm, trained on 1.00x1.00x1.00 mm"]),
+                          **kwargs)
+    assert inside["labels"]["a"]["estimated_dice"] > 0.9 and inside["estimate_withheld"] is None
+    assert outside["labels"]["a"]["estimated_dice"] is None and outside["estimated_mean_dice"] is None
+    assert outside["estimate_withheld"] == WITHHELD
+    assert outside["flagged"] and outside["reasons"][0] == f"no estimated Dice: {WITHHELD}"
+    assert outside["labels"]["a"]["signals"]["soft_dice"] == 0.99  # the signals are still recorded
+    with open(write_summary_csv([inside, outside], tmp_path / "summary.csv"), newline="") as fp:
+        rows = {r["case"]: r for r in csv.DictReader(fp)}
+    assert rows["outside"]["a estimated_dice"] == "" and rows["outside"]["estimate_withheld"] == WITHHELD
+    assert float(rows["inside"]["a estimated_dice"]) > 0.9 and rows["inside"]["estimate_withheld"] == ""
+    assert rows["outside"]["reasons"].startswith(f"no estimated Dice: {WITHHELD}")
+    page = write_report([inside, outside], tmp_path / "report.html", {}, "t").read_text()
+    outside_row = next(r for r in page.split("<tr ") if 'data-case="outside"' in r)
+    inside_row = next(r for r in page.split("<tr ") if 'data-case="inside"' in r)
+    assert outside_row.count(f'title="{html.escape(WITHHELD)}">withheld</td>') == 2  # the label's and the mean's
+    assert "withheld" not in inside_row

@@ -99,8 +99,11 @@ def test_each_estimate_is_the_stored_calibration_applied_to_the_case_signals(cal
     for name, record in calibrated["records"].items():
         signals = {e["value"]: e["signals"] for e in record["labels"].values()}
         expected = calibration.estimate(signals)
+        conforms = record["conformity"]["conforms"]
+        assert (record["estimate_withheld"] is None) == conforms, name
         for entry in record["labels"].values():
-            assert entry["estimated_dice"] == pytest.approx(expected[entry["value"]]), name
+            # An input unlike the training data gets no estimate: it would be an extrapolation.
+            assert entry["estimated_dice"] == (pytest.approx(expected[entry["value"]]) if conforms else None), name
         threshold = record["min_expected_dice"]
         assert threshold == pytest.approx(calibration.min_expected_dice)
         low = [n for n, e in record["labels"].items() if e["estimated_dice"] is not None and e["estimated_dice"] < threshold]
@@ -225,3 +228,32 @@ def test_out_of_domain_series_are_flagged_with_every_reason(calibrated: dict, se
     assert not result.conforms
     for start in expected:
         assert any(r.startswith(start) for r in result.reasons), (start, result.reasons)
+
+
+def test_a_brain_series_through_the_hippocampus_model_gets_no_estimate_anywhere(calibrated: dict) -> None:
+    """The real case behind the rule: a brain T1 post-contrast series was once estimated at Dice 1.0."""
+    from pipeline.inference import read_dicom_sr
+    from pipeline.quality.records import WITHHELD
+
+    series = dicom_series("pgbm003_t1post")
+    out = calibrated["root"] / "pred_brain"
+    # No window overlap: the record is under test here, not the mask, and the series is large at 1 mm.
+    assert main(["predict", "--model", f"models:/{MODEL}@champion", str(series), "--out", str(out), "--overlap", "0",
+                 "--work-dir", str(calibrated["work"])]) == 0
+    record = json.loads((out / "pgbm003_t1post.json").read_text())
+    assert not record["conformity"]["conforms"] and record["flagged"]
+    assert record["estimate_withheld"] == WITHHELD and record["estimated_mean_dice"] is None
+    assert record["reasons"][0] == f"no estimated Dice: {WITHHELD}"
+    assert any(r.startswith("spacing 0.43x0.43x6.50 mm") for r in record["reasons"])
+    assert set(record["labels"]) == {"Anterior", "Posterior"}
+    assert all(e["estimated_dice"] is None for e in record["labels"].values())
+    with open(out / "summary.csv", newline="") as fp:
+        (row,) = list(csv.DictReader(fp))
+    assert row["estimate_withheld"] == WITHHELD and row["estimated_mean_dice"] == ""
+    assert row["Anterior estimated_dice"] == row["Posterior estimated_dice"] == ""
+    sr = read_dicom_sr(out / record["files"]["sr"])
+    for name in record["labels"]:
+        assert sr[name]["estimated_dice"] is None
+        assert sr[name]["estimate_withheld"] == "Withheld: input unlike the training data"
+    page = (out / "report.html").read_text()
+    assert page.count(">withheld</td>") == 3  # both labels and the mean

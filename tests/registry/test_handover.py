@@ -90,6 +90,21 @@ def test_pyfunc_predicts_a_raw_scan_like_the_cli(registered: dict) -> None:
         assert (got["voxels"], got["volume_ml"]) == (entry["voxels"], entry["volume_ml"])
         assert (got["estimated_dice"] is None) == (entry["estimated_dice"] is None)
     assert {e["voxels"] for e in measured["labels"].values()} == {int((registered["expected"] == v).sum()) for v in (1, 2)}
+    # The record names the model it came from, as predict's does: the version the alias pointed to.
+    assert measured["model"] == record["model"] == {"name": MODEL, "version": "1"}
+
+
+def test_a_run_s_model_names_its_run(registered: dict, tmp_path: Path) -> None:
+    import mlflow
+
+    from pipeline.registry.pyfunc import model_identity
+
+    mlflow.set_tracking_uri(registered["uri"])
+    run_id = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion").run_id
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path)))
+    assert model_identity(local / "artifacts" / "checkpoint.pt") == {"name": "run", "version": run_id}
+    assert model_identity(_download(registered, tmp_path / "registered") / "artifacts" / "checkpoint.pt") == {
+        "name": MODEL, "version": "1"}
 
 
 def test_mlflow_models_serve_answers_on_loopback(registered: dict) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline import registry
-from pipeline.registry import registration
+from pipeline.registry import model_cache, registration
 from tests.conftest import run_main, save_untrained_2mm_model
 from tests.mlflow_server import MlflowServer, mlflow_server  # noqa: F401
 
@@ -92,6 +92,8 @@ def test_a_version_is_downloaded_once_and_reused(server: MlflowServer, tmp_path:
     assert not (tmp_path / "dl1").exists() and not (tmp_path / "dl2").exists()
     # One whole copy, no download folder left behind.
     assert [p.name for p in _cache_models().iterdir()] == [first.path.relative_to(_cache_models()).parts[0]]
+    # It records what it is, for `unet-pipeline cache list`.
+    assert [(e.name, e.version) for e in model_cache.entries(_cache_models())] == [("cache-once", "1")]
 
 
 def test_a_new_champion_is_used_at_once(server: MlflowServer, tmp_path: Path, downloads: list[str]) -> None:
@@ -220,3 +222,18 @@ def test_an_unwritable_cache_falls_back_to_the_download_dir(server: MlflowServer
                                           server.uri)
     assert tmp_path / "dl" in resolved.path.parents and _sha256(resolved.path) == _sha256(checkpoint)
     assert any("without caching" in r.getMessage() for r in caplog.records)
+
+
+def test_the_configured_cap_evicts_the_version_used_longest_ago(server: MlflowServer, tmp_path: Path,
+                                                                downloads: list[str]) -> None:
+    work = tmp_path / "work"
+    _register(server.uri, work, _checkpoint(tmp_path / "a.pt"), "cache-cap-a")
+    _register(server.uri, work, _checkpoint(tmp_path / "b.pt", bias=0.5), "cache-cap-b")
+    downloads.clear()
+    a = registry.resolve_model("models:/cache-cap-a/1", work, tmp_path / "dl", server.uri)
+    assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-cap-a"]
+    # registry.model_cache_max_gb: 0 keeps only the version in use.
+    b = registry.resolve_model("models:/cache-cap-b/1", work, tmp_path / "dl", server.uri, cache_max_gb=0.0)
+    assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-cap-b"]
+    assert b.path.is_file() and not a.path.exists()
+    assert downloads == ["models:/cache-cap-a/1", "models:/cache-cap-b/1"]

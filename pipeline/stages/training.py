@@ -1,9 +1,8 @@
-"""The stages wired together: config -> data -> preprocess -> train -> evaluate -> registry."""
+"""The training stages: train a fold, evaluate it, gate and register it; register a fold ensemble."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,41 +10,9 @@ from typing import Any
 
 from pipeline import registry
 from pipeline.config import PipelineConfig
-from pipeline.data import Case, Dataset, PreprocessedCase, load_dataset, make_demo_dataset, preprocess_dataset, stored_splits
 from pipeline.scheduling import RunSession
+from pipeline.stages.data import Prepared, checkpoint_dir, discover, prepare_distributed
 from pipeline.training import resolve_device
-
-
-@dataclass
-class Prepared:
-    """The dataset, its plan, preprocessed cases and the train/validation split.
-
-    Args:
-        dataset: the discovered dataset.
-        plan: the preprocessing plan.
-        cases: preprocessed cases by id.
-        split: this fold's ``{"train": [...ids], "val": [...ids]}``.
-        out_dir: the preprocessed folder.
-        data_hash: the dataset's content hash.
-        preprocessed: how many cases this call preprocessed (0: all reused from the cache).
-    """
-
-    dataset: Dataset
-    plan: dict[str, Any]
-    cases: dict[str, PreprocessedCase]
-    split: dict[str, list[str]]
-    out_dir: Path
-    data_hash: str = ""
-    preprocessed: int = 0
-
-    def subset(self, part: str) -> list[PreprocessedCase]:
-        """Preprocessed cases of ``"train"`` or ``"val"``."""
-        return [self.cases[i] for i in self.split[part]]
-
-    def raw_cases(self, part: str) -> list[Case]:
-        """Original (unpreprocessed) cases of ``"train"`` or ``"val"``."""
-        by_id = {c.case_id: c for c in self.dataset.cases}
-        return [by_id[i] for i in self.split[part]]
 
 
 @dataclass
@@ -75,71 +42,6 @@ class RunSummary:
     finished: str | None = None
 
 
-def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
-    """The configured dataset, generating the synthetic demo data first when asked.
-
-    Args:
-        cfg: the pipeline configuration.
-        work_dir: the work directory (demo data goes to ``work_dir/demo_data``).
-    """
-    if cfg.data.dataset is None:
-        path = make_demo_dataset(
-            work_dir / "demo_data", cfg.data.synthetic_cases, cfg.data.synthetic_size, cfg.data.split_seed
-        )
-        return load_dataset(path)
-    return load_dataset(cfg.data.dataset)
-
-
-def prepare(cfg: PipelineConfig, work_dir: Path) -> Prepared:
-    """The preprocess stage: discover, fingerprint, plan, preprocess (cached) and the k-fold split.
-
-    Holds ``work_dir/locks/preprocess.lock`` throughout: fold jobs started together wait for the
-    first to preprocess, then find it all cached.
-
-    Args:
-        cfg: the pipeline configuration.
-        work_dir: the work directory.
-    """
-    from pipeline.scheduling import preprocess_lock
-
-    with preprocess_lock(work_dir, "preprocess", cfg.data.fold):
-        dataset = discover(cfg, work_dir)
-        out_dir = work_dir / "preprocessed"
-        done = preprocess_dataset(cfg, dataset, out_dir, resolve_device(cfg.train.device))
-        folds = stored_splits([c.case_id for c in done.cases], cfg.data.num_folds, cfg.data.split_seed,
-                              work_dir / "splits.json")
-    return Prepared(dataset, done.plan, {c.case_id: c for c in done.cases}, folds[cfg.data.fold], out_dir,
-                    done.data_hash, len(done.redone))
-
-
-def prepare_distributed(cfg: PipelineConfig, work_dir: Path) -> Prepared:
-    """:func:`prepare` on rank 0 first; the other ``torchrun`` processes then read its cache.
-
-    Args:
-        cfg: the pipeline configuration.
-        work_dir: the work directory.
-    """
-    from pipeline.training import distributed
-
-    env = distributed.init(resolve_device(cfg.train.device).type)
-    if env.is_main:
-        prepared = prepare(cfg, work_dir)
-    distributed.barrier()
-    if not env.is_main:
-        prepared = prepare(cfg, work_dir)
-    return prepared
-
-
-def checkpoint_dir(work_dir: Path, fold: int) -> Path:
-    """Where a fold's ``best.pt`` and ``last.pt`` live.
-
-    Args:
-        work_dir: the work directory.
-        fold: the cross-validation fold.
-    """
-    return work_dir / "checkpoints" / f"fold_{fold}"
-
-
 def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_size: int):
     """What a new or reopened MLflow run logs first: params without paths, the redacted config, the plan, the split, tags."""
     from pipeline.registry import dataset_label, redact_config, run_params
@@ -151,7 +53,22 @@ def _run_record(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, world_s
     config = redact_config(cfg.to_dict(), dataset_label(prepared.dataset.name, prepared.data_hash))
     folds = json.loads((work_dir / "splits.json").read_text())["folds"]
     tags = {"preprocess.cases_preprocessed": str(prepared.preprocessed)}  # by this call; 0: another fold's job did
-    return params, config, {"preprocess": prepared.out_dir / "plans.json"}, folds, tags
+    artifacts = {"preprocess": prepared.out_dir / "plans.json"}
+    if (prepared.dataset.root / "manifest.json").is_file():  # a DICOM dataset: which label object made each case
+        artifacts["dataset"] = prepared.dataset.root / "manifest.json"
+    return params, config, artifacts, folds, tags
+
+
+def _labels(cfg: PipelineConfig, prepared: Prepared) -> dict[str, Any] | None:
+    """A DICOM dataset's label set (counts, source without credentials or path, digest); ``None`` for NIfTI data."""
+    from pipeline.data import label_summary
+    from pipeline.dicomweb import redact_url
+
+    manifest = prepared.dataset.root / "manifest.json"
+    if cfg.data.dataset is None or not manifest.is_file():
+        return None
+    source = redact_url(cfg.data.dataset) if "://" in cfg.data.dataset else "a DICOM folder"
+    return label_summary(json.loads(manifest.read_text()), source)
 
 
 def _lock(work_dir: Path, command: str, is_main: bool, fold: int):
@@ -225,6 +142,9 @@ def _run_or_train(cfg: PipelineConfig, work_dir: Path, force: bool, register: bo
         if env.is_main:
             _, _, state = decision
             run_id = session.open_run(action, state, *_run_record(cfg, work_dir, prepared, env.world_size))
+            labels = _labels(cfg, prepared)
+            if labels:
+                session.log.dataset_input(labels)
         try:
             if action == "finish":
                 result = _training_result_from_disk(cfg, work_dir)
@@ -287,7 +207,8 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
                     "logging the quality calibration")
     def gate() -> tuple[Any, str]:
         return score_and_log(cfg.registry.evaluation_set, cfg.registry.promote_margin, cfg.mlflow.model_name, device,
-                             work_dir, prepared.raw_cases("val"), evaluation, model_path, log)
+                             work_dir, prepared.raw_cases("val"), evaluation, model_path, log,
+                             cache_max_gb=cfg.registry.model_cache_max_gb)
 
     def register() -> str | None:
         version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
@@ -301,7 +222,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
             cfg.mlflow.model_name, version, run_id, prepared.dataset.name, prepared.data_hash, len(prepared.cases),
             cfg.data.fold, cfg.data.num_folds, cfg.data.split_seed, len(prepared.split["train"]),
             len(prepared.split["val"]), keys.config_hash, keys.code, prepared.plan, summary, inference,
-            gate_result.decision)
+            gate_result.decision, _labels(cfg, prepared))
         describe_version(facts, gate_tags(gate_result, eval_set), log)
 
     lease = registry.GateLease(cfg.mlflow.model_name, cfg.registry.gate_lease_s, cfg.registry.gate_wait_s, call=log.call)
@@ -369,127 +290,3 @@ def ensemble_stage(cfg: PipelineConfig, work_dir: Path, force: bool = False, fai
         raise NotPromotedError(f"version {summary.promotion.version} was registered but not promoted: "
                                f"{summary.promotion.decision}")
     return summary
-
-
-# Model references -> one predictor (a registered fold ensemble brings every fold) is the registry's.
-load_predictor = registry.load_predictor
-
-
-def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, overrides=None,
-                   device: str = "auto") -> dict[str, Any]:
-    """Evaluate a model on every labelled case of a dataset, with its stored inference settings.
-
-    Args:
-        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
-            ``fold_*/final.pt``; several are ensembled (softmax averaged).
-        data: a ``dataset.json`` or a folder holding one.
-        out_dir: where ``cases.csv``, ``summary.json`` and ``predictions/`` go.
-        work_dir: work directory (its SQLite store is the default registry).
-        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
-        device: ``auto``, ``cpu`` or ``cuda``.
-    """
-    from pipeline.evaluation import evaluate_cases
-
-    dataset = load_dataset(data)
-    predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
-    return evaluate_cases(predictor, dataset.cases, out_dir,
-                          model={"name": identity.name, "version": str(identity.version)}).summary
-
-
-def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, overrides=None,
-                  device: str = "auto", series_uid: str | None = None, save_probabilities: bool = False,
-                  write_seg: bool = True, overwrite: bool = False, min_expected_dice: float | None = None):
-    """Segment NIfTI files and DICOM series (or folders of them): one NIfTI label map per case on the
-    input's grid, optional probabilities, and a DICOM SEG for DICOM inputs; under ``torchrun`` the cases
-    are shared across ranks.
-
-    Args:
-        model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
-            ``fold_*/final.pt``; several are ensembled (softmax averaged).
-        inputs: NIfTI files, DICOM series folders, or folders of them.
-        out_dir: output folder (created).
-        work_dir: work directory (its SQLite store is the default registry).
-        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        series_uid: the DICOM series to read from input folders holding several.
-        save_probabilities: also write per-class probability maps.
-        write_seg: write a DICOM SEG for DICOM series inputs.
-        overwrite: redo cases whose outputs already exist.
-        min_expected_dice: the review threshold (``None``: the model's).
-
-    Returns:
-        The :class:`~pipeline.inference.predict.PredictReport`.
-    """
-    from pipeline.inference import algorithm_for, expand_inputs, group_cases, predict_cases, shard
-
-    predictor, identity = load_predictor(model_refs, work_dir, overrides, device, series_uid)
-    found = expand_inputs(inputs)
-    cases = group_cases(found, len(predictor.plan["modalities"]))
-    algorithm = algorithm_for(identity.name, identity.version)
-    return predict_cases(predictor, shard(cases), out_dir, algorithm, series_uid, save_probabilities, write_seg,
-                         overwrite, min_expected_dice=min_expected_dice, batch=cases)
-
-
-def _pacs_setup(url: str, rules_cfg: Any, verify_tls: bool):
-    from pipeline.pacs import PacsClient, SeriesRules
-
-    client = PacsClient(url, verify_tls=verify_tls)
-    rules = SeriesRules(rules_cfg.modality, rules_cfg.series_description, rules_cfg.min_slices)
-    return client, rules
-
-
-def pacs_predict_stage(url: str, study_uid: str, series_uid: str | None, model_refs: Sequence[str], work_dir: Path,
-                       pacs_cfg: Any, overrides=None, device: str = "auto", keep_in: Path | None = None):
-    """Segment one series of a study on the PACS and store the DICOM SEG back into the study.
-
-    Args:
-        url: the DICOMweb root.
-        study_uid: the study.
-        series_uid: the series (``None``: chosen by ``pacs_cfg``'s rules).
-        model_refs: the model(s), as for ``predict``.
-        work_dir: the work directory (default registry).
-        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS).
-        overrides: inference setting overrides.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        keep_in: also keep the NIfTI mask and the SEG in this folder.
-    """
-    from pipeline.inference import algorithm_for
-    from pipeline.pacs import segment_series, select_series
-
-    client, rules = _pacs_setup(url, pacs_cfg, pacs_cfg.verify_tls)
-    client.ping()
-    series = select_series(client.list_series(study_uid), rules, series_uid, study_uid)
-    predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
-    return segment_series(client, predictor, algorithm_for(identity.name, identity.version), study_uid, series, keep_in)
-
-
-def pacs_watch_stage(url: str, model_refs: Sequence[str], work_dir: Path, pacs_cfg: Any, since=None, overrides=None,
-                     device: str = "auto"):
-    """One scheduled pass: segment every study with a matching series and no SEG of this model version yet.
-
-    Holds the work directory's lock; records what it did in ``work_dir/pacs/ledger.json``.
-
-    Args:
-        url: the DICOMweb root.
-        model_refs: the model(s), as for ``predict``.
-        work_dir: the work directory (lock, ledger, default registry).
-        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS).
-        since: only studies from this date on (``datetime.date``), or ``None``.
-        overrides: inference setting overrides.
-        device: ``auto``, ``cpu`` or ``cuda``.
-    """
-    from pipeline.inference import algorithm_for
-    from pipeline.pacs import WatchLedger, model_tag, run_watch_pass, segment_series
-    from pipeline.scheduling import work_dir_lock
-
-    with work_dir_lock(work_dir, "pacs watch"):
-        client, rules = _pacs_setup(url, pacs_cfg, pacs_cfg.verify_tls)
-        client.ping()
-        predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
-        algorithm = algorithm_for(identity.name, identity.version)
-        tag = model_tag(identity.name, identity.version)
-
-        def process(study_uid: str, series: Any) -> str:
-            return segment_series(client, predictor, algorithm, study_uid, series).seg_sop_instance_uid
-
-        return run_watch_pass(client, tag, rules, since, process, WatchLedger(work_dir))
