@@ -1,6 +1,6 @@
 """The config and CLI references of the docs site, generated from the code (a MkDocs hook; the tests call it too).
 
-The config reference reads every section dataclass of ``pipeline/config.py``: each field's key, its type (named as
+The config reference reads every section dataclass of ``pipeline/config/schema.py``: each field's key, its type (named as
 the config validator names it in its errors) and default, and its one-line meaning from the ``Attributes:`` section
 of the class docstring (Google style, one ``name: meaning`` entry per key). The CLI reference walks the argparse
 parser of ``pipeline/cli.py`` (``build_parser``). A key without an ``Attributes:`` entry, or a sub-command, flag or
@@ -91,7 +91,7 @@ def config_rows() -> list[dict[str, str]]:
                          "default": _yaml_value(_default(f)), "meaning": meaning})
     if missing:
         raise UndocumentedError(
-            f"config key(s) without an 'Attributes:' entry in their class docstring (pipeline/config.py): "
+            f"config key(s) without an 'Attributes:' entry in their class docstring (pipeline/config/schema.py): "
             f"{', '.join(missing)}")
     return rows
 
@@ -101,7 +101,7 @@ def _cell(text: str) -> str:
 
 
 def config_markdown() -> str:
-    """The config reference: one table per section, from pipeline/config.py."""
+    """The config reference: one table per section, from pipeline/config/schema.py."""
     from pipeline import config
 
     out = []
