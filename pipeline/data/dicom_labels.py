@@ -238,6 +238,12 @@ def _segment_codes(desc: Any) -> tuple[str, ...]:
     return tuple(c for c in codes if c and c != ":")
 
 
+def _check_frame_of_reference(header: LabelHeader, image_frame_of_reference: str, what: str) -> None:
+    if header.frame_of_reference_uid and image_frame_of_reference \
+            and header.frame_of_reference_uid != image_frame_of_reference:
+        raise LabelProblem(f"{what}: its frame of reference is not the image series' one")
+
+
 def _seg_source_sops(seg: Any) -> set[str]:
     """Every source instance a SEG names: its ReferencedSeriesSequence and each frame's SourceImageSequence."""
     sops = {str(i.ReferencedSOPInstanceUID) for series in seg.get("ReferencedSeriesSequence", [])
@@ -265,9 +271,7 @@ def seg_label(header: LabelHeader, image: sitk.Image, matcher: ClassMatcher,
     import highdicom as hd
 
     what = f"SEG {header.sop_uid}"
-    if header.frame_of_reference_uid and image_frame_of_reference \
-            and header.frame_of_reference_uid != image_frame_of_reference:
-        raise LabelProblem(f"{what}: its frame of reference is not the image series' one")
+    _check_frame_of_reference(header, image_frame_of_reference, what)
     try:
         seg = hd.seg.segread(header.path)
     except Exception as exc:  # highdicom raises many types on malformed objects
@@ -352,9 +356,7 @@ def rtstruct_label(header: LabelHeader, image: sitk.Image, matcher: ClassMatcher
         LabelProblem: why the RTSTRUCT cannot be used.
     """
     what = f"RTSTRUCT {header.sop_uid}"
-    if header.frame_of_reference_uid and image_frame_of_reference \
-            and header.frame_of_reference_uid != image_frame_of_reference:
-        raise LabelProblem(f"{what}: its frame of reference is not the image series' one")
+    _check_frame_of_reference(header, image_frame_of_reference, what)
     try:
         ds = pydicom.dcmread(header.path, force=True)
     except Exception as exc:
