@@ -66,6 +66,13 @@ def _fetch(client: DicomWebClient, wanted: list[tuple[str, str, str]], cache: Pa
     return paths
 
 
+def _instances(client: DicomWebClient, series: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(study, series, sop)`` of every instance of these series; the QIDO-RS lists are asked for concurrently."""
+    with ThreadPoolExecutor(MAX_WORKERS) as pool:
+        listed = list(pool.map(lambda key: sorted(client.instance_uids(*key)), series))
+    return [(study, uid, sop) for (study, uid), sops in zip(series, listed) for sop in sops]
+
+
 def pull(url: str, cache: Path, verify_tls: bool = True,
          channels: tuple[str, ...] = ()) -> tuple[list[Path], PullStats]:
     """Bring the label objects of a DICOMweb server and the image series they reference into ``cache``.
@@ -84,7 +91,7 @@ def pull(url: str, cache: Path, verify_tls: bool = True,
     stats = PullStats()
     label_series = client.find_series("SEG") + client.find_series("RTSTRUCT")
     stats.label_series = len(label_series)
-    wanted = [(study, s.uid, sop) for study, s in label_series for sop in sorted(client.instance_uids(study, s.uid))]
+    wanted = _instances(client, [(study, s.uid) for study, s in label_series])
     label_files = _fetch(client, wanted, cache, "labels", stats)
     images: set[tuple[str, str]] = set()
     for path in label_files:
@@ -97,8 +104,7 @@ def pull(url: str, cache: Path, verify_tls: bool = True,
     for study in sorted({study for study, _ in images} if channels else ()):
         images.update((study, s.uid) for s in client.list_series(study)
                       if any(re.search(c, s.description, re.IGNORECASE) for c in channels))
-    image_wanted = [(study, series, sop) for study, series in sorted(images)
-                    for sop in sorted(client.instance_uids(study, series))]
+    image_wanted = _instances(client, sorted(images))
     image_files = _fetch(client, image_wanted, cache, "images", stats)
     logger.info("%s: %d label series, %d instances listed, %d retrieved", redact_url(url), stats.label_series,
                 stats.listed, stats.retrieved)
