@@ -307,18 +307,19 @@ class DicomWebClient:
         return [self._summary(study_uid, item) for item in found
                 if _text(item, _SERIES_UID) and (not modality or _text(item, _MODALITY).upper() == modality.upper())]
 
-    def _summary(self, study_uid: str, item: dict[str, Any]) -> SeriesSummary:
+    def _summary(self, study_uid: str, item: dict[str, Any], count: bool = True) -> SeriesSummary:
         uid = _text(item, _SERIES_UID)
         try:
             count = int(_first(item, _NUM_SERIES_INSTANCES))
         except (TypeError, ValueError):
-            count = len(self._instance_uids(study_uid, uid))
+            count = len(self._instance_uids(study_uid, uid)) if count else 0
         return SeriesSummary(uid, _text(item, _MODALITY), _text(item, _SERIES_DESCRIPTION), count)
 
     def find_series(self, modality: str) -> list[tuple[str, SeriesSummary]]:
         """Every series of one Modality on the server, across studies, as ``(StudyInstanceUID, summary)``.
 
-        A server may ignore a search key it does not index: the modality is checked again here.
+        A server may ignore a search key it does not index: the modality is checked again here. Where the
+        server gives no NumberOfSeriesRelatedInstances, ``num_instances`` is 0 (not counted: the caller lists them).
 
         Args:
             modality: e.g. ``SEG`` or ``RTSTRUCT``.
@@ -327,7 +328,7 @@ class DicomWebClient:
             found = self._search(self._client.search_for_series, _SERIES_UID, search_filters={"Modality": modality},
                                  fields=["StudyInstanceUID", "Modality", "SeriesDescription",
                                          "NumberOfSeriesRelatedInstances"])
-        return [(_text(item, _STUDY_UID), self._summary(_text(item, _STUDY_UID), item)) for item in found
+        return [(_text(item, _STUDY_UID), self._summary(_text(item, _STUDY_UID), item, count=False)) for item in found
                 if _text(item, _SERIES_UID) and _text(item, _STUDY_UID)
                 and _text(item, _MODALITY).upper() == modality.upper()]
 
