@@ -14,6 +14,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -25,8 +26,10 @@ from pipeline.data.dicom_dataset import (
 )
 from pipeline.data.dicom_index import folder_files, index_files
 from pipeline.data.dicom_labels import ClassMatcher, LabelProblem, read_label_header
-from pipeline.dicomweb import DicomWebClient, redact_url
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # DICOMweb is imported when a pull needs it: a model loaded for inference never does
+    from pipeline.dicomweb import DicomWebClient
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ def pull(url: str, cache: Path, verify_tls: bool = True,
     Returns:
         The cached files of every instance the server lists now, and what the pull did.
     """
+    from pipeline.dicomweb import DicomWebClient, redact_url
+
     client = DicomWebClient(url, verify_tls=verify_tls)
     client.ping()
     stats = PullStats()
@@ -128,6 +133,8 @@ def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[st
     Returns:
         The scan, what the pull did (zeros for a folder), and how many conversions this call made.
     """
+    from pipeline.dicomweb import redact_url
+
     if not classes:
         raise ConfigError(f"data.dataset {redact_url(spec) if '://' in spec else spec} is a DICOM source: "
                           "name the classes in data.classes (label 1 first), so that segments and ROIs "
