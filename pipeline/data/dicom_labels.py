@@ -163,16 +163,14 @@ class ClassMatcher:
 
 
 def image_affine_lps(image: sitk.Image) -> np.ndarray:
-    """The 4x4 map from SimpleITK index (x, y, z) to LPS millimetres.
+    """The 4x4 map from SimpleITK index (x, y, z) to LPS millimetres (the reader's RAS affine, back in LPS).
 
     Args:
         image: a 3D SimpleITK image.
     """
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction @ np.diag(np.asarray(image.GetSpacing(), dtype=np.float64))
-    affine[:3, 3] = image.GetOrigin()
-    return affine
+    from transforms.dicom import LPS_TO_RAS, affine_from_sitk
+
+    return LPS_TO_RAS @ affine_from_sitk(image)
 
 
 def place_on_grid(array: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray, ref_shape: tuple[int, ...],
