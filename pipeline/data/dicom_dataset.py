@@ -35,7 +35,7 @@ from pipeline.data.dicom_labels import (
     rtstruct_label,
     seg_label,
 )
-from pipeline.data.files import write_text_atomic
+from pipeline.data.files import atomic_file, write_text_atomic
 from pipeline.errors import InputDataError, PipelineError
 
 CONVERTER_VERSION = 1
@@ -137,6 +137,14 @@ def case_name(series_uid: str) -> str:
     return "case_" + hashlib.sha256(series_uid.encode()).hexdigest()[:12]
 
 
+def _write_image(image: Any, path: Path) -> None:
+    """A SimpleITK image as compressed NIfTI, written atomically (a killed conversion leaves no half file)."""
+    import SimpleITK as sitk
+
+    with atomic_file(path, ".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
 class _Converter:
     """Converts images and labels into the cache, each once per content."""
 
@@ -163,7 +171,6 @@ class _Converter:
         return self.cache / "images" / f"{self._key(series_uid, sops)}.nii.gz"
 
     def _image(self, series_uid: str):
-        import SimpleITK as sitk
 
         from transforms.dicom import read_dicom_series
 
@@ -173,10 +180,7 @@ class _Converter:
         except InputDataError as exc:
             raise LabelProblem(f"its image series {series_uid} cannot be read ({exc.problem})") from None
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-            sitk.WriteImage(image, str(tmp), useCompression=True)
-            os.replace(tmp, path)
+            _write_image(image, path)
             self.converted += 1
         return image, path
 
@@ -222,10 +226,7 @@ class _Converter:
                         and np.allclose(image.GetDirection(), ref.GetDirection(), atol=1e-4))
                 if not same:
                     image = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-                sitk.WriteImage(image, str(tmp), useCompression=True)
-                os.replace(tmp, path)
+                _write_image(image, path)
                 self.converted += 1
             paths.append((path, self.series[uid][0].modality))
         return paths
@@ -262,9 +263,7 @@ class _Converter:
             raise
         out = sitk.GetImageFromArray(label.astype(np.uint8))
         out.CopyInformation(image)
-        tmp = done / f".label.{os.getpid()}.tmp.nii.gz"
-        sitk.WriteImage(out, str(tmp), useCompression=True)
-        os.replace(tmp, done / "label.nii.gz")
+        _write_image(out, done / "label.nii.gz")
         self.converted += 1
         return image_path, done / "label.nii.gz"
 
