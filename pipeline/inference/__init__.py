@@ -24,11 +24,12 @@ from pipeline.inference.model import (
 from pipeline.inference.outputs import write_label_map
 from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.predict import PredictReport, algorithm_for, exit_code, expand_inputs, group_cases, predict_cases, shard
-from pipeline.inference.predictor import Predictor
+from pipeline.inference.predictor import Predictor, class_argmax
 from pipeline.inference.settings import InferenceSettings, Overrides, inference_section
 from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettings, tile_starts, window_size
 
 __all__ = [
+    "class_argmax",
     "PredictReport",
     "expand_inputs",
     "group_cases",

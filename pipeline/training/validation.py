@@ -27,6 +27,7 @@ from pipeline.evaluation import dice_per_label
 from pipeline.inference import (
     SlidingWindowInferer,
     WindowSettings,
+    class_argmax,
     tile_starts,
     window_size,
 )
@@ -66,7 +67,7 @@ def validate(
     scores: dict[int, list[float]] = {v: [] for v in labels}
     for case in cases:
         logits = inferer(case["image"])
-        pred = torch.argmax(logits, 0).numpy()
+        pred = class_argmax(logits).numpy()
         for v, d in dice_per_label(pred, case["label"][0].numpy(), labels).items():
             scores[v].append(d)
     return {v: float(np.nanmean(s)) if not all(np.isnan(s)) else 0.0 for v, s in scores.items()}

@@ -248,3 +248,39 @@ def test_forced_fallback_gives_the_same_masks(tmp_path: Path, checkpoint_2mm: Pa
     assert any("fallback: windows on cpu, stitching in host memory, 1 window(s)" in m for m in messages), messages
     name = Path(image).name
     np.testing.assert_array_equal(np.asarray(nib.load(normal / name).dataobj), np.asarray(nib.load(capped / name).dataobj))
+
+
+# ---------------------------------------------------------------- memory-lean steps, same results
+
+
+def test_class_by_class_inversion_equals_monais_on_a_resampled_series(tmp_path: Path) -> None:
+    """The inversion one class at a time (memory) gives MONAI's all-class probabilities and their argmax.
+
+    On the real oblique series with a 2 mm plan, so the inversion resamples and reorients; the
+    probabilities are made with near-ties between classes, where the order of classes decides.
+    """
+    from monai.transforms import Invertd
+
+    from pipeline.inference import class_argmax, load_model
+    from pipeline.inference.predictor import Predictor
+
+    series = dicom_series("pgbm003_t1post")
+    model = load_model(save_untrained_2mm_model(tmp_path / "model.pt"), torch.device("cpu"))
+    predictor = Predictor([model], torch.device("cpu"))
+    d = predictor.load([series])
+    image = d["image"]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((3, *image.shape[1:]), generator=generator)
+    logits[2] = logits[1] + torch.where(torch.rand(logits[1].shape, generator=generator) < 0.3, 0.0, 1e-3)
+    probs = torch.softmax(logits, 0)
+    pred = image.__class__(probs.clone(), meta=image.meta, applied_operations=image.applied_operations)
+    expected = Invertd(keys="pred", transform=predictor.chain, orig_keys="image", nearest_interp=False)(
+        {**d, "pred": pred})["pred"].as_tensor()
+    assert expected.shape[1:] != probs.shape[1:], "the series must be resampled for this test to mean anything"
+    labels, kept = predictor._invert(d, probs.clone(), keep=True)
+    assert kept is not None and np.array_equal(kept, expected.numpy())
+    assert np.array_equal(labels, torch.argmax(expected, 0).numpy().astype(np.uint8))
+    assert (labels == 1).any() and (labels == 2).any()
+    assert torch.equal(class_argmax(probs).long(), torch.argmax(probs, 0))
+    labels_only, none = predictor._invert(d, probs.clone(), keep=False)
+    assert none is None and np.array_equal(labels_only, labels)
