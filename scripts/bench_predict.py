@@ -132,13 +132,12 @@ def _monai_engine() -> None:
 
 def _worker(method: str, predict_args: list[str]) -> None:
     """One ``predict`` call in this (cold) process; prints a JSON line with its stage times and peak RSS."""
-    from monai.transforms import Invertd
-
+    # Only pipeline modules, as ``unet-pipeline`` starts: importing MONAI first would change how it is imported.
     import pipeline.inference.predict as batch
-    from pipeline import registry
     from pipeline.cli import main
     from pipeline.inference import predictor, sliding_window
     from pipeline.inference.postprocessing import Postprocessing
+    from pipeline.registry import predictors as registry
 
     if method == "monai":
         _monai_engine()
@@ -147,7 +146,7 @@ def _worker(method: str, predict_args: list[str]) -> None:
     _timed(predictor.Predictor, "load", "read+preprocess", times)
     _timed(sliding_window.SlidingWindowInferer, "__call__", "engine", times)
     _timed(sliding_window.SlidingWindowInferer, "with_spread", "engine", times)
-    _timed(Invertd, "__call__", "inversion", times)
+    _timed(predictor.Invertd, "__call__", "inversion", times)
     _timed(Postprocessing, "apply", "postprocessing", times)
     _timed(batch, "write_label_map", "writing", times)
     _timed(batch, "write_probabilities", "writing", times)

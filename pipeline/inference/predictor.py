@@ -209,7 +209,9 @@ class Predictor:
                 logits, sd = engine.with_spread(image)
                 if n > 1:
                     # Pooled over the models: E|l|^2 - |E l|^2 over every pass of every model.
-                    part = sd.square_().add_(logits.square().sum(0))
+                    part = sd.square_()
+                    for channel in logits:  # a class at a time: no second copy of the logits
+                        part.addcmul_(channel, channel)
                     squares = part if squares is None else squares.add_(part)
                     logit_sum = logits.clone() if logit_sum is None else logit_sum.add_(logits)
             p = _softmax_(logits)  # in place: the logits are gone from here on
