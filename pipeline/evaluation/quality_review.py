@@ -1,7 +1,7 @@
 """The quality side of an evaluation: case records with estimated and true Dice, the report, the calibration.
 
 On validation (``run``) the map from quality signals to Dice is fitted here and drawn
-(estimated against true Dice per label, with Spearman's rho); on any other evaluation
+(out-of-sample estimated against true Dice per label, with Spearman's rho); on any other evaluation
 the model's stored calibration is applied, so the report shows how well the estimate
 held on those cases.
 """
@@ -17,7 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.quality import Calibration, Conformity, add_true_dice, case_record, write_report, write_summary_csv
+from pipeline.quality import (
+    WORST_CASES,
+    Calibration,
+    Conformity,
+    add_true_dice,
+    case_record,
+    out_of_sample_estimates,
+    write_report,
+    write_summary_csv,
+)
 
 
 @dataclass
@@ -37,10 +46,13 @@ def calibration_plot(
     calibration: Calibration, signals: Sequence[Mapping[int, Mapping[str, float]]],
     true_dice: Sequence[Mapping[int, float]], labels: Mapping[int, str], out_png: Path,
 ) -> Path:
-    """Estimated against true Dice on the validation cases, one panel per label and one for the case mean.
+    """Out-of-sample estimated against true Dice on the validation cases, one panel per label and one for the case mean.
 
-    The diagonal is a perfect estimate; the title gives Spearman's rho (in-sample and
-    leave-one-out) and the review threshold is drawn as a dashed line.
+    Each case is drawn at the estimate of a fit that did not see it (leave one out), as the
+    threshold and the figures were computed: drawn in-sample, the points would hug the
+    diagonal more closely than any unseen case will. The diagonal is a perfect estimate; the
+    title gives the out-of-sample Spearman rho, how many of the worst cases the review
+    threshold (dashed) catches, the share it flags, and whether that makes the estimate reliable.
 
     Args:
         calibration: the fitted calibration.
@@ -55,7 +67,7 @@ def calibration_plot(
     import matplotlib.pyplot as plt
 
     values = list(labels)
-    est = np.array([[_nan(calibration.estimate(s).get(v)) for v in values] for s in signals], dtype=float)
+    est = np.array([[_nan(e.get(v)) for v in values] for e in out_of_sample_estimates(signals, true_dice)], dtype=float)
     true = np.array([[_nan(t.get(v)) for v in values] for t in true_dice], dtype=float)
     panels = [(labels[v], est[:, j], true[:, j]) for j, v in enumerate(values) if v in calibration.labels]
     with warnings.catch_warnings():  # cases without any estimate are NaN rows, left out of the plot
@@ -69,15 +81,25 @@ def calibration_plot(
         ax.plot([lo, 1], [lo, 1], color="grey", lw=1, label="estimate = true (the fitted map)")
         ax.axvline(calibration.min_expected_dice, color="tab:red", ls="--", lw=1, label="review threshold")
         ax.set(title=name, xlabel="estimated Dice", ylabel="true Dice", xlim=(lo, 1), ylim=(lo, 1))
-    v = calibration.validation
-    fig.suptitle(f"Quality estimate on {int(v.get('cases', 0))} validation cases: Spearman rho "
-                 f"{v.get('spearman', math.nan):.2f} (leave-one-out {v.get('spearman_loo', math.nan):.2f})", fontsize=10)
+    fig.suptitle(_plot_title(calibration), fontsize=10)
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return out_png
+
+
+def _plot_title(calibration: Calibration) -> str:
+    """The calibration plot's title: out-of-sample figures, and the verdict they give."""
+    v = calibration.validation
+    title = f"Quality estimate on {int(v.get('cases', 0))} validation cases, out of sample: Spearman rho {calibration.rho:.2f}"
+    if calibration.reliable is None:  # a calibration stored before the out-of-sample figures
+        return f"{title}, reliability not assessed"
+    worst = min(WORST_CASES, int(v.get("cases", WORST_CASES)))
+    verdict = "reliable" if calibration.reliable else "NOT reliable: " + "; ".join(calibration.shortcomings())
+    return (f"{title}, worst {worst} caught {v['worst5_caught']:.0f}/{worst}, flagged {v['flagged_share']:.0%}\n"
+            f"{verdict}")
 
 
 def _nan(value: float | None) -> float:

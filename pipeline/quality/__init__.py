@@ -8,12 +8,13 @@ calibration on validation cases. It may import ``pipeline.data`` (and
 same records and report serve ``predict``, ``evaluate``, ``pacs`` and the MLflow model.
 """
 
-from pipeline.quality.calibration import Calibration, fit_calibration
+from pipeline.quality.calibration import WORST_CASES, Calibration, fit_calibration, out_of_sample_estimates
 from pipeline.quality.conformity import Conformity, check_conformity
 from pipeline.quality.measurements import label_volumes, spacing_mm, voxel_volume_ml
 from pipeline.quality.records import (
     add_true_dice,
     case_record,
+    estimate_quality,
     read_record,
     review,
     write_record,
@@ -23,13 +24,16 @@ from pipeline.quality.report import overlay_thumbnail, write_report
 from pipeline.quality.signals import quality_signals
 
 __all__ = [
+    "WORST_CASES",
     "Calibration",
     "Conformity",
     "add_true_dice",
     "case_record",
     "check_conformity",
+    "estimate_quality",
     "fit_calibration",
     "label_volumes",
+    "out_of_sample_estimates",
     "overlay_thumbnail",
     "quality_signals",
     "read_record",

@@ -17,7 +17,13 @@ used by the estimate.
 
 The review threshold ``min_expected_dice`` defaults to a low quantile (19 %: a review budget of under one case in five) of the
 validation cases' lowest per-label estimate, so about that share of in-domain cases is
-flagged for review.
+flagged for review. Those estimates are the cross-fitted (leave-one-out) ones, each case
+estimated by a fit that never saw it: in-sample estimates sit closer to the truth than any
+unseen case's will (on the hippocampus fold the fit ranked its own cases at rho 0.61, left
+one out at 0.48 and truly unseen cases at 0.25), so a threshold taken from them flags a
+different share of new cases than the one asked for. The figures that say whether the
+estimate can be trusted (``spearman_oos``, ``worst5_caught``, ``flagged_share``, and
+``reliable`` from them) come from the same out-of-sample estimates.
 """
 
 from __future__ import annotations
@@ -38,6 +44,16 @@ LOG_FEATURES = frozenset({"expected_error", "voxels"})
 #: a label found in at least this share of validation references is expected in every case.
 ALWAYS_PRESENT = 0.95
 MIN_CASES = 5
+#: how many of the validation cases with the lowest true mean Dice ``worst5_caught`` looks at.
+WORST_CASES = 5
+#: the estimate is reliable when its out-of-sample rho reaches this ...
+RELIABLE_MIN_RHO = 0.5
+#: ... the flag catches at least this many of the :data:`WORST_CASES` worst validation cases ...
+RELIABLE_MIN_WORST_CAUGHT = 3
+#: ... and flags at most this share of the validation cases (a review budget of one in four).
+RELIABLE_MAX_FLAGGED_SHARE = 0.25
+#: the figures a calibration fitted since they exist carries (older ones lack them: reliability unknown).
+OOS_KEYS = ("spearman_oos", "worst5_caught", "flagged_share")
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,14 @@ class LabelFit:
         return float(np.clip(self.intercept + sum(w * v for w, v in zip(self.weights, z)), 0.0, 1.0))
 
 
+def _apart(value: float, bound: float, digits: int = 2) -> str:
+    """``value`` with as many decimals as keep it from reading as ``bound`` (0.4996 against 0.5 reads 0.4996, not 0.50)."""
+    for d in range(digits, 7):
+        if float(text := f"{value:.{d}f}") != bound:  # NaN is never equal: it reads "nan"
+            return text
+    return repr(value)
+
+
 def _value(signals: Mapping[str, float], feature: str) -> float:
     """One signal as the fit uses it (a logarithm for :data:`LOG_FEATURES`; NaN when missing)."""
     value = float(signals.get(feature, math.nan))
@@ -100,9 +124,12 @@ class Calibration:
     Args:
         labels: label value -> its fit (labels with too few validation cases have none).
         min_expected_dice: the review threshold on any label's estimate.
-        validation: figures of the fit on its validation cases (``cases``, ``spearman``,
-            ``spearman_loo``: Spearman's rho between estimated and true mean Dice, in-sample
-            and leave-one-out).
+        validation: figures of the fit on its validation cases: ``cases``; ``spearman`` and
+            ``spearman_loo``, Spearman's rho between estimated and true mean Dice in-sample and
+            leave-one-out; from the out-of-sample estimates (since these exist) ``spearman_oos``
+            (their rho), ``worst5_caught`` (how many of the :data:`WORST_CASES` cases with the
+            lowest true mean Dice the threshold flags), ``flagged_share`` (the share of cases it
+            flags) and ``reliable`` (1.0 or 0.0, see :meth:`reliable`).
     """
 
     labels: dict[int, LabelFit]
@@ -116,6 +143,36 @@ class Calibration:
             signals: label value -> its signals.
         """
         return {v: (self.labels[v].estimate(s) if v in self.labels else None) for v, s in signals.items()}
+
+    @property
+    def rho(self) -> float:
+        """Spearman's rho of the estimate on unseen validation cases (leave-one-out for models saved before
+        ``spearman_oos`` existed; NaN when unknown)."""
+        v = self.validation
+        return float(v["spearman_oos"] if "spearman_oos" in v else v.get("spearman_loo", math.nan))
+
+    @property
+    def reliable(self) -> bool | None:
+        """Whether the estimate held on unseen validation cases (``None``: not known, a model saved before
+        the out-of-sample figures existed)."""
+        return None if not all(k in self.validation for k in OOS_KEYS) else not self.shortcomings()
+
+    def shortcomings(self) -> list[str]:
+        """Why the estimate is not reliable, one phrase per failed criterion (empty: reliable, or not known)."""
+        v = self.validation
+        if not all(k in v for k in OOS_KEYS):
+            return []
+        rho, caught, share = float(v["spearman_oos"]), float(v["worst5_caught"]), float(v["flagged_share"])
+        worst = min(WORST_CASES, int(v.get("cases", WORST_CASES)))
+        why = []
+        if not rho >= RELIABLE_MIN_RHO:  # NaN (too few cases to rank) is not reliable either
+            why.append(f"rho {_apart(rho, RELIABLE_MIN_RHO)} < {RELIABLE_MIN_RHO}")
+        if caught < RELIABLE_MIN_WORST_CAUGHT:
+            why.append(f"it flags {caught:.0f} of the {worst} worst validation cases (< {RELIABLE_MIN_WORST_CAUGHT})")
+        if share > RELIABLE_MAX_FLAGGED_SHARE:
+            percent = _apart(100 * share, 100 * RELIABLE_MAX_FLAGGED_SHARE, 0)
+            why.append(f"it flags {percent}% of the validation cases (> {RELIABLE_MAX_FLAGGED_SHARE:.0%})")
+        return why
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the checkpoint's ``inference`` section (JSON)."""
@@ -157,8 +214,35 @@ def fit_calibration(
     """
     n = len(signals)
     values = sorted({v for case in true_dice for v in case})
+    fits, oos = _cross_fit(signals, true_dice, values)
+    calibration = Calibration(fits, 0.0)
+    in_sample = np.array([[math.nan if (e := calibration.estimate(signals[i]).get(v)) is None else e
+                           for v in values] for i in range(n)], dtype=float)
+    truth = np.array([[float(case.get(v, math.nan)) for v in values] for case in true_dice], dtype=float)
+    lowest = _lowest(oos)
+    # The estimates the flag will meet are of unseen cases: the quantile of those flags ``flag_quantile`` of new cases.
+    known = lowest[~np.isnan(lowest)]
+    calibration.min_expected_dice = (float(min_expected_dice) if min_expected_dice is not None
+                                     else float(np.quantile(known, flag_quantile)) if known.size else 0.0)
+    caught, share = screening(lowest, _mean(truth), calibration.min_expected_dice)
+    rho_oos = _rho(oos, truth)
+    calibration.validation = {"cases": float(n), "spearman": _rho(in_sample, truth), "spearman_loo": rho_oos,
+                              "spearman_oos": rho_oos, "worst5_caught": float(caught), "flagged_share": share}
+    calibration.validation["reliable"] = float(bool(calibration.reliable))
+    return calibration
+
+
+def _cross_fit(
+    signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]], values: Sequence[int],
+) -> tuple[dict[int, LabelFit], np.ndarray]:
+    """Each label's fit on all usable cases, and every case's out-of-sample estimates (cases x ``values``, NaN: none).
+
+    A case the label's fit used is estimated by the fit on the others (leave one out); one it
+    did not use (its Dice or signals missing) by the full fit, which never saw it either.
+    """
+    n = len(signals)
     fits: dict[int, LabelFit] = {}
-    loo = np.full((n, len(values)), np.nan)
+    oos = np.full((n, len(values)), np.nan)
     for j, value in enumerate(values):
         y_all = np.array([float(case.get(value, math.nan)) for case in true_dice])
         presence = float(np.mean(~np.isnan(y_all))) if n else 0.0
@@ -171,27 +255,61 @@ def fit_calibration(
             rest = [k for k in usable if k != i]
             fit = _fit_label(_matrix(signals, value, rest), y_all[rest], presence) if i in usable else fits[value]
             est = fit.estimate(signals[i][value])
-            loo[i, j] = math.nan if est is None else est
-    calibration = Calibration(fits, 0.0)
-    in_sample = np.array([[math.nan if (e := calibration.estimate(signals[i]).get(v)) is None else e
-                           for v in values] for i in range(n)], dtype=float)
-    truth = np.array([[float(case.get(v, math.nan)) for v in values] for case in true_dice], dtype=float)
-    with warnings.catch_warnings():  # a case without any estimate is an all-NaN row: left out below
+            oos[i, j] = math.nan if est is None else est
+    return fits, oos
+
+
+def out_of_sample_estimates(
+    signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]],
+) -> list[dict[int, float | None]]:
+    """Per validation case, label value -> the estimate of a fit that did not see the case (as :func:`fit_calibration`).
+
+    Args:
+        signals: per case, label value -> signals.
+        true_dice: per case, label value -> Dice.
+    """
+    values = sorted({v for case in true_dice for v in case})
+    _, oos = _cross_fit(signals, true_dice, values)
+    return [{v: (None if math.isnan(row[j]) else float(row[j])) for j, v in enumerate(values)} for row in oos]
+
+
+def screening(lowest: np.ndarray, true_mean: np.ndarray, threshold: float) -> tuple[int, float]:
+    """How the review flag did on the validation cases: (worst caught, flagged share).
+
+    Args:
+        lowest: per case, its lowest per-label estimate (NaN: none, never flagged by the estimate).
+        true_mean: per case, its true mean Dice (NaN: unknown, not among the worst).
+        threshold: the review threshold.
+
+    Returns:
+        How many of the :data:`WORST_CASES` cases with the lowest true mean Dice have their
+        lowest estimate below ``threshold``, and the share of all the cases that have.
+    """
+    lowest, true_mean = np.asarray(lowest, dtype=float), np.asarray(true_mean, dtype=float)
+    with np.errstate(invalid="ignore"):
+        flagged = lowest < threshold  # NaN compares False: no estimate, no flag from it
+    ranked = [i for i in np.argsort(true_mean, kind="stable") if not math.isnan(true_mean[i])]
+    caught = int(sum(flagged[i] for i in ranked[:WORST_CASES]))
+    return caught, float(flagged.mean()) if flagged.size else 0.0
+
+
+def _lowest(estimates: np.ndarray) -> np.ndarray:
+    """Each case's lowest per-label estimate (NaN: none)."""
+    with warnings.catch_warnings():  # a case without any estimate is an all-NaN row
         warnings.simplefilter("ignore", RuntimeWarning)
-        # The estimates the flag will be applied to, so that ``flag_quantile`` of these cases is flagged.
-        lowest = np.nanmin(in_sample, axis=1) if n and values else np.array([])
-    lowest = lowest[~np.isnan(lowest)]
-    calibration.min_expected_dice = (float(min_expected_dice) if min_expected_dice is not None
-                                     else float(np.quantile(lowest, flag_quantile)) if lowest.size else 0.0)
-    calibration.validation = {"cases": float(n), "spearman": _rho(in_sample, truth), "spearman_loo": _rho(loo, truth)}
-    return calibration
+        return np.nanmin(estimates, axis=1) if estimates.size else np.full(len(estimates), np.nan)
+
+
+def _mean(values: np.ndarray) -> np.ndarray:
+    """Each case's mean over its labels (NaN: none)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=1) if values.size else np.full(len(values), np.nan)
 
 
 def _rho(estimates: np.ndarray, truth: np.ndarray) -> float:
     """Spearman's rho between estimated and true mean Dice over the cases where both exist."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        est, true = np.nanmean(estimates, axis=1), np.nanmean(truth, axis=1)
+    est, true = _mean(estimates), _mean(truth)
     ok = ~(np.isnan(est) | np.isnan(true))
     if ok.sum() < 3:
         return math.nan

@@ -9,6 +9,12 @@ An input that does not conform gets no estimated Dice at all: the calibration wa
 validation cases like the training data, and applied to anything else it extrapolates (a
 brain T1 post-contrast series through a hippocampus model was estimated at Dice 1.0). The
 record says so in ``estimate_withheld``, and the reasons start with it.
+
+How far the model's estimate can be trusted at all travels in ``estimate_quality``: how it
+ranked validation cases it had not seen (Spearman's rho), on how many, and whether it met
+the bar of :meth:`~pipeline.quality.calibration.Calibration.reliable` (``None``: a model
+calibrated before that was checked). The flag does not change with it; the report and
+``summary.csv`` say it, so a number from an unreliable estimate is not read as a measurement.
 """
 
 from __future__ import annotations
@@ -44,6 +50,23 @@ def estimate_withheld(conformity: Conformity, calibration: Calibration | None) -
         calibration: the model's calibration.
     """
     return WITHHELD if calibration is not None and conformity.checked and not conformity.conforms else None
+
+
+def estimate_quality(calibration: Calibration | None) -> dict[str, Any] | None:
+    """How well the model's estimate ranked unseen validation cases (``None``: no calibration).
+
+    Args:
+        calibration: the model's calibration.
+
+    Returns:
+        ``rho`` (out of sample; ``None``: unknown), ``cases`` (validation cases), ``reliable``
+        (``None``: not assessed) and ``why_not`` (the failed criteria, empty when reliable or not assessed).
+    """
+    if calibration is None:
+        return None
+    cases = calibration.validation.get("cases")
+    return {"rho": _clean(calibration.rho), "cases": None if cases is None else int(cases),
+            "reliable": calibration.reliable, "why_not": calibration.shortcomings()}
 
 
 def below(estimate: float, threshold: float) -> str:
@@ -135,6 +158,7 @@ def case_record(
                    for n, v in volumes.items()},
         "estimated_mean_dice": float(np.mean(known)) if known and len(known) == len(estimates) else None,
         "estimate_withheld": withheld,
+        "estimate_quality": estimate_quality(calibration),
         "min_expected_dice": (calibration.min_expected_dice if min_expected_dice is None else min_expected_dice)
         if calibration is not None else None,
         "conformity": conformity.to_dict(),
@@ -194,6 +218,10 @@ def summary_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"case": r["case"], "flagged": "yes" if r["flagged"] else "no",
                                "estimated_mean_dice": r.get("estimated_mean_dice"),
                                "estimate_withheld": r.get("estimate_withheld")}
+        quality = r.get("estimate_quality") or {}
+        # Repeated per row: a batch may mix models, and a spreadsheet row is read on its own.
+        row["estimate_rho"] = quality.get("rho")
+        row["estimate_reliable"] = {True: "yes", False: "no"}.get(quality.get("reliable"), "")
         if "true_mean_dice" in r:
             row["true_mean_dice"] = r["true_mean_dice"]
         for name, entry in r["labels"].items():

@@ -6,6 +6,11 @@ no server and no internet. Every text taken from a record (case names, reasons, 
 names) is HTML-escaped: case names come from file and folder names nobody vetted.
 The document is written pure ASCII (non-ASCII as character references), so it reads the
 same whatever the locale encoding of the process that wrote it.
+
+Under the summary, each model's estimate says how well it ranked validation cases it had not
+seen; where that fell short of the bar the report says the estimate is not reliable, and
+every estimated Dice of that model reads as indicative ("~0.61", greyed) instead of as a
+three-decimal measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.data import write_text_atomic
+from pipeline.quality.calibration import RELIABLE_MIN_RHO
 from pipeline.quality.records import review_order
 
 DPI = 100
@@ -34,6 +40,8 @@ LABEL_COLOURS = ("#ff0000", "#00ff00", "#0080ff", "#ffff00", "#ff00ff", "#00ffff
 FILL_ALPHA = 0.35
 FLAG_COLOUR = "#d62728"
 MISSING = "&ndash;"
+#: the hover text of an estimated Dice from a model whose estimate is not reliable.
+INDICATIVE = "indicative only: the estimated Dice is not reliable for this model"
 
 
 def _figure(size_px: tuple[int, int], **kwargs: Any) -> Figure:
@@ -164,9 +172,19 @@ def _num_cell(value: Any, fmt: str = "dice") -> str:
 def _estimate_cell(record: Mapping[str, Any], value: Any) -> str:
     """An estimated Dice cell; a withheld estimate (input unlike the training data) says so, and why on hover."""
     withheld = record.get("estimate_withheld")
-    if withheld and _number(value) is None:
+    number = _number(value)
+    if withheld and number is None:
         return f'<td class="num missing withheld" data-value="" title="{html.escape(str(withheld))}">withheld</td>'
+    if number is not None and _unreliable(record):
+        # Two decimals and "~": a rough indication, not a measurement (sorting still uses the full value).
+        return f'<td class="num indicative" data-value="{number!r}" title="{INDICATIVE}">~{number:.2f}</td>'
     return _num_cell(value)
+
+
+def _unreliable(record: Mapping[str, Any]) -> bool:
+    """The record's model has an estimate known not to be reliable (unknown reliability is not flagged as such)."""
+    quality = record.get("estimate_quality")
+    return isinstance(quality, Mapping) and quality.get("reliable") is False
 
 
 def _label_field(record: Mapping[str, Any], label: str, field: str) -> Any:
@@ -265,6 +283,8 @@ tr.flagged{background:#fdecea}
 background:#eee;color:#777;border:1px dashed #aaa}
 td.reasons ul{margin:0;padding-left:1.2em}
 .plots img{margin:4px;border:1px solid #ddd}
+td.indicative{color:#777;font-style:italic}
+p.unreliable{color:#b00}
 """
 
 # Numbers compare as numbers, text naturally ("case_10" after "case_9"); empty cells stay last either way.
@@ -305,6 +325,47 @@ def _models(records: Sequence[Mapping[str, Any]]) -> str:
     return ", ".join(seen) or "none"
 
 
+def estimate_statements(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One HTML paragraph per model of the batch: how well its estimated Dice ranks unseen cases, and whether to trust it.
+
+    Args:
+        records: the case records (those without ``estimate_quality``, no calibration, say nothing).
+
+    Returns:
+        The paragraphs, in the order the models first appear.
+    """
+    by_model: dict[str, Mapping[str, Any]] = {}
+    for record in records:
+        quality = record.get("estimate_quality")
+        if isinstance(quality, Mapping):
+            model = record.get("model") or {}
+            by_model.setdefault(f"{model.get('name', 'unknown')} version {model.get('version', '?')}", quality)
+    paragraphs = []
+    for model, quality in by_model.items():
+        rho, cases = _number(quality.get("rho")), _number(quality.get("cases"))
+        on = f"{cases:.0f} validation cases" if cases is not None else "validation cases"
+        ranks = (f"the estimate ranks cases with rho {rho:.2f} (out of sample, {on})" if rho is not None
+                 else f"how the estimate ranks unseen cases is not known ({on})")
+        text = f"Estimated Dice of {html.escape(model)}: {ranks}."
+        if quality.get("reliable") is False:
+            why = [str(w) for w in quality.get("why_not") or []] or [_why_not(rho)]
+            paragraphs.append(f'<p class="unreliable">{text} <b>The estimated Dice is not reliable for this model</b>: '
+                              f"{html.escape('; '.join(why))}; treat estimates as indicative (shown as ~0.xx).</p>")
+        elif quality.get("reliable") is None:
+            paragraphs.append(f'<p class="unassessed">{text} Its reliability was not assessed (the model was calibrated '
+                              "before the out-of-sample check).</p>")
+        else:
+            paragraphs.append(f'<p class="reliable">{text}</p>')
+    return paragraphs
+
+
+def _why_not(rho: float | None) -> str:
+    """The reason to show for an unreliable estimate whose record lists none (written by hand or by other tools)."""
+    if rho is None or rho < RELIABLE_MIN_RHO:
+        return f"rho {'unknown' if rho is None else f'{rho:.2f}'} < {RELIABLE_MIN_RHO}"
+    return "it did not meet the check on the validation cases"
+
+
 def write_report(records: Sequence[Mapping[str, Any]], path: Path, thumbnails: Mapping[str, bytes], title: str) -> Path:
     """Write the batch's self-contained HTML report: summary, a sortable table of cases, volume plots.
 
@@ -312,7 +373,8 @@ def write_report(records: Sequence[Mapping[str, Any]], path: Path, thumbnails: M
     estimate after those with one). Columns: thumbnail, case, flagged, per-label volume and
     estimated Dice, estimated mean Dice, and when any record has ``true_dice`` (evaluate) the
     true Dice beside each estimate, then the reasons (a withheld estimate reads "withheld", why on hover
-    and among the reasons). Clicking a header sorts by it, again reverses.
+    and among the reasons). Clicking a header sorts by it, again reverses. Under the summary,
+    :func:`estimate_statements`; an unreliable model's estimates read "~0.61".
 
     Args:
         records: the case records (see the case record schema); labels are the keys of the
@@ -345,6 +407,7 @@ def write_report(records: Sequence[Mapping[str, Any]], path: Path, thumbnails: M
 <p class="summary"><b>{len(records)}</b> cases, <b class="{'flag' if n_flagged else ''}">{n_flagged}</b> flagged;
 model: {html.escape(_models(records))}{'; with reference (true Dice)' if evaluated else ''}.
 Click a column header to sort, again to reverse.</p>
+<div class="estimate-quality">{"".join(estimate_statements(records))}</div>
 <table id="{TABLE_ID}"><thead><tr>{"".join(headers)}</tr></thead>
 <tbody>
 {chr(10).join(rows)}

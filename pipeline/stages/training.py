@@ -202,6 +202,9 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
     if evaluation.calibration is not None and evaluation.calibration.labels:
         v = evaluation.calibration.validation
         log.metrics({"quality_spearman": v["spearman"], "quality_spearman_loo": v["spearman_loo"],
+                     # Out of sample: what the estimate is worth on unseen cases (see Calibration.reliable).
+                     **{f"quality_{k}": v[k] for k in ("spearman_oos", "worst5_caught", "flagged_share", "reliable")
+                        if k in v},
                      "quality_min_expected_dice": evaluation.calibration.min_expected_dice,
                      "quality_flagged_fraction": sum(r["flagged"] for r in evaluation.records) / max(1, len(evaluation.records))},
                     "logging the quality calibration")

@@ -3,6 +3,7 @@ the volumes on a real oblique, anisotropic series."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -86,6 +87,24 @@ def _synthetic(n: int, seed: int = 0) -> tuple[list, list]:
     return signals, dice
 
 
+def _held_out_lowest(signals: list, dice: list) -> list[float]:
+    """Each case's lowest estimate by a calibration fitted on all the other cases (public API only)."""
+    lowest = []
+    for i in range(len(signals)):
+        others = fit_calibration(signals[:i] + signals[i + 1:], dice[:i] + dice[i + 1:], min_expected_dice=0.0)
+        lowest.append(min(v for v in others.estimate(signals[i]).values() if v is not None))
+    return lowest
+
+
+def _noise(n: int, seed: int) -> tuple[list, list]:
+    """Cases whose true Dice has nothing to do with any signal: whatever a fit finds there it found in the noise."""
+    rs = np.random.RandomState(seed)
+    signals = [{1: {"soft_dice": float(rs.uniform(0.6, 0.95)), "expected_error": float(rs.uniform(0.05, 0.4)),
+                    "voxels": float(rs.uniform(500, 2000))}} for _ in range(n)]
+    dice = [{1: float(rs.uniform(0.5, 0.95))} for _ in range(n)]
+    return signals, dice
+
+
 def test_calibration_ranks_unseen_cases() -> None:
     signals, dice = _synthetic(40)
     cal = fit_calibration(signals, dice)
@@ -98,9 +117,90 @@ def test_calibration_ranks_unseen_cases() -> None:
     assert fit.estimate(high) == pytest.approx(0.1 + 0.9 * 0.9, abs=0.02)
     # Far outside the fitted range the estimate stays a Dice.
     assert fit.estimate({"soft_dice": 5.0, "expected_error": 0.2, "voxels": 1000.0}) == 1.0
-    # The chosen threshold flags the configured share of the validation cases.
-    lowest = [min(v for v in cal.estimate(s).values()) for s in signals]
+    # The chosen threshold flags the configured share of the validation cases, each estimated by a fit without it.
+    lowest = _held_out_lowest(signals, dice)
     assert sum(v < cal.min_expected_dice for v in lowest) == 8  # 19 % of 40, rounded down by the quantile
+    assert cal.validation["flagged_share"] == pytest.approx(8 / 40)
+    assert cal.reliable is True and cal.validation["reliable"] == 1.0
+
+
+def test_on_noise_the_figures_and_the_threshold_come_from_cases_the_fit_did_not_see() -> None:
+    signals, dice = _noise(12, seed=1)
+    cal = fit_calibration(signals, dice)
+    v = cal.validation
+    # Fitted to noise, the map ranks its own cases better than cases it did not see.
+    assert v["spearman"] > v["spearman_oos"] + 0.2
+    assert v["spearman_oos"] == v["spearman_loo"]  # the same leave-one-out estimates, under the old name too
+    held_out = _held_out_lowest(signals, dice)
+    in_sample = [min(cal.estimate(s).values()) for s in signals]
+    assert abs(np.quantile(held_out, 0.19) - np.quantile(in_sample, 0.19)) > 0.01  # the two choices differ here
+    assert cal.min_expected_dice == pytest.approx(np.quantile(held_out, 0.19))
+    assert not cal.reliable and any("rho" in why for why in cal.shortcomings())
+
+
+def test_worst_caught_and_flagged_share_on_a_constructed_example() -> None:
+    from pipeline.quality.calibration import screening
+
+    nan = math.nan
+    lowest = np.array([0.5, 0.9, 0.6, 0.95, 0.62, 0.85, nan, 0.4, 0.92, 0.3])
+    true_mean = np.array([0.3, 0.9, 0.8, 0.2, 0.5, 0.85, 0.1, 0.95, 0.4, nan])
+    # Below 0.65: cases 0, 2, 4, 7, 9 (5 of 10). The five worst by truth are 6, 3, 0, 8, 4 (case 9 has no
+    # truth, so it is not among them); of those, 0 and 4 are below, 6 has no estimate and is not flagged.
+    assert screening(lowest, true_mean, 0.65) == (2, 0.5)
+    assert screening(lowest, true_mean, 0.0) == (0, 0.0)
+    assert screening(lowest, true_mean, 1.0) == (4, 0.9)  # everything with an estimate, so not case 6
+
+
+def test_the_fit_reports_worst_caught_and_flagged_share_of_its_held_out_estimates() -> None:
+    signals, dice = _synthetic(30, seed=4)
+    threshold = 0.8
+    cal = fit_calibration(signals, dice, min_expected_dice=threshold)
+    lowest = _held_out_lowest(signals, dice)
+    worst = sorted(range(30), key=lambda i: dice[i][1])[:5]
+    assert cal.min_expected_dice == threshold
+    assert cal.validation["flagged_share"] == pytest.approx(sum(v < threshold for v in lowest) / 30)
+    assert cal.validation["worst5_caught"] == sum(lowest[i] < threshold for i in worst)
+    assert 0 < cal.validation["flagged_share"] < 1  # the threshold splits the cases: the check means something
+
+
+@pytest.mark.parametrize(("figures", "reliable", "why"), [
+    ({"spearman_oos": 0.5, "worst5_caught": 3.0, "flagged_share": 0.25}, True, None),
+    ({"spearman_oos": 0.49, "worst5_caught": 5.0, "flagged_share": 0.19}, False, "rho 0.49 < 0.5"),
+    ({"spearman_oos": math.nan, "worst5_caught": 5.0, "flagged_share": 0.19}, False, "rho nan < 0.5"),
+    ({"spearman_oos": 0.8, "worst5_caught": 2.0, "flagged_share": 0.19}, False, "2 of the 5 worst"),
+    ({"spearman_oos": 0.8, "worst5_caught": 5.0, "flagged_share": 0.26}, False, "26% of the validation cases"),
+], ids=["at-the-bar", "low-rho", "no-rho", "misses-the-worst", "flags-too-many"])
+def test_reliable_needs_rho_the_worst_cases_and_a_review_budget(figures: dict, reliable: bool, why: str | None) -> None:
+    from pipeline.quality.calibration import RELIABLE_MAX_FLAGGED_SHARE, RELIABLE_MIN_RHO, RELIABLE_MIN_WORST_CAUGHT
+
+    assert (RELIABLE_MIN_RHO, RELIABLE_MIN_WORST_CAUGHT, RELIABLE_MAX_FLAGGED_SHARE) == (0.5, 3, 0.25)  # the issue's bar
+    cal = Calibration({}, 0.7, {"cases": 40.0, "spearman": 0.9, "spearman_loo": 0.6, **figures})
+    assert cal.reliable is reliable
+    assert (why is None) == (cal.shortcomings() == [])
+    assert why is None or any(why in s for s in cal.shortcomings())
+
+
+def test_a_calibration_stored_before_the_out_of_sample_figures_still_loads_and_estimates() -> None:
+    from pipeline.quality import Conformity, case_record, estimate_quality
+
+    signals, dice = _synthetic(20)
+    cal = fit_calibration(signals, dice)
+    stored = cal.to_dict()
+    assert {"spearman_oos", "worst5_caught", "flagged_share", "reliable"} <= set(stored["validation"])
+    again = Calibration.from_dict(stored)
+    assert again is not None and again.validation == cal.validation and again.reliable is cal.reliable
+    old = copy.deepcopy(stored)
+    old["validation"] = {"cases": 20.0, "spearman": 0.7, "spearman_loo": 0.45}  # what models saved before carry
+    loaded = Calibration.from_dict(old)
+    assert loaded is not None and loaded.estimate(signals[2]) == pytest.approx(cal.estimate(signals[2]))
+    assert loaded.reliable is None and loaded.shortcomings() == [] and loaded.rho == 0.45  # unknown; rho left one out
+    assert estimate_quality(loaded) == {"rho": 0.45, "cases": 20, "reliable": None, "why_not": []}
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    record = case_record("old", labels, np.eye(4), {1: "a"}, {1: signals[2][1]}, loaded, Conformity(True),
+                         {"name": "m", "version": "1"}, {}, {"mask": "old.nii.gz"})
+    assert record["labels"]["a"]["estimated_dice"] == pytest.approx(cal.estimate(signals[2])[1])
+    assert record["estimate_quality"]["reliable"] is None
 
 
 def test_calibration_round_trips_and_handles_missing_structures() -> None:
@@ -199,3 +299,15 @@ def test_a_non_conforming_input_gets_no_estimate_and_every_output_says_why(tmp_p
     inside_row = next(r for r in page.split("<tr ") if 'data-case="inside"' in r)
     assert outside_row.count(f'title="{html.escape(WITHHELD)}">withheld</td>') == 2  # the label's and the mean's
     assert "withheld" not in inside_row
+
+
+def test_the_calibration_plot_is_titled_with_the_out_of_sample_figures() -> None:
+    from pipeline.evaluation.quality_review import _plot_title
+
+    cal = Calibration({}, 0.7, {"cases": 42.0, "spearman": 0.61, "spearman_loo": 0.48, "spearman_oos": 0.48,
+                                "worst5_caught": 2.0, "flagged_share": 0.19})
+    title = _plot_title(cal)
+    assert "rho 0.48" in title and "0.61" not in title  # the in-sample rho is not what the plot claims
+    assert "caught 2/5" in title and "flagged 19%" in title and "NOT reliable" in title
+    cal.validation = {"cases": 42.0, "spearman": 0.61, "spearman_loo": 0.48}  # a model saved before
+    assert "rho 0.48" in _plot_title(cal) and "not assessed" in _plot_title(cal)

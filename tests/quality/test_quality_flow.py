@@ -90,6 +90,10 @@ def test_the_model_carries_its_calibration_and_training_fingerprint(calibrated: 
     run = client.search_runs([client.get_experiment_by_name("quality").experiment_id])[0]
     assert "quality_spearman_loo" in run.data.metrics and "quality_min_expected_dice" in run.data.metrics
     assert run.data.metrics["quality_min_expected_dice"] == pytest.approx(calibration.min_expected_dice)
+    # The out-of-sample figures travel with the model and are logged beside the old ones.
+    for key in ("spearman_oos", "worst5_caught", "flagged_share"):
+        assert run.data.metrics[f"quality_{key}"] == pytest.approx(calibration.validation[key], nan_ok=True)
+    assert calibration.reliable is not None
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/calibration.png", "evaluation/quality_calibration.json"} <= logged
 
@@ -104,6 +108,7 @@ def test_each_estimate_is_the_stored_calibration_applied_to_the_case_signals(cal
         for entry in record["labels"].values():
             # An input unlike the training data gets no estimate: it would be an extrapolation.
             assert entry["estimated_dice"] == (pytest.approx(expected[entry["value"]]) if conforms else None), name
+        assert record["estimate_quality"]["cases"] == 5 and record["estimate_quality"]["reliable"] is calibration.reliable
         threshold = record["min_expected_dice"]
         assert threshold == pytest.approx(calibration.min_expected_dice)
         low = [n for n, e in record["labels"].items() if e["estimated_dice"] is not None and e["estimated_dice"] < threshold]

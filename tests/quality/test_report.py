@@ -263,3 +263,79 @@ def test_no_records_still_render(driver, tmp_path: Path) -> None:
     path = write_report([], tmp_path / "report.html", {}, "Empty batch")
     seen = check_report(path, driver)
     assert seen["cases"] == [] and re.search(r"\b0 cases", driver.find_element("css selector", ".summary").text)
+
+
+def _calibrated_records(reliable: bool | None) -> list[dict[str, Any]]:
+    """Two cases' records from a stored calibration whose out-of-sample figures pass the bar, miss it, or are absent."""
+    from pipeline.quality import Calibration, Conformity, case_record
+    from pipeline.quality.calibration import LabelFit
+
+    # Estimated Dice 0.8 + 0.5 (soft_dice - 0.8): 0.775 and 0.85, both above the threshold 0.7 (no flag).
+    fit = LabelFit(("soft_dice", "expected_error", "voxels"), (0.8, -2.0, 6.0), (0.1, 0.5, 0.5), (0.05, 0.0, 0.0), 0.8, 1.0)
+    figures = {None: {}, True: {"spearman_oos": 0.62, "worst5_caught": 4.0, "flagged_share": 0.19},
+               False: {"spearman_oos": 0.25, "worst5_caught": 1.0, "flagged_share": 0.19}}[reliable]
+    calibration = Calibration({1: fit, 2: fit}, 0.7, {"cases": 42.0, "spearman": 0.7, "spearman_loo": 0.48, **figures})
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:5], labels[5:8] = 1, 2
+    records = []
+    for i, soft in enumerate((0.75, 0.9)):
+        signals = {v: {"soft_dice": soft, "expected_error": 0.1, "voxels": 300.0} for v in (1, 2)}
+        records.append(case_record(f"case{i}", labels, np.eye(4), {v: n for n, v in LABELS.items()}, signals, calibration,
+                                   Conformity(True), {"name": "hippocampus-3d", "version": "7"}, {}, {"mask": f"case{i}.nii.gz"}))
+    return records
+
+
+def _text(page: str) -> str:
+    """What a reader sees of the page's markup: tags out, entities decoded, whitespace runs as one space."""
+    import html
+
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", "", page)))
+
+
+@pytest.mark.parametrize("reliable", [True, False, None], ids=["reliable", "unreliable", "saved-before"])
+def test_record_and_report_say_how_far_the_estimate_holds_for_the_model(tmp_path: Path, reliable: bool | None) -> None:
+    import csv
+
+    from pipeline.quality import read_record, write_record, write_summary_csv
+
+    records = _calibrated_records(reliable)
+    rho = {True: 0.62, False: 0.25, None: 0.48}[reliable]  # without the new figures: the leave-one-out rho
+    stored = read_record(write_record(records[0], tmp_path / "case0.json"))
+    assert stored is not None
+    quality = stored["estimate_quality"]
+    assert (quality["rho"], quality["cases"], quality["reliable"]) == (rho, 42, reliable)
+    assert (quality["why_not"] == []) == (reliable is not False)
+    assert not any(r["flagged"] for r in records)  # the flag is not the estimate's verdict on itself
+
+    page = write_report(records, tmp_path / "report.html", {}, "Batch").read_text()
+    text = _text(page)
+    assert f"the estimate ranks cases with rho {rho:.2f} (out of sample, 42 validation cases)" in text
+    assert ("The estimated Dice is not reliable for this model: rho 0.25 < 0.5" in text) == (reliable is False)
+    assert ("treat estimates as indicative" in text) == (reliable is False)
+    assert ("reliability was not assessed" in text) == (reliable is None)
+    estimates = [e["estimated_dice"] for r in records for e in r["labels"].values()]
+    estimates += [r["estimated_mean_dice"] for r in records]
+    assert len(set(estimates)) == 2 and all(e is not None for e in estimates)
+    indicative = re.findall(r'<td class="num indicative"[^>]*>([^<]*)</td>', page)
+    confident = re.findall(r'<td class="num" data-value="[^"]*">([^<]*)</td>', page)
+    if reliable is False:  # every estimate marked as a rough figure, none printed as a measurement
+        assert sorted(indicative) == sorted(f"~{e:.2f}" for e in estimates)
+        assert not any(f"{e:.3f}" in confident for e in estimates)
+    else:
+        assert indicative == [] and all(f"{e:.3f}" in confident for e in estimates)
+
+    with open(write_summary_csv(records, tmp_path / "summary.csv"), newline="") as fp:
+        rows = list(csv.DictReader(fp))
+    assert {r["estimate_reliable"] for r in rows} == {{True: "yes", False: "no", None: ""}[reliable]}
+    assert {float(r["estimate_rho"]) for r in rows} == {rho}
+
+
+def test_a_reader_sees_the_unreliable_estimate_said_plainly(driver, tmp_path: Path) -> None:
+    records = _calibrated_records(False)
+    check_report(write_report(records, tmp_path / "report.html", {}, "Batch"), driver)
+    said = driver.find_element("css selector", ".estimate-quality").text
+    assert "not reliable for this model" in said and "rho 0.25 < 0.5" in said
+    cells = _row(driver, "case0").find_elements("css selector", "td.indicative")
+    expected = [f"~{e['estimated_dice']:.2f}" for e in records[0]["labels"].values()] + [
+        f"~{records[0]['estimated_mean_dice']:.2f}"]
+    assert [c.text for c in cells] == expected
