@@ -55,11 +55,16 @@ def _bbox(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _entropy(probabilities: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy (0..1) per voxel, one class at a time so only one volume-sized buffer is added."""
-    total = torch.zeros(probabilities.shape[1:], dtype=torch.float32)
+def _band_entropy(probabilities: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy (0..1) of each voxel of ``band``, a class at a time (the band of a fragmented map can be most
+    of a CT: three buffers of the band's size at most).
+    """
+    total: torch.Tensor | None = None
     for p in probabilities:
-        total -= p * p.clamp_min(1e-12).log()
+        q = p[band]
+        t = q.clamp_min(1e-12).log_().mul_(q)
+        total = t.neg_() if total is None else total.sub_(t)
+    assert total is not None
     return total / math.log(max(2, probabilities.shape[0]))
 
 
@@ -96,7 +101,7 @@ def quality_signals(
         total = float(probabilities[value].float().sum())
         out[int(value)] = {
             "spread": float(spread[box][ring].mean()) if spread is not None else 0.0,
-            "boundary_entropy": float(_entropy(p[:, band]).mean()),  # on the band only: no volume-sized buffers
+            "boundary_entropy": float(_band_entropy(p, band).mean()),
             "soft_dice": 2 * inside / (total + voxels),
             "expected_error": ((voxels - inside) + (total - inside)) / voxels,
             "voxels": float(voxels),
