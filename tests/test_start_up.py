@@ -18,9 +18,9 @@ import json, sys
 import pipeline
 import monai
 from monai.transforms import LoadImage
-loaded = sorted(n for n in ("mlflow", "pandas", "matplotlib.pyplot", "scipy.signal") if n in sys.modules)
+loaded = sorted(n for n in ("mlflow", "pandas", "matplotlib.pyplot", "scipy.signal", "sklearn") if n in sys.modules)
 image = LoadImage(image_only=True)(sys.argv[1]) if len(sys.argv) > 1 else None
-import mlflow, pandas, matplotlib.pyplot, scipy.signal  # still importable afterwards, for our own code
+import mlflow, pandas, matplotlib.pyplot, scipy.signal, sklearn  # still importable afterwards, for our own code
 print(json.dumps({"loaded_with_monai": loaded, "shape": list(image.shape) if image is not None else None,
                   "mlflow": mlflow.__version__, "pandas_frame": int(pandas.DataFrame({"a": [1, 2]})["a"].sum())}))
 """
@@ -42,4 +42,4 @@ def test_monai_is_imported_without_the_extras_it_never_uses_here() -> None:
     assert lean["shape"] == list(__import__("nibabel").load(images[0]).shape)  # MONAI still reads the real file
     assert lean["pandas_frame"] == 3 and lean["mlflow"]  # and the extras still work for our own code
     full = _probe(UNET_PIPELINE_FULL_MONAI_IMPORT="1")
-    assert set(full["loaded_with_monai"]) == {"mlflow", "pandas", "matplotlib.pyplot", "scipy.signal"}
+    assert set(full["loaded_with_monai"]) == {"mlflow", "pandas", "matplotlib.pyplot", "scipy.signal", "sklearn"}
