@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -47,6 +49,17 @@ def _isolated_model_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     and none is capped by the user's ``UNET_PIPELINE_CACHE_MAX_GB``."""
     monkeypatch.setenv("UNET_PIPELINE_CACHE", str(tmp_path_factory.mktemp("model-cache")))
     monkeypatch.delenv("UNET_PIPELINE_CACHE_MAX_GB", raising=False)
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    """One headless Chromium per test module (starting one takes seconds); skips where there is none."""
+    from tests.quality.report_browser import skip_without_browser, start_chromium
+
+    skip_without_browser()
+    browser = start_chromium()
+    yield browser
+    browser.quit()
 
 
 @pytest.fixture

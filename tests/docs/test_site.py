@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.quality.report_browser import BLANK_STD, BROKEN_IMAGES_JS, skip_without_browser, start_chromium
+from tests.quality.report_browser import BLANK_STD, BROKEN_IMAGES_JS
 
 
 def _nav_pages(nav: Any) -> list[str]:
@@ -52,14 +52,6 @@ def served(site: Path) -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    skip_without_browser()
-    browser = start_chromium()
-    yield browser
-    browser.quit()
 
 
 def _load(driver: Any, url: str) -> list[str]:

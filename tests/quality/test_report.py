@@ -10,7 +10,6 @@ import copy
 import io
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 from pipeline.quality.report import TABLE_ID, THUMB_SIZE_PX, overlay_thumbnail, write_report
 from tests.conftest import HIPPOCAMPUS
-from tests.quality.report_browser import check_report, skip_without_browser, start_chromium, table_rows
+from tests.quality.report_browser import check_report, table_rows
 
 LABELS = {"anterior": 1, "posterior": 2}
 # (estimated Dice per label, flagged, reasons) of the six cases, in file order.
@@ -72,15 +71,6 @@ def batch(scans) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
         if i != NO_THUMBNAIL:
             thumbnails[case] = overlay_thumbnail(image, labels, spacing, list(LABELS.values()))
     return records, thumbnails
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    """One headless Chromium for the module (starting one takes seconds)."""
-    skip_without_browser()
-    browser = start_chromium()
-    yield browser
-    browser.quit()
 
 
 def _expected_order(records: list[dict[str, Any]]) -> list[str]:
