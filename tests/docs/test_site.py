@@ -86,6 +86,7 @@ def test_a_missing_script_is_seen_as_a_console_error(served: str, driver: Any) -
 
 
 def test_the_search_finds_exit_code(served: str, driver: Any) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -94,10 +95,18 @@ def test_the_search_finds_exit_code(served: str, driver: Any) -> None:
     box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")  # in the header at desktop width
     WebDriverWait(driver, 10).until(expected_conditions.element_to_be_clickable(box)).click()
     box.send_keys("exit code")
-    items = WebDriverWait(driver, 20).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, ".md-search-result__item a") or False)
-    links = [a.get_attribute("href") for a in items]
-    assert any("troubleshooting/" in link or "scheduling/" in link for link in links), links
+    seen: list[str] = []
+
+    def expected_links(d: Any) -> list[str] | bool:
+        # The result list is re-rendered as each key arrives: read it whole, retry when an element goes stale.
+        seen[:] = [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")]
+        relevant = any("troubleshooting/" in link or "scheduling/" in link for link in seen)
+        return list(seen) if relevant else False
+
+    try:
+        links = WebDriverWait(driver, 20, ignored_exceptions=(StaleElementReferenceException,)).until(expected_links)
+    except TimeoutException:
+        pytest.fail(f"no troubleshooting or scheduling page among the results for 'exit code': {seen}")
     meta = driver.find_element(By.CSS_SELECTOR, ".md-search-result__meta").text
     print(f"search 'exit code': {meta}; first results: {links[:3]}")
 
