@@ -1,11 +1,15 @@
-"""A hand-written MONAI baseline for the hippocampus benchmark, written the way MONAI's tutorials do it.
+"""A hand-written MONAI baseline for any MSD-style task, written the way MONAI's tutorials do it.
 
 The recipe is fixed on purpose (it is the "peer" our pipeline is compared against):
 
-* ``BasicUNet(spatial_dims=3, in_channels=1, out_channels=3, features=(16, 16, 32, 64, 128, 16))``;
+* ``BasicUNet(spatial_dims=3, in_channels=1, out_channels=classes + 1, features=(16, 16, 32, 64, 128, 16))``;
 * ``DiceCELoss(to_onehot_y=True, softmax=True)`` and ``AdamW`` (lr 1e-3, weight decay 1e-5);
-* whole-volume training: every volume is padded to one fixed size that holds the largest case
-  (48 x 64 x 48 for MSD Task04), batch size 4, no patches;
+* small volumes (hippocampus) train whole: every volume is padded to one fixed size that holds the
+  largest case (48 x 64 x 48 for MSD Task04), batch size 4, no patches;
+* large volumes train on patches, as MONAI's spleen and BTCV tutorials do (``--patch``: the size a
+  MONAI user picks, 96 x 96 x 64 for head-and-neck CT, 112 x 112 x 80 for the left atrium):
+  ``RandCropByPosNegLabeld`` (pos 1, neg 1), ``--samples`` crops per volume, and validation by
+  ``sliding_window_inference`` over windows of the patch size (overlap 0.25);
 * MONAI transforms (``LoadImaged``, ``EnsureChannelFirstd``, ``Orientationd(RAS)``,
   ``NormalizeIntensityd(nonzero=True)``, light ``RandFlipd``/intensity augmentation),
   ``CacheDataset`` + ``DataLoader``;
@@ -13,13 +17,16 @@ The recipe is fixed on purpose (it is the "peer" our pipeline is compared agains
 
 It validates on the same fold as our pipeline (:func:`pipeline.data.splits.kfold_splits`, case id =
 label file name without ``.nii.gz``): each validation volume is predicted whole (padded), the
-padding and reorientation are inverted with ``Invertd``, and Dice per label is computed on the
-case's original voxel grid against its label file. Dice is NaN for a label absent from both
-prediction and reference, and such cases are left out of that label's mean.
+padding and reorientation are inverted with ``Invertd``, and Dice and HD95 per label are computed on
+the case's original voxel grid against its label file, by the pipeline's own metric functions. Dice
+is NaN for a label absent from both prediction and reference, and such cases are left out of that
+label's mean.
 
 Run from the repository root::
 
     .venv/bin/python scripts/monai_baseline.py --fold 0 --time-budget-minutes 20 --out unet-work/baseline
+    .venv/bin/python scripts/monai_baseline.py --data ../shared/data/hn_ct --patch 96 96 64 --batch-size 1 \
+        --out unet-work/baseline-hn_ct
 """
 
 from __future__ import annotations
@@ -41,11 +48,11 @@ import torch
 
 try:
     from pipeline.data import kfold_splits
-    from pipeline.evaluation import dice_per_label, write_evaluation
+    from pipeline.evaluation.metrics import dice_per_label, surface_metrics, write_evaluation
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from pipeline.data import kfold_splits
-    from pipeline.evaluation import dice_per_label, write_evaluation
+    from pipeline.evaluation.metrics import dice_per_label, surface_metrics, write_evaluation
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
@@ -99,13 +106,16 @@ def auto_spatial_size(cases: Sequence[dict[str, str]], divisor: int = DIVISOR) -
     return tuple(int(math.ceil(s / divisor) * divisor) for s in largest)  # type: ignore[return-value]
 
 
-def build_transforms(spatial_size: Sequence[int], train: bool):
+def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = False, samples: int = 2):
     """The MONAI transform chain: load, channel first, RAS, z-score on non-zero voxels, pad; flips when training.
 
     Args:
-        spatial_size: the fixed padded size.
+        spatial_size: the fixed padded size, or with ``patch`` the patch size.
         train: training (image + label, padded or cropped to the size, augmented) or
             validation (image only, padded; invertible).
+        patch: train on random crops of ``spatial_size`` (half of them centred on foreground)
+            instead of whole padded volumes.
+        samples: crops per volume and iteration with ``patch``.
     """
     from monai.transforms import (
         Compose,
@@ -114,6 +124,7 @@ def build_transforms(spatial_size: Sequence[int], train: bool):
         LoadImaged,
         NormalizeIntensityd,
         Orientationd,
+        RandCropByPosNegLabeld,
         RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
@@ -128,9 +139,14 @@ def build_transforms(spatial_size: Sequence[int], train: bool):
         Orientationd(keys=keys, axcodes="RAS"),
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
     ]
+    if train and patch:
+        chain += [SpatialPadd(keys=keys, spatial_size=spatial_size),
+                  RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=spatial_size, pos=1, neg=1,
+                                         num_samples=samples)]
+    elif train:
+        chain.append(ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size))
     if train:
         chain += [
-            ResizeWithPadOrCropd(keys=keys, spatial_size=spatial_size),
             RandFlipd(keys=keys, spatial_axis=[0], prob=0.1),
             RandFlipd(keys=keys, spatial_axis=[1], prob=0.1),
             RandFlipd(keys=keys, spatial_axis=[2], prob=0.1),
@@ -166,7 +182,8 @@ def train(
     from monai.losses import DiceCELoss
 
     t0 = time.monotonic()
-    dataset = CacheDataset(train_files, build_transforms(spatial_size, train=True), cache_rate=1.0,
+    transforms = build_transforms(spatial_size, train=True, patch=args.patch is not None, samples=args.samples)
+    dataset = CacheDataset(train_files, transforms, cache_rate=1.0,
                            num_workers=max(1, args.threads or 1), progress=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=len(dataset) > args.batch_size)
@@ -211,8 +228,9 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Dice per label of each validation case on its original voxel grid.
 
-    Each volume is predicted whole after padding (``sliding_window_inference`` with one window of
-    the padded size, so a larger case would still be covered), the argmax map is taken back through
+    Each volume is predicted after padding by ``sliding_window_inference`` (whole-volume training: one
+    window of the padded size, so a larger case would still be covered; patch training: windows of
+    the patch, overlap 0.25), the argmax map is taken back through
     the padding and the reorientation with ``Invertd``, and compared to the label file as stored.
     """
     from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
@@ -237,7 +255,10 @@ def evaluate(
         if pred.shape != truth.shape:
             raise RuntimeError(f"{files['case']}: prediction shape {pred.shape} != label shape {truth.shape}")
         scores = dice_per_label(pred, truth, list(labels))
-        rows.append({"case": files["case"], **{labels[v]: d for v, d in scores.items()}})
+        spacing = [float(z) for z in nib.load(files["label"]).header.get_zooms()[:3]]
+        surface = surface_metrics(pred, truth, list(labels), spacing)
+        rows.append({"case": files["case"], **{labels[v]: d for v, d in scores.items()},
+                     **{f"hd95 {labels[v]}": surface[v]["hd95"] for v in labels}})
     return rows
 
 
@@ -259,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
     p.add_argument("--spatial-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="padded volume size (default: smallest multiple of 16 holding every case; 48 64 48 here)")
+    p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="train on random crops of this size, validate with sliding windows of it (default: whole "
+                        "volumes); e.g. 96 96 64 for hn_ct, 112 112 80 for left_atrium")
+    p.add_argument("--samples", type=int, default=2,
+                   help="with --patch: crops per volume per iteration, half on foreground (default 2)")
     p.add_argument("--out", type=Path, default=Path("unet-work/monai-baseline"),
                    help="output folder for summary.json and cases.csv (default unet-work/monai-baseline)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
@@ -286,9 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_ids = set(folds[args.fold]["val"])
     train_files = [c for c in cases if c["case"] not in val_ids]
     val_files = [c for c in cases if c["case"] in val_ids]
-    spatial_size = tuple(args.spatial_size) if args.spatial_size else auto_spatial_size(cases)
+    if args.patch:
+        spatial_size = tuple(args.patch)
+        shape = f"patches of {'x'.join(map(str, spatial_size))}, {args.samples} per volume"
+    else:
+        spatial_size = tuple(args.spatial_size) if args.spatial_size else auto_spatial_size(cases)
+        shape = f"volumes padded to {'x'.join(map(str, spatial_size))}"
     print(f"fold {args.fold}/{args.num_folds}: {len(train_files)} training, {len(val_files)} validation case(s); "
-          f"volumes padded to {'x'.join(map(str, spatial_size))}; device {device}, {args.threads} thread(s)")
+          f"{shape}; device {device}, {args.threads} thread(s)")
 
     network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=len(labels) + 1, features=FEATURES).to(device)
     facts = train(network, train_files, spatial_size, args, device)
@@ -296,16 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = evaluate(network, val_files, labels, spatial_size, device)
     extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
              "seed": args.seed, "train_seed": args.train_seed, "spatial_size": list(spatial_size),
+             "patch": bool(args.patch), "samples": args.samples if args.patch else None,
              "batch_size": args.batch_size, "lr": args.lr,
              "device": str(device), "threads": args.threads}
     # Scored and written by the pipeline's own functions, so both sides of the benchmark count alike.
-    summary = write_evaluation(rows, list(labels.values()), args.out, extra)
+    summary = write_evaluation(rows, list(labels.values()), args.out, extra, metrics=("hd95",))
 
     width = max(len(n) for n in labels.values()) + 2
     print(f"\nDice per label on {summary['num_cases']} validation case(s) of fold {args.fold}:")
     for name, value in summary["dice_per_label"].items():
-        print(f"  {name:<{width}}{value:.4f}")
-    print(f"  {'mean':<{width}}{summary['mean_dice']:.4f}")
+        print(f"  {name:<{width}}{value:.4f}  HD95 {summary['hd95_per_label'][name]:.2f} mm")
+    print(f"  {'mean':<{width}}{summary['mean_dice']:.4f}  HD95 {summary['mean_hd95']:.2f} mm")
     print(f"\n{summary['iterations']} iterations in {summary['epochs']} epoch(s), {summary['train_seconds']:.0f}s "
           f"training ({60 * summary['iterations'] / max(summary['train_seconds'], 1e-9):.1f} it/min); "
           f"results in {args.out}")

@@ -27,13 +27,18 @@ def _load_script(name: str) -> ModuleType:
 
 @pytest.mark.slow
 def test_monai_baseline_trains_and_scores_the_pipeline_fold(hippocampus: Path, tmp_path: Path) -> None:
-    """Eight real cases, 4 folds, ~20 s of training: a complete, well-formed result on the pipeline's fold."""
+    """Eight real cases, 4 folds, ~20 s of patch training: a complete, well-formed result on the pipeline's fold.
+
+    Patches smaller than the cases (as for head-and-neck CT and the left atrium), so the crops and the
+    sliding-window validation over several windows are the code under test.
+    """
     data = tmp_path / "data"
     copy_hippocampus_subset(data, 8)
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "scripts/monai_baseline.py", "--data", str(data), "--num-folds", "4", "--fold", "1",
-         "--time-budget-minutes", "0.3", "--threads", "2", "--out", str(out)],
+         "--time-budget-minutes", "0.3", "--threads", "2", "--out", str(out), "--patch", "32", "32", "16",
+         "--batch-size", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,7 +54,9 @@ def test_monai_baseline_trains_and_scores_the_pipeline_fold(hippocampus: Path, t
     with (out / "cases.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["case"] for r in rows) == sorted(val)
-    assert all(set(r) == {"case", "Anterior", "Posterior"} for r in rows)
+    assert all(set(r) == {"case", "Anterior", "Posterior", "hd95 Anterior", "hd95 Posterior"} for r in rows)
+    assert all(0.0 < float(r[f"hd95 {name}"]) < 100.0 for r in rows for name in ("Anterior", "Posterior"))
+    assert summary["patch"] is True and summary["spatial_size"] == [32, 32, 16] and "patches of 32x32x16" in proc.stdout
 
 
 def test_benchmark_builds_both_commands_with_the_same_budget_fold_and_threads(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ class PreprocessConfig:
     """Spatial and intensity preprocessing applied before training and inference.
 
     Attributes:
-        target_spacing: voxel spacing in mm every case is resampled to; null: the fingerprint's median spacing.
+        target_spacing: voxel spacing in mm every case is resampled to; null: planned (the median spacing, or a
+            coarser lower-resolution stage where the patch would cover under a quarter of the median case).
         orientation: axis codes everything is reoriented to (e.g. RAS).
         normalization: ``auto`` (CT: clipped, dataset z-score; else per-volume z-score), ``zscore``, ``ct`` or ``none``.
     """

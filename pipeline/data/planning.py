@@ -90,3 +90,84 @@ def plan_network(
         "median_shape": median,
         "device_type": device_type,
     }
+
+
+def thinnest_sides_mm(label: np.ndarray, values: list[int], spacing: list[float]) -> list[float]:
+    """For each label value, the thinnest side of its bounding box in mm (NaN where absent).
+
+    Args:
+        label: the label map (spatial axes only).
+        values: the label values to measure, in order.
+        spacing: voxel spacing in mm per axis.
+    """
+    sides = []
+    for value in values:
+        mask = label == value
+        extent = []
+        for axis in range(mask.ndim):
+            # A projection per axis instead of nonzero(): no index arrays the size of the structure.
+            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+            extent.append((hit[-1] - hit[0] + 1) * spacing[axis] if hit.size else math.nan)
+        sides.append(float(min(extent)))
+    return sides
+
+
+# nnU-Net creates its 3d_lowres configuration when the full-resolution patch covers less than a
+# quarter of the median case (``lowres_creation_threshold``) and grows the spacing in 3 % steps.
+LOWRES_MIN_COVERAGE = 0.25
+LOWRES_STEP = 1.03
+# Coarser spacing is only worth it for structures that stay well resolved: the thinnest side of the
+# smallest structure's bounding box keeps at least this many voxels.
+MIN_STRUCTURE_VOXELS = 8
+
+
+def _coverage(plan: dict[str, Any]) -> float:
+    return math.prod(plan["patch_size"]) / math.prod(plan["median_shape"][: len(plan["patch_size"])])
+
+
+def plan_spacing(
+    fingerprint: dict[str, Any],
+    spacing: list[float],
+    spatial_dims: int,
+    device_type: str,
+    memory_gb: float | None = None,
+) -> tuple[list[float], dict[str, Any]]:
+    """The spacing to train at: the median spacing, or a lower-resolution stage as nnU-Net's 3d_lowres.
+
+    When the patch this device affords covers less than :data:`LOWRES_MIN_COVERAGE` of the median
+    case, the spacing grows (the finest axes first while any is over twice finer than the
+    coarsest, then all, as nnU-Net does) until the patch covers that much, but never so far that
+    the thinnest labelled structure (``structure_thinnest_mm`` of the fingerprint) falls below
+    :data:`MIN_STRUCTURE_VOXELS` voxels across. Predictions are resampled back to each scan's own
+    grid, so the stage changes resolution, not what the user gets back.
+
+    Args:
+        fingerprint: the dataset fingerprint (``shapes``, ``spacings``, ``structure_thinnest_mm``).
+        spacing: the full-resolution spacing in mm (the median spacing).
+        spatial_dims: 2 or 3; only 3D plans get a lower-resolution stage.
+        device_type: ``cuda`` or ``cpu``.
+        memory_gb: accelerator memory to plan for (see :func:`plan_network`).
+    """
+    fullres = [float(s) for s in spacing]
+    coverage = _coverage(plan_network(fingerprint, fullres, spatial_dims, device_type, memory_gb))
+    stage: dict[str, Any] = {"name": "fullres", "coverage": round(coverage, 3)}
+    if spatial_dims != 3 or coverage >= LOWRES_MIN_COVERAGE:
+        return fullres, stage
+    known = [t for t in fingerprint.get("structure_thinnest_mm", []) if t is not None]
+    if not known:
+        return fullres, {**stage, "why": "no labelled structure sizes in the fingerprint"}
+    thinnest = min(known)
+    current = np.asarray(fullres)
+    while coverage < LOWRES_MIN_COVERAGE:
+        finer = current.max() / current > 2
+        proposal = current * np.where(finer if finer.any() else True, LOWRES_STEP, 1.0)
+        if thinnest / proposal.max() < MIN_STRUCTURE_VOXELS:
+            break
+        current = proposal
+        coverage = _coverage(plan_network(fingerprint, current.tolist(), spatial_dims, device_type, memory_gb))
+    if np.allclose(current, fullres):
+        return fullres, {**stage, "why": f"the thinnest structure ({thinnest:.1f} mm) would fall below "
+                                         f"{MIN_STRUCTURE_VOXELS} voxels at a coarser spacing"}
+    return [round(float(s), 4) for s in current], {
+        "name": "lowres", "coverage": round(coverage, 3), "fullres_spacing": fullres,
+        "fullres_coverage": stage["coverage"], "thinnest_structure_mm": round(thinnest, 1)}

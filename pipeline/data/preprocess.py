@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from pipeline.data.dataset import Case, Dataset
 from pipeline.data.files import file_sha256, write_text_atomic
 from pipeline.data.fingerprint import intensity_percentiles, obliquity_deg, training_fingerprint
 from pipeline.data.mirroring import SAMPLE_CASES, find_mirror_pairs
-from pipeline.data.planning import plan_network
+from pipeline.data.planning import plan_network, plan_spacing, thinnest_sides_mm
 from pipeline.errors import InputDataError
 from transforms.preprocessing import load_transforms, preprocessing, spatial_transforms
+
+logger = logging.getLogger(__name__)
 
 FOREGROUND_SAMPLES_PER_CASE = 10_000
 
@@ -141,9 +144,9 @@ def _case_fingerprint(case: Case, content: str, orientation: str, labels: dict[i
     key = f"{content}:{orientation}"
     if cache.is_file():
         with np.load(cache) as npz:
-            if str(npz["key"]) == key and "obliquity" in npz:
+            if str(npz["key"]) == key and "thinnest_mm" in npz:
                 return {"spacing": npz["spacing"].tolist(), "shape": npz["shape"].tolist(),
-                        "obliquity": float(npz["obliquity"]),
+                        "obliquity": float(npz["obliquity"]), "thinnest_mm": npz["thinnest_mm"].tolist(),
                         "samples": [npz[f"samples_{c}"] for c in range(int(npz["channels"]))]}
     loader = load_transforms(with_label=True)
     reorient = spatial_transforms({"orientation": orientation, "target_spacing": None}, True)[0]
@@ -159,12 +162,14 @@ def _case_fingerprint(case: Case, content: str, orientation: str, labels: dict[i
         if fg.size > FOREGROUND_SAMPLES_PER_CASE:
             fg = rs.choice(fg, FOREGROUND_SAMPLES_PER_CASE, replace=False)
         samples.append(fg.astype(np.float64))
-    entry = {"spacing": [float(s) for s in image.pixdim], "shape": [int(s) for s in image.shape[1:]],
-             "obliquity": obliquity_deg(np.asarray(image.affine)), "samples": samples}
+    spacing = [float(s) for s in image.pixdim]
+    entry = {"spacing": spacing, "shape": [int(s) for s in image.shape[1:]],
+             "obliquity": obliquity_deg(np.asarray(image.affine)), "samples": samples,
+             "thinnest_mm": thinnest_sides_mm(label[0].numpy(), sorted(v for v in labels if v > 0), spacing)}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp.npz")
     np.savez(tmp, key=key, spacing=entry["spacing"], shape=entry["shape"], obliquity=entry["obliquity"],
-             channels=len(samples),
+             channels=len(samples), thinnest_mm=np.asarray(entry["thinnest_mm"], dtype=float),
              **{f"samples_{c}": v for c, v in enumerate(samples)})
     os.replace(tmp, cache)
     return entry
@@ -181,10 +186,11 @@ def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[st
         case_hashes: case id -> content hash.
         cache_dir: where the per-case parts are kept.
     """
-    spacings, shapes, obliquities = [], [], []
+    spacings, shapes, obliquities, thinnest = [], [], [], []
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
         entry = _case_fingerprint(case, case_hashes[case.case_id], orientation, dataset.labels, cache_dir)
+        thinnest.append(entry["thinnest_mm"])
         spacings.append(entry["spacing"])
         shapes.append(entry["shape"])
         obliquities.append(entry["obliquity"])
@@ -207,7 +213,20 @@ def compute_fingerprint(dataset: Dataset, orientation: str, case_hashes: dict[st
         "median_spacing": [float(x) for x in np.median(spacings, axis=0)],
         "median_shape": [float(x) for x in np.median(shapes, axis=0)],
         "foreground_intensity": stats,
+        # Per label (1, 2, ...): the median over the cases holding it of its bounding box's thinnest side.
+        "structure_thinnest_mm": _median_ignoring_absent(thinnest),
     }
+
+
+def _mm(spacing: list[float]) -> str:
+    return "x".join(f"{s:.3g}" for s in spacing)
+
+
+def _median_ignoring_absent(rows: list[list[float]]) -> list[float | None]:
+    if not rows or not rows[0]:
+        return []
+    values = np.asarray(rows, dtype=float)
+    return [float(np.nanmedian(col)) if np.isfinite(col).any() else None for col in values.T]
 
 
 def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -231,10 +250,15 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
         {"low": s["percentile_00_5"], "high": s["percentile_99_5"], "mean": s["mean"], "std": s["std"]}
         for s in fingerprint["foreground_intensity"]
     ]
-    target_spacing = cfg.preprocess.target_spacing or fingerprint["median_spacing"]
     memory = cfg.train.memory_budget_gb
     if memory is None and device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if cfg.preprocess.target_spacing:
+        target_spacing = list(cfg.preprocess.target_spacing)
+        stage: dict[str, Any] = {"name": "fullres", "why": "target_spacing set in the config"}
+    else:
+        target_spacing, stage = plan_spacing(fingerprint, fingerprint["median_spacing"], cfg.model.spatial_dims,
+                                             device.type, memory)
     network = plan_network(fingerprint, target_spacing, cfg.model.spatial_dims, device.type, memory)
     # Values set in the config win over the planner's.
     for key, value in (("patch_size", cfg.train.patch_size), ("batch_size", cfg.train.batch_size),
@@ -244,6 +268,7 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
     return {
         "orientation": cfg.preprocess.orientation,
         "target_spacing": target_spacing,
+        "stage": stage,
         "normalization": schemes,
         "ct_stats": ct_stats,
         "modalities": {str(k): v for k, v in dataset.modalities.items()},
@@ -297,8 +322,15 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
                    "data_hash": data_hash}
     write_text_atomic(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=1))
     plan = make_plan(cfg, dataset, fingerprint, device)
-    # The network part of the plan does not change the preprocessed voxels.
-    voxel_plan = json.dumps({k: v for k, v in plan.items() if k not in ("network", "fingerprint")}, sort_keys=True)
+    stage = plan["stage"]
+    if stage["name"] == "lowres":
+        logger.info("plan: lower-resolution stage at %s mm: at %s mm the %s patch would cover %.0f%% of the median "
+                    "case, at this spacing %.0f%%", _mm(plan["target_spacing"]), _mm(stage["fullres_spacing"]),
+                    "x".join(map(str, plan["network"]["patch_size"])), 100 * stage["fullres_coverage"],
+                    100 * stage["coverage"])
+    # The network part of the plan (and the stage's description of it) does not change the preprocessed voxels.
+    voxel_plan = json.dumps({k: v for k, v in plan.items() if k not in ("network", "fingerprint", "stage")},
+                            sort_keys=True)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     chain = preprocessing(plan, with_label=True)
