@@ -13,7 +13,14 @@ from pipeline.data.demo import make_demo_dataset
 from pipeline.data.dicom_dataset import DicomScan, label_summary, write_dataset
 from pipeline.data.dicom_source import PullStats, is_dicom_source, materialise, scan_source
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
-from pipeline.data.fingerprint import intensity_distance, intensity_percentiles, obliquity_deg, training_fingerprint
+from pipeline.data.fingerprint import (
+    intensity_distance,
+    intensity_percentiles,
+    label_volume_stats,
+    label_voxel_counts,
+    obliquity_deg,
+    training_fingerprint,
+)
 from pipeline.data.mirroring import find_mirror_pairs, flip_permutation, mirror_swaps
 from pipeline.data.preprocess import PreprocessedCase, preprocess_dataset
 from pipeline.data.splits import kfold_splits, stored_splits
@@ -33,6 +40,8 @@ __all__ = [
     "intensity_distance",
     "is_dicom_source",
     "label_summary",
+    "label_volume_stats",
+    "label_voxel_counts",
     "materialise",
     "scan_source",
     "write_dataset",

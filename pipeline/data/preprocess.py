@@ -17,7 +17,13 @@ from tqdm import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.data.dataset import Case, Dataset
 from pipeline.data.files import file_sha256, write_text_atomic
-from pipeline.data.fingerprint import intensity_percentiles, obliquity_deg, training_fingerprint
+from pipeline.data.fingerprint import (
+    intensity_percentiles,
+    label_volume_stats,
+    label_voxel_counts,
+    obliquity_deg,
+    training_fingerprint,
+)
 from pipeline.data.mirroring import SAMPLE_CASES, find_mirror_pairs
 from pipeline.data.planning import plan_network, plan_spacing, thinnest_sides_mm
 from pipeline.errors import InputDataError
@@ -343,16 +349,18 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
         if manifest.get(case.case_id) != key or not target.is_file():
             d = chain({"image": [str(p) for p in case.images], "label": str(case.label)})
             tmp = target.with_name(target.name + ".tmp.npz")
-            np.savez(tmp, image=d["image"].numpy().astype(np.float32), label=d["label"].numpy().astype(np.uint8))
+            label = d["label"].numpy().astype(np.uint8)
+            np.savez(tmp, image=d["image"].numpy().astype(np.float32), label=label)
             os.replace(tmp, target)
             manifest[case.case_id] = key
-            percentiles[case.case_id] = [key, intensity_percentiles(d["image"].numpy())]
+            percentiles[case.case_id] = [key, intensity_percentiles(d["image"].numpy()), label_voxel_counts(label)]
             redone.append(case.case_id)
             # Saved per case: an interrupted call keeps what it finished.
             write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
         result.append(PreprocessedCase(case.case_id, target))
     plan["mirror_pairs"] = _mirror_pairs(plan, result)
-    plan["fingerprint"] = _conformity_fingerprint(dataset, fingerprint, result, manifest, percentiles)
+    plan["fingerprint"] = _conformity_fingerprint(dataset, fingerprint, result, manifest, percentiles,
+                                                  plan["target_spacing"])
     write_text_atomic(percentiles_path, json.dumps(percentiles))
     # Written once, complete: a fold's job past preprocessing may log this file while another job preprocesses.
     write_text_atomic(out_dir / "plans.json", json.dumps(plan, indent=1))
@@ -374,18 +382,22 @@ def _mirror_pairs(plan: dict[str, Any], cases: list[PreprocessedCase]) -> list[d
 
 def _conformity_fingerprint(
     dataset: Dataset, fingerprint: dict[str, Any], cases: list[PreprocessedCase], manifest: dict[str, str],
-    percentiles: dict[str, list],
+    percentiles: dict[str, list], spacing: list[float],
 ) -> dict[str, Any]:
-    """The training fingerprint the plan carries for the input check at prediction (see :mod:`pipeline.data.fingerprint`).
+    """The training fingerprint the plan carries for the input check at prediction and the volume signal
+    (see :mod:`pipeline.data.fingerprint`).
 
-    Each case's normalised-intensity percentiles are kept by its preprocessing key, so only new or
-    changed cases are read again.
+    Each case's normalised-intensity percentiles and label voxel counts are kept by its preprocessing
+    key (``intensity_percentiles.json``: ``[key, percentiles, counts]``), so only new or changed cases
+    are read again, and cases cached before the counts existed once.
     """
     for case in cases:
         cached = percentiles.get(case.case_id)
-        if not cached or cached[0] != manifest[case.case_id]:
-            image, _ = case.load()
-            percentiles[case.case_id] = [manifest[case.case_id], intensity_percentiles(image.numpy())]
+        if not cached or cached[0] != manifest[case.case_id] or len(cached) < 3:
+            image, label = case.load()
+            percentiles[case.case_id] = [manifest[case.case_id], intensity_percentiles(image.numpy()),
+                                         label_voxel_counts(label.numpy())]
     return training_fingerprint(
         {str(k): v for k, v in dataset.modalities.items()}, fingerprint["spacings"], fingerprint["shapes"],
-        fingerprint["obliquities"], [percentiles[c.case_id][1] for c in cases])
+        fingerprint["obliquities"], [percentiles[c.case_id][1] for c in cases],
+        label_volume_stats([percentiles[c.case_id][2] for c in cases], spacing))

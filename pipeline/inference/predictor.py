@@ -289,7 +289,9 @@ class Predictor:
         image = d["image"]
         net_labels = class_argmax(probs)
         values = [v for v in self.labels if v != 0]
-        signals = quality_signals(probs, net_labels, spread, values)
+        # The training volumes travel in the plan's fingerprint; a model saved before them gets volume_z NaN.
+        volumes = (self.plan.get("fingerprint") or {}).get("volumes")
+        signals = quality_signals(probs, net_labels, spread, values, volumes)
         view_labels = net_labels.numpy()
         if postprocess and self.postprocessing.active:
             view_labels = self.postprocessing.apply(view_labels)

@@ -13,6 +13,12 @@ Per label, on the network's grid (where the passes were averaged):
   the structure, the other classes; outside, this class) per voxel of the structure.
 * ``voxels``: the structure's size on the network grid (small structures lose more Dice
   to the same boundary error).
+* ``fragments``: the share of the structure's voxels outside its largest connected component
+  (full connectivity, as the postprocessing's; 0 for one piece): a structure in pieces is
+  often a structure found in the wrong places.
+* ``volume_z``: how far the structure's volume lies from the training cases' volumes of that
+  label, in robust standard deviations of the log volume (NaN for a model whose fingerprint
+  predates the volumes, see :func:`pipeline.data.label_volume_stats`).
 
 Which of them predict the true Dice, and with what weight, is fitted on validation
 (:mod:`pipeline.quality.calibration`).
@@ -21,11 +27,13 @@ Which of them predict the true Dice, and with what weight, is fitted on validati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-SIGNALS = ("spread", "boundary_entropy", "soft_dice", "expected_error", "voxels")
+SIGNALS = ("spread", "boundary_entropy", "soft_dice", "expected_error", "voxels", "fragments", "volume_z")
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -68,9 +76,43 @@ def _band_entropy(probabilities: torch.Tensor, band: torch.Tensor) -> torch.Tens
     return total / math.log(max(2, probabilities.shape[0]))
 
 
+def fragments(mask: np.ndarray) -> float:
+    """The share of ``mask``'s voxels outside its largest connected component (full connectivity; 0: one piece).
+
+    Args:
+        mask: a boolean array, best cropped to the structure's bounding box (the labelling is int32 of its size).
+    """
+    from scipy import ndimage  # here: the signals module is imported by every start-up, labelling only by predictions
+
+    components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if count <= 1:
+        return 0.0
+    # Counted a slab at a time: bincount widens its input to int64 (8 bytes per voxel of the crop at once).
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    step = max(1, (1 << 22) // max(1, int(np.prod(components.shape[1:]))))
+    for start in range(0, components.shape[0], step):
+        sizes += np.bincount(components[start:start + step].ravel(), minlength=count + 1)
+    total = int(sizes[1:].sum())
+    return float(total - int(sizes[1:].max())) / total
+
+
+def volume_z(volume_ml: float, reference: Mapping[str, float] | None) -> float:
+    """How far a volume lies from the training volumes: ``|log(volume) - median| / scale`` (NaN: no reference).
+
+    Args:
+        volume_ml: the structure's volume (mL).
+        reference: ``median`` and ``scale`` of the training cases' log volumes of the label
+            (:func:`pipeline.data.label_volume_stats`); ``None``: not known (an older model).
+    """
+    if reference is None or not volume_ml > 0:
+        return math.nan
+    return abs(math.log(volume_ml) - float(reference["median"])) / float(reference["scale"])
+
+
 @torch.no_grad()
 def quality_signals(
     probabilities: torch.Tensor, labels: torch.Tensor, spread: torch.Tensor | None, values: Sequence[int],
+    volumes: Mapping[str, Any] | None = None,
 ) -> dict[int, dict[str, float]]:
     """The quality signals of each foreground label.
 
@@ -79,11 +121,14 @@ def quality_signals(
         labels: ``(X, Y, Z)`` their argmax.
         spread: ``(X, Y, Z)`` disagreement of the passes (``None``: a single pass, taken as 0).
         values: the foreground label values.
+        volumes: the training fingerprint's ``volumes`` (:func:`pipeline.data.label_volume_stats`: the network
+            grid's ``voxel_ml`` and per label the log-volume ``median`` and ``scale``); ``None``: ``volume_z`` is NaN.
 
     Returns:
         label value -> signal name -> value; an empty structure has ``voxels`` 0 and NaN signals.
     """
     out: dict[int, dict[str, float]] = {}
+    per_label = (volumes or {}).get("labels", {})
     for value in values:
         mask = labels == value
         voxels = int(mask.sum())
@@ -105,5 +150,8 @@ def quality_signals(
             "soft_dice": 2 * inside / (total + voxels),
             "expected_error": ((voxels - inside) + (total - inside)) / voxels,
             "voxels": float(voxels),
+            # On the crop: a label of the whole grid's size costs int32 of the grid, a small one next to nothing.
+            "fragments": fragments(m.cpu().numpy()),
+            "volume_z": volume_z(voxels * float(volumes["voxel_ml"]), per_label.get(str(value))) if volumes else math.nan,
         }
     return out
