@@ -105,14 +105,15 @@ def _value(signals: Mapping[str, float], feature: str) -> float:
     return math.log(max(value, 1e-6)) if feature in LOG_FEATURES and not math.isnan(value) else value
 
 
-def _fit_label(x: np.ndarray, y: np.ndarray, presence: float) -> LabelFit:
-    """Least squares of ``y`` on the standardised columns of ``x`` (a whisker of ridge keeps tiny sets solvable)."""
+def _fit_label(x: np.ndarray, y: np.ndarray, presence: float, features: Sequence[str] = FEATURES) -> LabelFit:
+    """Least squares of ``y`` on the standardised columns of ``x`` (``features``, in order; a whisker of ridge keeps
+    tiny sets solvable)."""
     mean, scale = x.mean(0), x.std(0)
     scale[scale < 1e-12] = 1.0
     z = (x - mean) / scale
     # Centred, the intercept is the mean of y.
     coef = np.linalg.solve(z.T @ z + 1e-3 * np.eye(z.shape[1]), z.T @ (y - y.mean()))
-    return LabelFit(tuple(FEATURES), tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, coef)),
+    return LabelFit(tuple(features), tuple(map(float, mean)), tuple(map(float, scale)), tuple(map(float, coef)),
                     float(y.mean()), presence)
 
 
@@ -194,13 +195,14 @@ class Calibration:
         return cls(labels, float(data["min_expected_dice"]), dict(data.get("validation", {})))
 
 
-def _matrix(signals: Sequence[Mapping[int, Mapping[str, float]]], value: int, rows: Sequence[int]) -> np.ndarray:
-    return np.array([[_value(signals[i][value], f) for f in FEATURES] for i in rows], dtype=float)
+def _matrix(signals: Sequence[Mapping[int, Mapping[str, float]]], value: int, rows: Sequence[int],
+            features: Sequence[str] = FEATURES) -> np.ndarray:
+    return np.array([[_value(signals[i][value], f) for f in features] for i in rows], dtype=float)
 
 
 def fit_calibration(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]],
-    min_expected_dice: float | None = None, flag_quantile: float = 0.19,
+    min_expected_dice: float | None = None, flag_quantile: float = 0.19, features: Sequence[str] = FEATURES,
 ) -> Calibration:
     """Fit the map from signals to true Dice on validation cases.
 
@@ -210,10 +212,12 @@ def fit_calibration(
         min_expected_dice: a fixed review threshold; ``None``: the ``flag_quantile`` of the
             cases' lowest leave-one-out estimate.
         flag_quantile: see ``min_expected_dice``.
+        features: the signals the map uses (default :data:`FEATURES`; others to compare candidates,
+            ``scripts/quality_features.py``).
     """
     n = len(signals)
     values = sorted({v for case in true_dice for v in case})
-    fits, oos = _cross_fit(signals, true_dice, values)
+    fits, oos = _cross_fit(signals, true_dice, values, features)
     calibration = Calibration(fits, 0.0)
     in_sample = np.array([[math.nan if (e := calibration.estimate(signals[i]).get(v)) is None else e
                            for v in values] for i in range(n)], dtype=float)
@@ -233,6 +237,7 @@ def fit_calibration(
 
 def _cross_fit(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]], values: Sequence[int],
+    features: Sequence[str] = FEATURES,
 ) -> tuple[dict[int, LabelFit], np.ndarray]:
     """Each label's fit on all usable cases, and every case's out-of-sample estimates (cases x ``values``, NaN: none).
 
@@ -246,13 +251,14 @@ def _cross_fit(
         y_all = np.array([float(case.get(value, math.nan)) for case in true_dice])
         presence = float(np.mean(~np.isnan(y_all))) if n else 0.0
         usable = [i for i in range(n) if not math.isnan(y_all[i]) and signals[i][value]["voxels"] > 0
-                  and not any(math.isnan(_value(signals[i][value], f)) for f in FEATURES)]
+                  and not any(math.isnan(_value(signals[i][value], f)) for f in features)]
         if len(usable) < MIN_CASES:
             continue
-        fits[value] = _fit_label(_matrix(signals, value, usable), y_all[usable], presence)
+        fits[value] = _fit_label(_matrix(signals, value, usable, features), y_all[usable], presence, features)
         for i in range(n):
             rest = [k for k in usable if k != i]
-            fit = _fit_label(_matrix(signals, value, rest), y_all[rest], presence) if i in usable else fits[value]
+            fit = (_fit_label(_matrix(signals, value, rest, features), y_all[rest], presence, features) if i in usable
+                   else fits[value])
             est = fit.estimate(signals[i][value])
             oos[i, j] = math.nan if est is None else est
     return fits, oos
@@ -260,15 +266,17 @@ def _cross_fit(
 
 def out_of_sample_estimates(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]],
+    features: Sequence[str] = FEATURES,
 ) -> list[dict[int, float | None]]:
     """Per validation case, label value -> the estimate of a fit that did not see the case (as :func:`fit_calibration`).
 
     Args:
         signals: per case, label value -> signals.
         true_dice: per case, label value -> Dice.
+        features: the signals the map uses.
     """
     values = sorted({v for case in true_dice for v in case})
-    _, oos = _cross_fit(signals, true_dice, values)
+    _, oos = _cross_fit(signals, true_dice, values, features)
     return [{v: (None if math.isnan(row[j]) else float(row[j])) for j, v in enumerate(values)} for row in oos]
 
 
