@@ -24,7 +24,13 @@ from pipeline.data import Case
 from pipeline.errors import InputDataError
 from pipeline.evaluation.metrics import dice_per_label, nanmean, surface_metrics, write_evaluation
 from pipeline.evaluation.postprocessing_choice import Decision, decide, variant_scores
-from pipeline.evaluation.quality_review import CaseQuality, calibration_plot, quality_records, write_quality_outputs
+from pipeline.evaluation.quality_review import (
+    CaseQuality,
+    calibration_plot,
+    quality_records,
+    write_quality_outputs,
+    write_quality_records,
+)
 from pipeline.inference import Postprocessing, Predictor, write_label_map
 from pipeline.quality import Calibration, fit_calibration, overlay_thumbnail
 from transforms.readers import MedicalImageReader
@@ -187,7 +193,7 @@ def evaluate_cases(
     Args:
         predictor: the model(s) to evaluate.
         cases: labelled cases.
-        out_dir: the output folder (created): ``cases.csv``, ``summary.json``,
+        out_dir: the output folder (created): ``cases.csv``, ``summary.json``, ``quality_records.json``,
             ``predictions/<case>.nii.gz``, ``qc/<case>.png``.
         decide_postprocessing: choose keep-largest-component removal on these cases;
             otherwise apply the model's stored decision.
@@ -244,6 +250,7 @@ def _quality_review(
     settings = {**predictor.settings[0].to_dict(), "postprocessing": result.postprocessing.to_dict()}
     result.records = quality_records([c.case_id for c in cases], final.finals, final.affines, quality, final.dice,
                                      labels, result.calibration, model, settings)
+    write_quality_records(result.records, out_dir)
     if report:
         name = model.get("name")
         title = f"Evaluation of {name} v{model.get('version', '')}" if name else "Evaluation"

@@ -8,6 +8,7 @@ held on those cases.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import write_text_atomic
 from pipeline.quality import (
+    SIGNALS,
     WORST_CASES,
     Calibration,
     Conformity,
@@ -27,6 +30,10 @@ from pipeline.quality import (
     write_report,
     write_summary_csv,
 )
+
+#: an evaluation's case records with their signals and true Dice, for comparing signals afterwards
+#: (``scripts/quality_features.py``): ``quality.csv`` keeps neither the signals nor their names.
+RECORDS_FILE = "quality_records.json"
 
 
 @dataclass
@@ -144,3 +151,17 @@ def write_quality_outputs(records: Sequence[Mapping[str, Any]], thumbnails: Mapp
     """
     return (write_summary_csv(records, out_dir / "quality.csv"),
             write_report(records, out_dir / "report.html", thumbnails, title))
+
+
+def write_quality_records(records: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+    """:data:`RECORDS_FILE`: the signal names this version computes and every case record (signals, true Dice).
+
+    Kept in the work directory only (case ids in it, as in ``quality.csv``); not logged to MLflow.
+
+    Args:
+        records: the case records of an evaluation (:func:`quality_records`).
+        out_dir: the evaluation folder.
+    """
+    path = out_dir / RECORDS_FILE
+    write_text_atomic(path, json.dumps({"signals": list(SIGNALS), "records": list(records)}, indent=1))
+    return path

@@ -21,9 +21,10 @@ from pipeline.quality.records import (
     write_summary_csv,
 )
 from pipeline.quality.report import overlay_thumbnail, write_report
-from pipeline.quality.signals import quality_signals
+from pipeline.quality.signals import SIGNALS, quality_signals
 
 __all__ = [
+    "SIGNALS",
     "WORST_CASES",
     "Calibration",
     "Conformity",
