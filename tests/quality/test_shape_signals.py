@@ -14,6 +14,7 @@ import torch
 
 from pipeline.data import PreprocessedCase, label_volume_stats, label_voxel_counts, training_fingerprint
 from pipeline.quality import SIGNALS, quality_signals
+from pipeline.quality.signals import fragments
 
 
 def _one_hot(labels: torch.Tensor, classes: int = 2) -> torch.Tensor:
@@ -35,6 +36,10 @@ def test_fragments_is_the_share_of_the_structure_outside_its_largest_piece() -> 
     assert quality_signals(_one_hot(labels), labels, None, [1])[1]["fragments"] == 0.0
     empty = quality_signals(_one_hot(labels), torch.zeros_like(labels), None, [1])[1]
     assert set(empty) == set(SIGNALS) and math.isnan(empty["fragments"]) and math.isnan(empty["volume_z"])
+    # More pieces than the compact labelling holds: labelled again, the share still right.
+    dust = np.zeros((600, 600), dtype=bool)
+    dust[::2, ::2] = True  # 90,000 single pixels
+    assert fragments(dust) == pytest.approx(1 - 1 / 90_000)
 
 
 def test_volume_z_measures_the_volume_against_the_training_volumes() -> None:
