@@ -78,3 +78,25 @@ def test_the_script_prints_each_folder_and_feature_set_and_says_what_a_run_lacks
     assert "volume_z unknown for every case" in " ".join(rows[str(unknown), "+volume_z"])
     assert float(rows[str(unknown), "+fragments"][1]) > 0.8
     assert f"{bare}: no {RECORDS_FILE}" in out
+
+
+def test_an_evaluation_keeps_its_case_records_with_signals_and_true_dice(tmp_path: Path) -> None:
+    """A real evaluation (untrained tiny model, 2 synthetic cases) writes the file the script reads."""
+    import torch
+
+    from pipeline.data import load_dataset, make_demo_dataset
+    from pipeline.evaluation import evaluate_cases
+    from pipeline.inference import Predictor, load_model
+    from pipeline.quality import SIGNALS
+    from tests.conftest import save_untrained_2mm_model
+
+    dataset = load_dataset(make_demo_dataset(tmp_path / "data", 2, [28, 28, 28]))
+    model = load_model(save_untrained_2mm_model(tmp_path / "m.pt"), torch.device("cpu"))
+    out = tmp_path / "evaluation"
+    evaluate_cases(Predictor([model], torch.device("cpu")), dataset.cases, out, save_predictions=False, report=False)
+    stored = json.loads((out / RECORDS_FILE).read_text())
+    assert stored["signals"] == list(SIGNALS) and len(stored["records"]) == 2
+    signals, truth = _load_script("quality_features").load_cases(out / RECORDS_FILE)
+    assert [sorted(case) for case in signals] == [[1, 2], [1, 2]] and [sorted(case) for case in truth] == [[1, 2], [1, 2]]
+    assert all(set(s) == set(SIGNALS) for case in signals for s in case.values())
+    assert all(0.0 <= d <= 1.0 for case in truth for d in case.values())
