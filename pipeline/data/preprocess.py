@@ -330,7 +330,8 @@ def preprocess_dataset(cfg: PipelineConfig, dataset: Dataset, out_dir: Path, dev
     plan = make_plan(cfg, dataset, fingerprint, device)
     stage = plan["stage"]
     if stage["name"] == "lowres":
-        logger.info("plan: lower-resolution stage at %s mm: at %s mm the %s patch would cover %.0f%% of the median "
+        # Shown like the validation plan: the user should know the network sees a coarser grid than the scans.
+        logger.warning("plan: lower-resolution stage at %s mm: at %s mm the %s patch would cover %.0f%% of the median "
                     "case, at this spacing %.0f%%", _mm(plan["target_spacing"]), _mm(stage["fullres_spacing"]),
                     "x".join(map(str, plan["network"]["patch_size"])), 100 * stage["fullres_coverage"],
                     100 * stage["coverage"])
