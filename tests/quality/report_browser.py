@@ -11,6 +11,7 @@ gives the reason to skip.
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from pipeline.quality.report import TABLE_ID
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WINDOW_PX = (1400, 1000)
+CONSOLE_READS = 3
+CONSOLE_READ_PAUSE_S = 0.1
 # A white page with a line of text has a grey-level standard deviation of 1-3; the report with thumbnails, far more.
 BLANK_STD = 8.0
 
@@ -101,9 +104,15 @@ def check_report(path: Path, driver: Any = None) -> dict[str, Any]:
             driver.quit()
     from PIL import Image
 
+    driver.get("about:blank")  # the same URL again (a file rewritten in place) must be a fresh load
     driver.get_log("browser")  # drain what an earlier page left, so only this page's messages count
     driver.get(Path(path).resolve().as_uri())  # returns after the load event: images are fetched and decoded
-    console = driver.get_log("browser")
+    # Console entries reach the driver asynchronously; on a loaded machine a script error of the load can
+    # arrive after get() returns, so the log is read a few times.
+    console = []
+    for _ in range(CONSOLE_READS):
+        console += driver.get_log("browser")
+        time.sleep(CONSOLE_READ_PAUSE_S)
     severe = [entry["message"] for entry in console if entry["level"] == "SEVERE"]
     assert not severe, f"console errors in {path}: {severe}"
     broken = driver.execute_script(BROKEN_IMAGES_JS)
