@@ -18,7 +18,7 @@ import nibabel as nib
 import pytest
 import yaml
 
-from tests.conftest import TINY
+from tests.conftest import TINY, run_main
 from tests.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def gated(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory)
                                ("worse", {"epochs": 4, "learning_rate": 0.0}, ["--fail-if-not-promoted"]),
                                ("better", {"epochs": 16}, [])):
         config = _config(root / f"{name}.yaml", dataset, uri, train=train)
-        res = _cli("run", str(config), "--work-dir", str(work), *extra)
+        res = run_main("run", str(config), "--work-dir", str(work), *extra)
         runs[name] = res
         summary = json.loads((work / "evaluation" / "fold_0" / "summary.json").read_text())
         runs[f"{name}_summary"] = summary
@@ -95,6 +95,9 @@ def test_worse_run_stays_candidate_better_run_takes_champion(gated: dict) -> Non
     assert tags[3]["gate.decision"].startswith("promoted: mean Dice") and tags[3]["gate.champion_version"] == "1"
     assert float(tags[3]["gate.candidate_mean_dice"]) > float(tags[3]["gate.champion_mean_dice"])
     assert float(tags[2]["gate.candidate_mean_dice"]) <= float(tags[2]["gate.champion_mean_dice"])
+    decision = client.get_run(versions[2].run_id).data.tags["registry.decision"]
+    assert decision.startswith("not promoted: mean Dice") and decision.endswith("champion stays version 1"), decision
+    assert gated["worse_summary"]["mean_dice"] < gated["first_summary"]["mean_dice"]
 
 
 def test_candidate_and_champion_were_scored_on_the_same_cases_in_one_call(gated: dict, tmp_path: Path) -> None:
@@ -226,8 +229,9 @@ def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_train
     state = json.loads((work / "state" / "fold_0.json").read_text())
     assert state["status"] == "running"
     interrupted_run = state["run_id"]
-    # A plain call (no --resume) continues the same MLflow run to the end.
-    res = _cli("run", str(config), "--work-dir", str(work))
+    # A plain call (no --resume) continues the same MLflow run to the end. The calls after the kill run in
+    # this process (no interpreter start); the two above are real processes, as a scheduler starts them.
+    res = run_main("run", str(config), "--work-dir", str(work))
     assert res.returncode == 0, res.stderr[-3000:]
     state = json.loads((work / "state" / "fold_0.json").read_text())
     assert state["status"] == "completed" and state["run_id"] == interrupted_run
@@ -240,7 +244,7 @@ def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_train
 
     # Unchanged data, config and code: exit 0 without training.
     stamp = (work / "checkpoints" / "fold_0" / "final.pt").stat().st_mtime_ns
-    res = _cli("run", str(config), "--work-dir", str(work))
+    res = run_main("run", str(config), "--work-dir", str(work))
     assert res.returncode == 0 and "Up to date" in res.stdout, res.stdout + res.stderr
     assert (work / "checkpoints" / "fold_0" / "final.pt").stat().st_mtime_ns == stamp
     assert len(client.search_runs([experiment])) == 1
@@ -253,7 +257,7 @@ def test_lock_then_sigkill_then_plain_run_resumes_then_skips_then_new_case_train
         (dataset / sub / "demo_new.nii.gz").write_bytes(src.read_bytes())
     meta["training"].append({"image": "./imagesTr/demo_new.nii.gz", "label": "./labelsTr/demo_new.nii.gz"})
     (dataset / "dataset.json").write_text(json.dumps(meta))
-    res = _cli("run", str(config), "--work-dir", str(work))
+    res = run_main("run", str(config), "--work-dir", str(work))
     assert res.returncode == 0 and "Up to date" not in res.stdout, res.stderr[-2000:]
     runs = client.search_runs([experiment])
     assert len(runs) == 2
@@ -271,7 +275,7 @@ def test_server_down_at_start_stops_before_preprocessing(tmp_path: Path) -> None
     uri = f"http://127.0.0.1:{free_port()}"
     config = _config(tmp_path / "c.yaml", dataset, uri)
     work = tmp_path / "work"
-    res = _cli("run", str(config), "--work-dir", str(work), timeout=120)
+    res = run_main("run", str(config), "--work-dir", str(work))
     assert res.returncode == 5, res.stderr
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
@@ -284,7 +288,7 @@ def test_server_killed_mid_run_and_restarted_loses_no_metric(tmp_path: Path) -> 
     server.start()
     try:
         dataset = _dataset(tmp_path / "data")
-        epochs = 24
+        epochs = 12
         config = _config(tmp_path / "c.yaml", dataset, server.uri, train={"epochs": epochs, "iterations_per_epoch": 6})
         work = tmp_path / "work"
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--work-dir", str(work)],
@@ -317,7 +321,7 @@ def test_diverging_training_exits_4(tmp_path: Path) -> None:
     dataset = _dataset(tmp_path / "data")
     config = _config(tmp_path / "c.yaml", dataset, None, train={"epochs": 3, "learning_rate": 1.0e12})
     work = tmp_path / "work"
-    res = _cli("run", str(config), "--work-dir", str(work))
+    res = run_main("run", str(config), "--work-dir", str(work))
     assert res.returncode == 4, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "diverged" in errors[0]
