@@ -17,7 +17,8 @@ demo: $(STAMP)
 	$(BIN)/unet-pipeline run
 
 # Two pytest-xdist workers; each test file runs whole in one of them (its module fixtures are built once): most
-# tests wait on subprocesses and servers, so two share 2 cores well (12 min against 16.5 serially).
+# tests wait on subprocesses and servers, so two share 2 cores well (9 min). tests/conftest.py makes idle OpenMP
+# threads sleep (OMP_WAIT_POLICY=PASSIVE): spinning ones made the two workers 1.5x slower (12.5 min).
 # The PACS tests run a real Orthanc, the report tests a headless Chromium, the PostgreSQL tests a real PostgreSQL
 # under an mlflow server (each skipped without it). As root (CI) the Debian packages of whichever is missing are
 # installed; elsewhere nothing is installed. /usr/sbin is often not in a user's PATH: test the files. Debian keeps
