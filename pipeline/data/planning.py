@@ -125,12 +125,22 @@ def _coverage(plan: dict[str, Any]) -> float:
     return math.prod(plan["patch_size"]) / math.prod(plan["median_shape"][: len(plan["patch_size"])])
 
 
+def _coverage_at(fingerprint: dict[str, Any], spacing: list[float], spatial_dims: int, device_type: str,
+                 memory_gb: float | None, patch_size: list[int] | None) -> float:
+    """The share of the median case at ``spacing`` one patch covers: the fixed patch's, else the planned one's."""
+    if patch_size is None:
+        return _coverage(plan_network(fingerprint, spacing, spatial_dims, device_type, memory_gb))
+    median = median_shape_at(fingerprint, spacing)[: len(patch_size)]
+    return math.prod(patch_size) / math.prod(median)
+
+
 def plan_spacing(
     fingerprint: dict[str, Any],
     spacing: list[float],
     spatial_dims: int,
     device_type: str,
     memory_gb: float | None = None,
+    patch_size: list[int] | None = None,
 ) -> tuple[list[float], dict[str, Any]]:
     """The spacing to train at: the median spacing, or a lower-resolution stage as nnU-Net's 3d_lowres.
 
@@ -141,16 +151,23 @@ def plan_spacing(
     :data:`MIN_STRUCTURE_VOXELS` voxels across. Predictions are resampled back to each scan's own
     grid, so the stage changes resolution, not what the user gets back.
 
+    A patch the config fixes (``train.patch_size``) is the patch that trains, so the coverage is
+    that patch's: a large fixed patch keeps the full resolution where the planned one would not,
+    and a small one can call for the coarser stage.
+
     Args:
         fingerprint: the dataset fingerprint (``shapes``, ``spacings``, ``structure_thinnest_mm``).
         spacing: the full-resolution spacing in mm (the median spacing).
         spatial_dims: 2 or 3; only 3D plans get a lower-resolution stage.
         device_type: ``cuda`` or ``cpu``.
         memory_gb: accelerator memory to plan for (see :func:`plan_network`).
+        patch_size: ``train.patch_size`` when the config fixes it; ``None``: the planned patch.
     """
     fullres = [float(s) for s in spacing]
-    coverage = _coverage(plan_network(fingerprint, fullres, spatial_dims, device_type, memory_gb))
-    stage: dict[str, Any] = {"name": "fullres", "coverage": round(coverage, 3)}
+    fixed = [int(p) for p in patch_size] if patch_size is not None else None
+    coverage = _coverage_at(fingerprint, fullres, spatial_dims, device_type, memory_gb, fixed)
+    stage: dict[str, Any] = {"name": "fullres", "coverage": round(coverage, 3),
+                             **({"patch_size": fixed} if fixed is not None else {})}
     if spatial_dims != 3 or coverage >= LOWRES_MIN_COVERAGE:
         return fullres, stage
     known = [t for t in fingerprint.get("structure_thinnest_mm", []) if t is not None]
@@ -164,10 +181,11 @@ def plan_spacing(
         if thinnest / proposal.max() < MIN_STRUCTURE_VOXELS:
             break
         current = proposal
-        coverage = _coverage(plan_network(fingerprint, current.tolist(), spatial_dims, device_type, memory_gb))
+        coverage = _coverage_at(fingerprint, current.tolist(), spatial_dims, device_type, memory_gb, fixed)
     if np.allclose(current, fullres):
         return fullres, {**stage, "why": f"the thinnest structure ({thinnest:.1f} mm) would fall below "
                                          f"{MIN_STRUCTURE_VOXELS} voxels at a coarser spacing"}
     return [round(float(s), 4) for s in current], {
         "name": "lowres", "coverage": round(coverage, 3), "fullres_spacing": fullres,
-        "fullres_coverage": stage["coverage"], "thinnest_structure_mm": round(thinnest, 1)}
+        "fullres_coverage": stage["coverage"], "thinnest_structure_mm": round(thinnest, 1),
+        **({"patch_size": fixed} if fixed is not None else {})}

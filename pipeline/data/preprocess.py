@@ -263,8 +263,9 @@ def make_plan(cfg: PipelineConfig, dataset: Dataset, fingerprint: dict[str, Any]
         target_spacing = list(cfg.preprocess.target_spacing)
         stage: dict[str, Any] = {"name": "fullres", "why": "target_spacing set in the config"}
     else:
+        # The patch that will train decides the stage: the config's when it fixes one.
         target_spacing, stage = plan_spacing(fingerprint, fingerprint["median_spacing"], cfg.model.spatial_dims,
-                                             device.type, memory)
+                                             device.type, memory, cfg.train.patch_size)
     network = plan_network(fingerprint, target_spacing, cfg.model.spatial_dims, device.type, memory)
     # Values set in the config win over the planner's.
     for key, value in (("patch_size", cfg.train.patch_size), ("batch_size", cfg.train.batch_size),

@@ -97,3 +97,43 @@ def test_the_real_tasks_plans(task: str, stage: str) -> None:
         assert planned["fullres_coverage"] < LOWRES_MIN_COVERAGE <= planned["coverage"] and min(spacing) > 0.625
     else:  # head-and-neck CT: the spinal cord is ~5 voxels across at 3.9 mm already
         assert min(fp["structure_thinnest_mm"]) / max(median) < MIN_STRUCTURE_VOXELS and spacing == median
+
+
+def _make_plan(fp: dict, patch_size: list[int] | None) -> dict:
+    """The plan ``preprocess`` makes for this fingerprint, on a CPU, with ``train.patch_size`` fixed or planned."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.data.dataset import Dataset
+    from pipeline.data.preprocess import make_plan
+
+    overrides = [f"train.patch_size={patch_size}" if patch_size else "train.patch_size=null",
+                 "model.features=null", "preprocess.target_spacing=null"]
+    cfg = load_config(None, overrides)
+    fp = {**fp, "median_spacing": [float(v) for v in np.median(fp["spacings"], axis=0)],
+          "foreground_intensity": [{"percentile_00_5": 0.0, "percentile_99_5": 1.0, "mean": 0.5, "std": 0.1}]}
+    dataset = Dataset(Path("unused"), "constructed", {0: "MRI"}, {0: "background", 1: "organ"})
+    return make_plan(cfg, dataset, fp, torch.device("cpu"))
+
+
+def test_a_fixed_patch_that_covers_the_case_keeps_the_full_resolution() -> None:
+    # 160 mm cubes at 1 mm: the planned CPU patch (at most 64^3) covers 6 % of the median case.
+    fp = {"shapes": [[160, 160, 160]] * 3, "spacings": [[1.0] * 3] * 3, "structure_thinnest_mm": [60.0]}
+    assert plan_spacing(fp, [1.0] * 3, 3, "cpu")[1]["name"] == "lowres"
+    spacing, stage = plan_spacing(fp, [1.0] * 3, 3, "cpu", patch_size=[128, 128, 128])
+    assert spacing == [1.0] * 3 and stage == {"name": "fullres", "coverage": 0.512, "patch_size": [128, 128, 128]}
+    # Through the plan preprocess makes: the config's patch trains, at the full resolution.
+    fixed = _make_plan(fp, [128, 128, 128])
+    assert fixed["target_spacing"] == [1.0] * 3 and fixed["network"]["patch_size"] == [128, 128, 128]
+    assert _make_plan(fp, None)["stage"]["name"] == "lowres"
+
+
+def test_a_small_fixed_patch_gets_the_coarser_stage_the_planned_one_would_not() -> None:
+    fp = {"shapes": [[40, 40, 40]] * 3, "spacings": [[1.0] * 3] * 3, "structure_thinnest_mm": [30.0]}
+    assert plan_spacing(fp, [1.0] * 3, 3, "cpu")[1]["name"] == "fullres"  # the planned 40^3 patch holds the case
+    spacing, stage = plan_spacing(fp, [1.0] * 3, 3, "cpu", patch_size=[16, 16, 16])
+    assert stage["name"] == "lowres" and stage["fullres_coverage"] == pytest.approx(16**3 / 40**3, abs=1e-3)
+    # Coarsened until that 16^3 patch covers a quarter of the case, no further.
+    assert math.prod([16] * 3) / math.prod([40 / s for s in spacing]) >= LOWRES_MIN_COVERAGE
+    assert math.prod([16] * 3) / math.prod([40 * 1.03 / s for s in spacing]) < LOWRES_MIN_COVERAGE
+    assert _make_plan(fp, [16, 16, 16])["target_spacing"] == spacing
