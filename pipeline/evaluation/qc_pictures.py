@@ -53,18 +53,21 @@ def _no_data(ax: Axes) -> None:
     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
 
 
-def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], out_png: Path) -> Path:
-    """One PNG (1200x400 px) with three panels: training loss, learning rate, and validation Dice per label.
+def _label_order(suffix: str, names: Mapping[str, str]) -> tuple[int, float, str]:
+    """Label values in numeric order (10 after 2), names after them alphabetically."""
+    return (0, float(suffix), "") if suffix in names and suffix.lstrip("-").isdigit() else (1, 0.0, suffix)
+
+
+def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]],
+                  label_names: Mapping[str, str] | None = None) -> Figure:
+    """The training curves' figure (see :func:`training_curves`), not yet written.
 
     Args:
-        history: metric name -> ``(epoch, value)`` pairs, as logged by training: ``train_loss``,
-            ``lr`` (or ``learning_rate``), ``val_dice_<label>`` per label and ``val_dice`` (their
-            mean, drawn dashed). Missing metrics leave their panel saying "no data".
-        out_png: the file to write (written atomically).
-
-    Returns:
-        ``out_png``.
+        history: metric name -> ``(epoch, value)`` pairs (see :func:`training_curves`).
+        label_names: label value -> class name (the plan's ``labels``): the training loop logs
+            ``val_dice_<value>``, and a reader looks for the class, not its number.
     """
+    names = {str(k): str(v) for k, v in (label_names or {}).items()}
     fig = _figure(CURVES_SIZE_PX)
     loss_ax, lr_ax, dice_ax = fig.subplots(1, 3)
 
@@ -80,8 +83,9 @@ def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], out_png:
         _no_data(lr_ax)
     lr_ax.set_title("learning rate")
 
-    per_label = sorted(k for k in history if k.startswith("val_dice_"))
-    drawn = [_plot_series(dice_ax, history[k], label=k[len("val_dice_"):]) for k in per_label]
+    per_label = sorted((k[len("val_dice_"):] for k in history if k.startswith("val_dice_")),
+                       key=lambda suffix: _label_order(suffix, names))
+    drawn = [_plot_series(dice_ax, history[f"val_dice_{k}"], label=names.get(k, k)) for k in per_label]
     if _plot_series(dice_ax, history.get("val_dice", []), color="black", linestyle="--", label="mean"):
         drawn.append(True)
     if any(drawn):
@@ -95,7 +99,24 @@ def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], out_png:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.91, wspace=0.25)
-    return _save(fig, out_png)
+    return fig
+
+
+def training_curves(history: Mapping[str, Sequence[tuple[int, float]]], out_png: Path,
+                    label_names: Mapping[str, str] | None = None) -> Path:
+    """One PNG (1200x400 px) with three panels: training loss, learning rate, and validation Dice per label.
+
+    Args:
+        history: metric name -> ``(epoch, value)`` pairs, as logged by training: ``train_loss``,
+            ``lr`` (or ``learning_rate``), ``val_dice_<label>`` per label and ``val_dice`` (their
+            mean, drawn dashed). Missing metrics leave their panel saying "no data".
+        out_png: the file to write (written atomically).
+        label_names: label value -> class name; a ``val_dice_<value>`` line is labelled by its class.
+
+    Returns:
+        ``out_png``.
+    """
+    return _save(curves_figure(history, label_names), out_png)
 
 
 def _centre(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -254,11 +254,12 @@ class RunLogger:
             shutil.copyfile(png, target)
             mlflow.log_artifact(str(target), "qc")
 
-    def curves(self, history: Path) -> Path | None:
+    def curves(self, history: Path, label_names: Mapping[str, str] | None = None) -> Path | None:
         """Draw the training curves from the local history and log them (``plots/training_curves.png``).
 
         Args:
             history: the fold's ``history.jsonl``.
+            label_names: label value -> class name (the plan's ``labels``), for the validation lines' legend.
         """
         import json
 
@@ -277,7 +278,7 @@ class RunLogger:
         for step in sorted(by_step):
             for name, value in by_step[step].items():
                 series.setdefault(name, []).append((step, float(value)))
-        png = training_curves(series, history.with_name("training_curves.png"))
+        png = training_curves(series, history.with_name("training_curves.png"), label_names)
         self.call(lambda: mlflow.log_artifact(str(png), "plots"), "logging the training curves")
         return png
 

@@ -99,7 +99,7 @@ def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool
                     "logging the training summary")
         log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget), "train.precision": result.precision,
                   "ddp.param_checksums": json.dumps(result.param_checksums)})
-        log.curves(history)
+        log.curves(history, prepared.plan["labels"])
     return result
 
 

@@ -8,7 +8,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from pipeline.evaluation.qc_pictures import CASE_SIZE_PX, CURVES_SIZE_PX, case_qc_image, training_curves
+from pipeline.evaluation.qc_pictures import (
+    CASE_SIZE_PX,
+    CURVES_SIZE_PX,
+    case_qc_image,
+    curves_figure,
+    training_curves,
+)
 
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 
@@ -145,6 +151,19 @@ def test_training_curves_with_several_labels(tmp_path: Path) -> None:
 
     one = training_curves({"val_dice_anterior": history["val_dice_anterior"]}, tmp_path / "one.png")
     assert coloured(out) > 1.8 * coloured(one)
+
+
+def test_validation_lines_are_labelled_by_class_name(tmp_path: Path) -> None:
+    # What the training loop writes to history.jsonl: val_dice_<label value>; the plan names the values.
+    history = {f"val_dice_{v}": [(e, 0.1 * v / 10 + e / 100) for e in (5, 10)] for v in (1, 2, 10)}
+    history["val_dice"] = [(5, 0.3), (10, 0.4)]
+    plan_labels = {"0": "background", "1": "Anterior", "2": "Posterior", "10": "Tail"}
+    dice_ax = curves_figure(history, plan_labels).axes[2]
+    assert [t.get_text() for t in dice_ax.get_legend().get_texts()] == ["Anterior", "Posterior", "Tail", "mean"]
+    # A value the plan does not name keeps its number rather than vanishing.
+    unnamed = curves_figure({"val_dice_3": [(1, 0.5)]}, plan_labels).axes[2]
+    assert [t.get_text() for t in unnamed.get_legend().get_texts()] == ["3"]
+    assert training_curves(history, tmp_path / "named.png", plan_labels).is_file()
 
 
 def test_training_curves_without_data_still_draws(tmp_path: Path) -> None:
