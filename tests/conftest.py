@@ -27,6 +27,10 @@ DICOM = SHARED_DATA / "dicom"
 
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 
+# A skip for want of data, Orthanc, Chromium, PostgreSQL or a compiler fails the run where UNET_TESTS_STRICT is set
+# (`make test` in CI): see tests/strict_skips.py.
+pytest_plugins = ["tests.strict_skips"]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:

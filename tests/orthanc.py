@@ -2,7 +2,7 @@
 
 A test module gets the fixtures ``orthanc`` and ``orthanc_factory`` with ``pytest_plugins = ["tests.orthanc"]``. Without
 ``/usr/sbin/Orthanc`` or the DICOMweb plugin (Debian ``orthanc`` and ``orthanc-dicomweb``; ``make test``
-installs them when run as root) the tests that use them are skipped.
+installs them when run as root) the tests that use them are skipped, or fail where ``UNET_TESTS_STRICT`` is set (CI).
 
 Orthanc 1.10 has no read-only mode (``ReadOnly`` and ``MaximumStorageMode: Reject`` came in 1.11/1.12), so the
 refusing variants use a Lua ``ReceivedInstanceFilter``. Its DICOMweb plugin (1.7) does not report the refusal:
@@ -16,6 +16,7 @@ so the https variant puts a TLS terminator in front of it, like the reverse prox
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import select
 import socket
@@ -33,7 +34,8 @@ import requests
 
 from tests.mlflow_server import free_port
 
-ORTHANC = Path("/usr/sbin/Orthanc")
+# UNET_TEST_ORTHANC names another binary (a build of one's own; a missing path shows what a run without Orthanc does).
+ORTHANC = Path(os.environ.get("UNET_TEST_ORTHANC") or "/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER = "unet"
 START_TIMEOUT_S = 60
