@@ -214,6 +214,75 @@ class TlsTerminator:
         self.listener.close()
 
 
+class StudyLevelOnlyProxy:
+    """An archive that answers only study-level queries, made of a real Orthanc: an http proxy on a free local port
+    that forwards every request to Orthanc except a QIDO-RS series search at the DICOMweb root
+    (``GET {root}/series``), which it refuses with ``status``.
+
+    Args:
+        server: the Orthanc behind it.
+        status: the refusal's HTTP status (archives answer 400, 403, 404 or 501).
+
+    Attributes:
+        url: the DICOMweb root through the proxy.
+        refused: the paths (with query) of the refused requests.
+        forwarded: the paths (with query) of the forwarded GET requests.
+    """
+
+    def __init__(self, server: OrthancServer, status: int = 400) -> None:
+        import http.server
+        from urllib.parse import urlsplit
+
+        root_path = urlsplit(server.url).path.rstrip("/")
+        self.refused: list[str] = []
+        self.forwarded: list[str] = []
+        proxy = self
+        upstream = requests.Session()
+        upstream.verify = str(server.ca_bundle) if server.ca_bundle else True
+        # Hop-by-hop headers and those requests undoes (it decompresses, and the body is sent whole).
+        dropped = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "host"}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                if self.command == "GET" and urlsplit(self.path).path.rstrip("/") == f"{root_path}/series":
+                    proxy.refused.append(self.path)
+                    body = b'{"error": "series search at the root is not supported: query a study"}'
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if self.command == "GET":
+                    proxy.forwarded.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                answer = upstream.request(
+                    self.command, f"{server.http_root}{self.path}", data=self.rfile.read(length) if length else None,
+                    headers={k: v for k, v in self.headers.items() if k.lower() not in dropped}, timeout=60)
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in dropped:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+                pass  # the test reads .refused and .forwarded; stderr stays the pipeline's
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{root_path}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def _config(folder: Path, password: str, http_port: int, dicom_port: int, lua_filter: str | None) -> dict:
     for sub in ("storage", "index", "tmp"):
         (folder / sub).mkdir(parents=True, exist_ok=True)

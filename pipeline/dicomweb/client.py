@@ -60,6 +60,12 @@ _MODALITY, _SERIES_DESCRIPTION, _NUM_SERIES_INSTANCES = "00080060", "0008103E", 
 _FAILED_SOP_SEQUENCE, _REFERENCED_SOP_INSTANCE_UID, _FAILURE_REASON = "00081198", "00081155", "00081197"
 
 
+# What an archive answers a QIDO-RS series search at its root when it only takes study-level ones: bad request,
+# forbidden, not found, method not allowed, not implemented. 401 stays a credentials error; a 403 that means bad
+# credentials comes back at the study search, which maps it to one.
+_ROOT_SEARCH_REFUSED = frozenset({400, 403, 404, 405, 501})
+
+
 _PAGE = 500  # QIDO page size; servers cap it lower at will, the paging copes with either
 
 
@@ -215,6 +221,8 @@ class DicomWebClient:
             raise ConfigError(f"{self.safe_url}: not a DICOMweb root URL (http(s)://HOST[:PORT]/PATH)") from None
         # Its default retries every failure five times over 30 s; a PACS that is down should say so at once.
         self._client.set_http_retry_params(retry=False)
+        # Set when the archive refused a series search at its root: later searches go study by study at once.
+        self._root_series_refused = False
 
     def __repr__(self) -> str:
         return f"DicomWebClient({self.safe_url!r})"
@@ -320,17 +328,45 @@ class DicomWebClient:
 
         A server may ignore a search key it does not index: the modality is checked again here. Where the
         server gives no NumberOfSeriesRelatedInstances, ``num_instances`` is 0 (not counted: the caller lists them).
+        An archive that refuses a series search at its root (HTTP 400, 403, 404, 405 or 501: some answer only
+        study-level queries) is searched study by study instead, said once in the log.
 
         Args:
             modality: e.g. ``SEG`` or ``RTSTRUCT``.
         """
-        with self._errors(f"searching for {modality} series"):
-            found = self._search(self._client.search_for_series, _SERIES_UID, search_filters={"Modality": modality},
-                                 fields=["StudyInstanceUID", "Modality", "SeriesDescription",
-                                         "NumberOfSeriesRelatedInstances"])
+        fields = ["StudyInstanceUID", "Modality", "SeriesDescription", "NumberOfSeriesRelatedInstances"]
+        found: list[dict[str, Any]] | None = None
+        if not self._root_series_refused:
+            with self._errors(f"searching for {modality} series"):
+                try:
+                    found = self._search(self._client.search_for_series, _SERIES_UID,
+                                         search_filters={"Modality": modality}, fields=fields)
+                except requests.exceptions.HTTPError as exc:
+                    status = exc.response.status_code if exc.response is not None else None
+                    if status not in _ROOT_SEARCH_REFUSED:
+                        raise
+                    self._root_series_refused = True
+                    logger.warning("%s does not answer a series search at its root (HTTP %s); searching its "
+                                   "studies one by one", self.safe_url, status)
+        if found is None:
+            found = self._series_study_by_study(modality, fields)
         return [(_text(item, _STUDY_UID), self._summary(_text(item, _STUDY_UID), item, count=False)) for item in found
                 if _text(item, _SERIES_UID) and _text(item, _STUDY_UID)
                 and _text(item, _MODALITY).upper() == modality.upper()]
+
+    def _series_study_by_study(self, modality: str, fields: list[str]) -> list[dict[str, Any]]:
+        """The series of one Modality found study by study (``/studies``, then ``/studies/{uid}/series``): what
+        an archive that answers only study-level queries allows."""
+        found: list[dict[str, Any]] = []
+        for study_uid in self.find_studies():
+            with self._errors(f"searching for {modality} series in study {study_uid}"):
+                series = self._search(self._client.search_for_series, _SERIES_UID, study_instance_uid=study_uid,
+                                      search_filters={"Modality": modality}, fields=fields)
+            # A study-level answer need not repeat the study's UID: the query's own one is the truth.
+            for item in series:
+                item[_STUDY_UID] = {"vr": "UI", "Value": [study_uid]}
+            found.extend(series)
+        return found
 
     def instance_uids(self, study_uid: str, series_uid: str) -> set[str]:
         """The SOPInstanceUIDs of a series (QIDO-RS).

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import HIPPOCAMPUS, REPO, run_main
-from tests.orthanc import OrthancServer
+from tests.orthanc import OrthancServer, StudyLevelOnlyProxy
 
 pytest_plugins = ["tests.orthanc"]  # the fixtures orthanc and orthanc_factory
 
@@ -75,6 +75,49 @@ def test_a_pacs_that_refuses_the_credentials_or_is_down_ends_with_the_pacs_exit_
     assert "wrong" not in refused.stderr and "Traceback" not in refused.stderr
     down = _export(tmp_path, "http://127.0.0.1:9/dicom-web", "out", tmp_path / "w")
     assert down.returncode == 7 and "connection refused" in down.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("status", [400, 501])
+def test_an_archive_that_answers_only_study_level_queries_is_searched_study_by_study(
+        source, status: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The root's ``/series?Modality=SEG`` refused (as some archives do): every label series is still found through
+    ``/studies`` and each study's ``/series``, the same export as from the folder, said once in the log."""
+    import logging
+
+    from pipeline.dicomweb import DicomWebClient
+
+    folder, server = source
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    proxy = StudyLevelOnlyProxy(server, status)
+    try:
+        direct, through = DicomWebClient(server.url), DicomWebClient(proxy.url)
+        with caplog.at_level(logging.WARNING, logger="pipeline.dicomweb"):
+            for modality in ("SEG", "RTSTRUCT"):
+                assert sorted(through.find_series(modality)) == sorted(direct.find_series(modality))
+            assert len(through.find_series("SEG")) == 2 and len(through.find_series("RTSTRUCT")) == 1
+        # One refusal, then straight to the studies for every later search of that client.
+        assert len(proxy.refused) == 1 and "Modality=SEG" in proxy.refused[0]
+        # Each search's first page (a later page is asked for until one brings nothing new).
+        study_queries = [p for p in proxy.forwarded if "/studies/" in p and "/series?" in p and "offset=0" in p]
+        assert len(study_queries) == 3 * 4  # three studies, four searches
+        lines = [r.getMessage() for r in caplog.records if "searching its studies one by one" in r.getMessage()]
+        assert lines == [f"{proxy.url} does not answer a series search at its root (HTTP {status}); searching its "
+                         "studies one by one"]
+        caplog.clear()
+
+        local = _export(tmp_path, str(folder), "local", tmp_path / "w1")
+        assert local.returncode == 0, local.stderr
+        with caplog.at_level(logging.WARNING, logger="pipeline.dicomweb"):
+            pulled = _export(tmp_path, proxy.url, "pulled", tmp_path / "w2")
+        assert pulled.returncode == 0, pulled.stderr
+        a = json.loads((tmp_path / "local" / "manifest.json").read_text())
+        b = json.loads((tmp_path / "pulled" / "manifest.json").read_text())
+        assert a == b and len(b["cases"]) == 3 and {c["label_type"] for c in b["cases"]} == {"SEG", "RTSTRUCT"}
+        assert len(proxy.refused) == 2  # the export's own client, once for both modalities
+        assert sum("searching its studies one by one" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow
