@@ -4,8 +4,8 @@ A label object is turned into one mask per configured class, on the grid of the 
 references (the grid :func:`transforms.dicom.read_dicom_series` reads, so the label and the image
 share their geometry exactly). SEG frames are read with highdicom and placed by their positions in
 space, so SEGs of a subset of slices, of multi-frame sources and of oblique series all land where
-they belong; RTSTRUCT contours are rasterised slice by slice (a voxel is inside when its centre is,
-by the even-odd rule, so an inner contour is a hole).
+they belong; RTSTRUCT contours are rasterised slice by slice (a voxel is inside when its centre is, by
+the even-odd rule, so an inner contour is a hole, or when its centre lies on an outline: see :func:`_roi_mask`).
 
 Every reason a label cannot be used raises :class:`LabelProblem` with one line that names no
 patient: only UIDs, segment and ROI names.
@@ -304,40 +304,112 @@ def seg_label(header: LabelHeader, image: sitk.Image, matcher: ClassMatcher,
     return _combine(masks, tuple(reversed(ref_shape)), header, matcher)
 
 
-def _rasterise(polygon: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
-    """Pixels (y, x) whose centre lies inside a polygon given in continuous (x, y) index coordinates."""
-    from matplotlib.path import Path as PolygonPath
+#: Voxels (in-plane): how close a voxel centre may be to a contour's outline and count as on it. Writers that
+#: trace through boundary voxels' centres (rt-utils, via OpenCV) put their points within ~1e-5 voxel of the
+#: centres; writers that draw around voxel edges (plastimatch, contourpy at the 0.5 level) keep their outlines at
+#: least 0.35 voxel (a corner cut: 0.5 / sqrt(2)) away from every centre. 0.1 takes the first exactly, never
+#: grows the second, and leaves room for writers that round their coordinates to a few hundredths of a voxel.
+OUTLINE_TOL = 0.1
+#: Slices: how far a contour may sit off its slice's plane (a writer's rounding of z) and still be placed on it.
+PLANE_TOL = 0.25
 
+
+def _outline_pixels(polygon: np.ndarray, shape_yx: tuple[int, int], closed: bool) -> np.ndarray:
+    """Pixels (y, x) whose centre lies within :data:`OUTLINE_TOL` of the polygon's outline (its segments)."""
+    ends = np.roll(polygon, -1, axis=0) if closed else polygon[1:]
+    starts = polygon if closed else polygon[:-1]
     mask = np.zeros(shape_yx, dtype=bool)
-    x0, y0 = np.floor(polygon.min(0)).astype(int)
-    x1, y1 = np.ceil(polygon.max(0)).astype(int)
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, shape_yx[1] - 1), min(y1, shape_yx[0] - 1)
-    if x1 < x0 or y1 < y0:
+    if len(starts) == 0:
         return mask
-    ys, xs = np.mgrid[y0:y1 + 1, x0:x1 + 1]
-    inside = PolygonPath(polygon).contains_points(np.column_stack([xs.ravel(), ys.ravel()]), radius=1e-9)
-    mask[y0:y1 + 1, x0:x1 + 1] = inside.reshape(xs.shape)
+    # Samples every <= 0.25 voxel along each segment: a centre within OUTLINE_TOL (< 0.25) of a segment is within
+    # 0.5 of a sample in each axis, so it is the floor or the ceiling of that sample's coordinates.
+    steps = np.maximum(np.ceil(np.abs(ends - starts).max(axis=1) / 0.25).astype(int), 1)
+    seg = np.repeat(np.arange(len(starts)), steps + 1)
+    t = np.concatenate([np.linspace(0.0, 1.0, s + 1) for s in steps])
+    a, b = starts[seg], ends[seg]
+    samples = a + t[:, None] * (b - a)
+    cand = np.concatenate([np.column_stack([fx(samples[:, 0]), fy(samples[:, 1])])
+                           for fx in (np.floor, np.ceil) for fy in (np.floor, np.ceil)])
+    a, b = np.tile(a, (4, 1)), np.tile(b, (4, 1))
+    d = b - a
+    length2 = (d ** 2).sum(axis=1)
+    u = np.clip(((cand - a) * d).sum(axis=1) / np.where(length2 > 0, length2, 1.0), 0.0, 1.0)
+    near = np.hypot(*(a + u[:, None] * d - cand).T) <= OUTLINE_TOL
+    xy = cand[near].astype(int)
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] < shape_yx[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < shape_yx[0])
+    mask[xy[keep, 1], xy[keep, 0]] = True
+    return mask
+
+
+def _crossing_parity(polygon: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+    """Pixels (y, x) whose centre is inside the polygon by the even-odd rule (a scanline fill along x).
+
+    A centre counts the edges that cross its row (half-open in y, so a vertex is counted once) strictly to its
+    left; centres exactly on an edge are the outline's business (:func:`_outline_pixels`).
+    """
+    mask = np.zeros(shape_yx, dtype=bool)
+    y_lo, y_hi = max(int(np.ceil(polygon[:, 1].min())), 0), min(int(np.floor(polygon[:, 1].max())), shape_yx[0] - 1)
+    if y_hi < y_lo or len(polygon) < 3:
+        return mask
+    x1, y1 = polygon[:, 0], polygon[:, 1]
+    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    rows = np.arange(y_lo, y_hi + 1, dtype=np.float64)[:, None]
+    crosses = ((y1 <= rows) & (rows < y2)) | ((y2 <= rows) & (rows < y1))
+    r, e = np.nonzero(crosses)
+    x = x1[e] + (rows[r, 0] - y1[e]) * (x2[e] - x1[e]) / (y2[e] - y1[e])
+    # A crossing at x toggles every centre to its right: the first is floor(x) + 1 (a centre exactly at x is not).
+    first = np.clip(np.floor(x).astype(int) + 1, 0, shape_yx[1])
+    toggles = np.zeros((y_hi - y_lo + 1, shape_yx[1] + 1), dtype=np.int32)
+    np.add.at(toggles, (r, first), 1)
+    mask[y_lo:y_hi + 1] = (np.cumsum(toggles, axis=1)[:, :-1] % 2).astype(bool)
+    return mask
+
+
+def _degenerate_pixels(points: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
+    """A one- or two-point CLOSED_PLANAR contour: the pixel each point falls in and those along the segment."""
+    ends = points if len(points) == 2 else np.vstack([points, points])
+    n = max(int(np.ceil(np.abs(ends[1] - ends[0]).max() / 0.25)), 1)
+    along = ends[0] + np.linspace(0.0, 1.0, n + 1)[:, None] * (ends[1] - ends[0])
+    xy = np.floor(along + 0.5).astype(int)  # the pixel a point falls in: the one whose centre is nearest
+    keep = (xy[:, 0] >= 0) & (xy[:, 0] < shape_yx[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < shape_yx[0])
+    mask = np.zeros(shape_yx, dtype=bool)
+    mask[xy[keep, 1], xy[keep, 0]] = True
     return mask
 
 
 def _roi_mask(roi_contours: Any, inverse: np.ndarray, size_xyz: tuple[int, int, int], what: str) -> np.ndarray:
-    mask = np.zeros(tuple(reversed(size_xyz)), dtype=bool)  # z, y, x
-    for contour in roi_contours.get("ContourSequence", []):
+    """One ROI's contours as a mask (z, y, x): per slice, the even-odd interior of all its contours together, plus
+    every voxel whose centre lies on an outline (:data:`OUTLINE_TOL`), plus the voxels of one- and two-point
+    contours. So contours through boundary voxels' centres (rt-utils) and contours around voxel edges
+    (plastimatch, contourpy) both give their mask back, and an inner contour is a hole either way.
+    """
+    shape_yx = (size_xyz[1], size_xyz[0])
+    parity = np.zeros(tuple(reversed(size_xyz)), dtype=bool)  # z, y, x
+    outline = np.zeros_like(parity)
+    for number, contour in enumerate(roi_contours.get("ContourSequence", []), start=1):
         kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
-        if kind != "CLOSED_PLANAR":
-            raise LabelProblem(f"{what}: a contour is {kind}, not CLOSED_PLANAR (an open contour encloses nothing)")
         points = np.asarray(contour.get("ContourData", []), dtype=np.float64)
-        if points.size < 9 or points.size % 3:
-            raise LabelProblem(f"{what}: a contour has fewer than three points")
+        if points.size == 0 or points.size % 3:
+            raise LabelProblem(f"{what}: contour {number} has {points.size} coordinates, not x/y/z triples")
         xyz = points.reshape(-1, 3)
         index = (inverse @ np.column_stack([xyz, np.ones(len(xyz))]).T).T[:, :3]
         k = float(np.round(index[:, 2].mean()))
-        if np.abs(index[:, 2] - k).max() > _GRID_TOL * 2.5:
-            raise LabelProblem(f"{what}: a contour does not lie on a slice plane of the image series")
+        if np.abs(index[:, 2] - k).max() > PLANE_TOL:
+            raise LabelProblem(f"{what}: contour {number} does not lie on a slice plane of the image series "
+                               f"(slice positions {index[:, 2].min():.2f} to {index[:, 2].max():.2f})")
         if not 0 <= k < size_xyz[2]:
-            raise LabelProblem(f"{what}: a contour lies outside the image series' slices")
-        mask[int(k)] ^= _rasterise(index[:, :2], (size_xyz[1], size_xyz[0]))
-    return mask
+            raise LabelProblem(f"{what}: contour {number} lies outside the image series' slices (slice {k:.0f} "
+                               f"of 0-{size_xyz[2] - 1})")
+        if kind != "CLOSED_PLANAR":
+            raise LabelProblem(f"{what}: contour {number} on slice {int(k)} is {kind}, not CLOSED_PLANAR "
+                               "(an open contour encloses nothing)")
+        plane = index[:, :2]
+        if len(plane) < 3:
+            outline[int(k)] |= _degenerate_pixels(plane, shape_yx)
+            continue
+        parity[int(k)] ^= _crossing_parity(plane, shape_yx)
+        outline[int(k)] |= _outline_pixels(plane, shape_yx, closed=True)
+    return parity | outline
 
 
 def rtstruct_label(header: LabelHeader, image: sitk.Image, matcher: ClassMatcher,

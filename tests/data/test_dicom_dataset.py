@@ -195,7 +195,59 @@ def test_a_bad_rtstruct_is_skipped_with_its_reason(studies, tmp_path: Path, spoi
         for item in ds.StructureSetROISequence:
             item.ROIName = f"structure {item.ROINumber}"
     ds.save_as(study / "label.dcm")
-    assert reason in _skip_reason(tmp_path, dest)
+    said = _skip_reason(tmp_path, dest)
+    assert reason in said
+    if spoil in ("open", "off_plane"):  # the reason names the ROI and where its contour lies
+        assert "ROI 'Posterior'" in said and "contour 1 " in said and "slice" in said, said
+
+
+def _voxel_world(mr: Path, i: float, j: float, k: int) -> np.ndarray:
+    """The LPS point of voxel (i, j) (column, row) on slice ``k`` of a series written by make_dicom_dataset."""
+    first = sorted((pydicom.dcmread(p) for p in mr.iterdir()), key=lambda d: int(d.InstanceNumber))[k]
+    u, v = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+    sy, sx = (float(x) for x in first.PixelSpacing)
+    return np.asarray(first.ImagePositionPatient, float) + i * sx * u + j * sy * v
+
+
+def test_degenerate_and_slightly_off_plane_contours_are_read(studies, tmp_path: Path) -> None:
+    """One- and two-point CLOSED_PLANAR contours (what rt-utils writes for specks and one-voxel lines) mark the voxel
+    a point falls in and the voxels along the segment; contours a writer's rounding (0.04 slice) off their plane
+    are placed on it. The rest of the label stays as the generator's contours give it: voxel for voxel."""
+    source, made, maker = studies
+    dest = tmp_path / "src"
+    study = _copy_study(source, 1, dest)
+    ds = pydicom.dcmread(study / "label.dcm")
+    truth = np.asarray(nib.load(made[1]["label"]).dataobj).astype(np.uint8)
+    k = int(np.argwhere(truth.any(axis=(0, 1)))[0, 0])  # the first slice holding a structure
+    empty = np.argwhere(truth[:, :, k] == 0)
+    (i1, j1) = empty[0]  # a background voxel: a one-point contour 0.3 voxel off its centre
+    row = [(i, j) for i, j in empty if j == empty[-1][1]]  # three background voxels of one row: a two-point contour
+    row = [(i, j) for (i, j) in row if all((i + d, j) in {tuple(e) for e in row} for d in (1, 2))][:1]
+    assert row, "no three background voxels in a row"
+    (i2, j2) = row[0]
+    normal = np.cross(*np.asarray(pydicom.dcmread(next((study / "mr").iterdir())).ImageOrientationPatient,
+                                  float).reshape(2, 3))
+    for contours in ds.ROIContourSequence:
+        for contour in contours.ContourSequence:
+            points = np.asarray(contour.ContourData, float).reshape(-1, 3) + 0.04 * normal  # 1 mm slices
+            contour.ContourData = [f"{x:.4f}" for x in points.ravel()]
+    anterior = ds.ROIContourSequence[0].ContourSequence
+    for points in ([_voxel_world(study / "mr", i1 + 0.3, j1 - 0.2, k)],
+                   [_voxel_world(study / "mr", i2, j2, k), _voxel_world(study / "mr", i2 + 2, j2, k)]):
+        contour = pydicom.Dataset()
+        contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
+        contour.ContourData = [f"{x:.4f}" for x in np.ravel(points)]
+        anterior.append(contour)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(study / "label.dcm")
+    manifest, out = _export(tmp_path, dest)
+    assert manifest["skipped"] == [] and len(manifest["cases"]) == 1
+    expected = truth.copy()
+    expected[i1, j1, k] = 1
+    expected[i2:i2 + 3, j2, k] = 1
+    exported = nib.load(str(out / "labelsTr" / f"{manifest['cases'][0]['case']}.nii.gz"))
+    placed = place_on_grid(expected, nib.load(made[1]["label"]).affine, exported.affine, exported.shape, "expected")
+    assert np.array_equal(np.asarray(exported.dataobj), placed)
 
 
 def test_a_seg_without_a_matching_or_with_an_empty_segment_is_skipped(studies, tmp_path: Path) -> None:
@@ -230,8 +282,10 @@ def test_a_dicom_source_needs_class_names(studies, tmp_path: Path) -> None:
 
 def test_an_rtstruct_written_by_another_tool_is_read_and_rasterised(tmp_path: Path) -> None:
     """pydicom's sample RTSTRUCT (no preamble or file meta; POINT ROIs beside a CLOSED_PLANAR body outline) on a
-    series made for its frame of reference: the outline's three slices come out filled, the points are ignored."""
+    series made for its frame of reference: the label is, voxel for voxel, the mask its contours describe (computed
+    here by scikit-image: centres inside or on the outline, even-odd per slice); the points are ignored."""
     from pydicom.data import get_testdata_file
+    from skimage.measure import points_in_poly
 
     rtstruct = Path(get_testdata_file("rtstruct.dcm"))
     ds = pydicom.dcmread(rtstruct, force=True)
@@ -250,14 +304,18 @@ def test_an_rtstruct_written_by_another_tool_is_read_and_rasterised(tmp_path: Pa
     case = json.loads((tmp_path / "out" / "manifest.json").read_text())["cases"][0]
     assert case["label_type"] == "RTSTRUCT" and case["label_sop_instance_uid"] == ds.SOPInstanceUID
     label = nib.load(str(tmp_path / "out" / "labelsTr" / f"{case['case']}.nii.gz"))
-    inside = np.argwhere(np.asarray(label.dataobj) == 1)
-    world = label.affine @ np.column_stack([inside, np.ones(len(inside))]).T
-    lps_points = np.diag([-1.0, -1.0, 1.0, 1.0]) @ world
-    # Inside the outline's bounding box (x -200..200, y -150..150 mm) on the slices z = -200, -190, -180.
-    assert sorted(set(np.round(lps_points[2]).astype(int))) == [-200, -190, -180]
-    assert lps_points[0].min() >= -200 and lps_points[0].max() <= 200
-    assert lps_points[1].min() >= -150 and lps_points[1].max() <= 150
-    assert len(inside) > 0.5 * 3 * (400 * 300) / 25  # most of the outline's area
+    truth = np.zeros((100, 80, 3), dtype=bool)  # the series' grid, axes i, j, k
+    centres = np.stack(np.meshgrid(np.arange(100), np.arange(80), indexing="ij"), axis=-1).reshape(-1, 2)
+    contours = [c for roi in ds.ROIContourSequence if int(roi.ReferencedROINumber) == 1 for c in roi.ContourSequence]
+    for contour in contours:
+        xyz = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+        ij = (xyz[:, :2] - lps[:2, 3]) / 5.0
+        k = int(round((xyz[0, 2] - lps[2, 3]) / 10.0))
+        truth[:, :, k] ^= points_in_poly(centres, ij).reshape(100, 80)
+    expected = place_on_grid(truth.astype(np.uint8), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, label.affine, label.shape,
+                             "truth")
+    assert len(contours) == 3 and expected.sum() > 3 * 60 * 30  # three slices of a 400 x 300 mm outline
+    assert np.array_equal(np.asarray(label.dataobj), expected)
 
 
 def test_a_multi_channel_task_finds_its_other_channels_in_the_study(studies, tmp_path: Path) -> None:
