@@ -7,7 +7,8 @@ punched through the brainstem. RTSTRUCT by rt-utils (OpenCV contours through bou
 one- and two-point contours for specks) and by plastimatch (``plastimatch convert``, contours around voxel
 edges, holes keyholed); SEG by highdicom (BINARY and FRACTIONAL) and by dcmqi (``itkimage2segimage``). What
 ``dataset export`` gives back is compared with the masks in world space: SEG voxel for voxel, RTSTRUCT by Dice
-per structure and case (>= 0.95 on the hippocampus, >= 0.98 on the CT organs).
+per structure and case (>= 0.95 on the hippocampus, >= 0.98 on the CT organs). Beside them, two real SEGs from
+dcmqi's own test data (tests/fixtures/dcmqi_segmentations) with the label maps they were made from.
 """
 
 from __future__ import annotations
@@ -274,3 +275,31 @@ def test_the_ct_cases_hold_what_the_matrix_claims(series) -> None:
                     for k in range(brainstem.shape[2]))
         assert holes > 0, case.name
         assert (case.label[0] == 5).any() and (case.label[:, :, -1] == 2).any(), case.name
+
+
+@pytest.mark.parametrize("name", ["23x38x3", "24x38x3"])
+def test_dcmqis_own_test_segs_come_back_voxel_equal(tmp_path: Path, name: str) -> None:
+    """Real SEGs from dcmqi's test data (tests/fixtures/README.md), with the NRRD label each was made from."""
+    import SimpleITK as sitk
+
+    fixture = REPO / "tests" / "fixtures" / "dcmqi_segmentations" / name
+    source = tmp_path / "source"
+    for part in ("image", "seg"):
+        shutil.copytree(fixture / part, source / part)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"data:\n  dataset: {source}\n  classes: [Liver]\n")
+    out = tmp_path / "export"
+    result = run_main("dataset", "export", str(source), "--config", str(cfg), "--out", str(out),
+                      "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    seg = pydicom.dcmread(fixture / "seg" / "label.seg", stop_before_pixels=True)
+    assert manifest["skipped"] == [] and [c["label_sop_instance_uid"] for c in manifest["cases"]] == [seg.SOPInstanceUID]
+    nrrd = sitk.ReadImage(str(fixture / "nrrd" / "label.nrrd"))
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(nrrd.GetDirection()).reshape(3, 3) * np.asarray(nrrd.GetSpacing())
+    lps[:3, 3] = nrrd.GetOrigin()
+    truth = np.transpose(sitk.GetArrayFromImage(nrrd), (2, 1, 0)).astype(np.uint8)
+    exported = nib.load(str(out / "labelsTr" / f"{manifest['cases'][0]['case']}.nii.gz"))
+    placed = place_on_grid(truth, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, exported.affine, exported.shape, "nrrd")
+    assert placed.sum() > 300 and np.array_equal(np.asarray(exported.dataobj), placed)
