@@ -8,7 +8,6 @@ import math
 import os
 import socket
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -20,8 +19,24 @@ from pipeline.registry.outbox import MetricsOutbox, flush_all
 from pipeline.registry.server import check_tracking_server, redact_uri
 from tests.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401
 
-# MLflow's own default (7 retries, backoff factor 2) waits minutes on a dead server; ours must not.
-MAX_OFFLINE_CALL_S = 15
+# MLflow's own default (7 retries, backoff factor 2, 120 s per attempt) waits minutes on a dead server; the
+# outbox's policy (MetricsOutbox's defaults) must be what its calls get, and nothing else.
+OUTBOX_POLICY = {"max_retries": 2, "backoff_factor": 1, "timeout": 5}
+
+
+def _record_policies(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The retry policy and timeout of each HTTP call MLflow makes from now on (recorded, then made as usual)."""
+    from mlflow.utils import rest_utils
+
+    seen: list[dict] = []
+    real = rest_utils._get_http_response_with_retries
+
+    def recording(method, url, max_retries, backoff_factor, *args, **kwargs):
+        seen.append({"max_retries": max_retries, "backoff_factor": backoff_factor, "timeout": kwargs.get("timeout")})
+        return real(method, url, max_retries, backoff_factor, *args, **kwargs)
+
+    monkeypatch.setattr(rest_utils, "_get_http_response_with_retries", recording)
+    return seen
 
 
 def _new_run(uri: str) -> str:
@@ -49,7 +64,8 @@ def _values(step: int) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_metrics_logged_during_an_outage_arrive_once_after_restart(mlflow_server: MlflowServer,  # noqa: F811
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     mlflow_server.start()
     run_id = _new_run(mlflow_server.uri)
     outbox = MetricsOutbox(tmp_path, run_id, mlflow_server.uri)
@@ -62,10 +78,11 @@ def test_metrics_logged_during_an_outage_arrive_once_after_restart(mlflow_server
     with pytest.raises(TrackingUnavailableError, match="connection refused") as info:
         check_tracking_server(mlflow_server.uri)
     assert mlflow_server.uri in str(info.value)
+    policies = _record_policies(monkeypatch)
     for step in (4, 5, 6):
-        start = time.monotonic()
         assert outbox.log_metrics(_values(step), step) is False
-        assert time.monotonic() - start < MAX_OFFLINE_CALL_S
+    # Each call while down tried once under the outbox's short policy, never under MLflow's minutes-long default.
+    assert policies == [OUTBOX_POLICY] * 3
     buffered = _lines(outbox.path)
     assert [line["step"] for line in buffered] == [4, 5, 6]
     assert outbox.pending() == 6
@@ -145,14 +162,43 @@ def test_refused_batch_is_kept_aside_and_does_not_block(mlflow_server: MlflowSer
     assert outbox.log_metrics({"val_dice": 0.5}, 5) is True
 
 
-def test_offline_call_is_fast_and_restores_the_http_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """Answers every request 503 (retried by MLflow) and records the HTTP policy variables in force at that moment
+    (the server runs in the test's process, so it sees the environment the outbox set for its call)."""
+
+    seen: list[dict[str, str | None]] = []
+
+    def _answer(self) -> None:
+        self.seen.append({k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT",
+                                                          "MLFLOW_HTTP_REQUEST_MAX_RETRIES")})
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_an_offline_call_tries_as_the_outbox_says_and_restores_the_http_variables(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
-    outbox = MetricsOutbox(tmp_path, "0" * 32, f"http://127.0.0.1:{free_port()}")
-    start = time.monotonic()
-    assert outbox.log_metrics({"train_loss": float("nan"), "lr": float("inf")}, 1) is False
-    assert time.monotonic() - start < MAX_OFFLINE_CALL_S
+    monkeypatch.setattr(_Unavailable, "seen", [])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        outbox = MetricsOutbox(tmp_path, "0" * 32, f"http://127.0.0.1:{server.server_address[1]}")
+        assert outbox.log_metrics({"train_loss": float("nan"), "lr": float("inf")}, 1) is False
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The server counted the attempts: one and the outbox's 2 retries (MLflow's default would make 8), each under
+    # the outbox's 5 s timeout (not the user's 77 s).
+    expected = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+    assert _Unavailable.seen == [expected] * (1 + OUTBOX_POLICY["max_retries"])
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR" not in os.environ
@@ -193,12 +239,21 @@ def test_check_refused_names_uri_without_credentials() -> None:
 def test_check_timeout_when_the_server_never_answers() -> None:
     with socket.socket() as listener:  # accepts connections (kernel backlog) but never answers
         listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
+        listener.listen(8)
         uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        start = time.monotonic()
         with pytest.raises(TrackingUnavailableError, match="timeout"):
             check_tracking_server(uri, timeout_s=0.5)
-        assert time.monotonic() - start < 5  # no retries
+        # No retries: the check connected exactly once (each attempt waits in the backlog until accepted here).
+        listener.setblocking(False)
+        connections = []
+        while True:
+            try:
+                connections.append(listener.accept()[0])
+            except BlockingIOError:
+                break
+        for conn in connections:
+            conn.close()
+        assert len(connections) == 1
 
 
 class _Status503(http.server.BaseHTTPRequestHandler):
