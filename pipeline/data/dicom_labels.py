@@ -366,9 +366,13 @@ def _crossing_parity(polygon: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarr
 
 
 def _degenerate_pixels(points: np.ndarray, shape_yx: tuple[int, int]) -> np.ndarray:
-    """A one- or two-point CLOSED_PLANAR contour: the pixel each point falls in and those along the segment."""
+    """A one- or two-point CLOSED_PLANAR contour: the pixel each point falls in and those along the segment.
+
+    The segment is drawn as a line is (one pixel per step along its longer axis): rt-utils writes a diagonal pair
+    of pixels as a two-point contour, and finer steps would take a pixel beside the diagonal that is not in it.
+    """
     ends = points if len(points) == 2 else np.vstack([points, points])
-    n = max(int(np.ceil(np.abs(ends[1] - ends[0]).max() / 0.25)), 1)
+    n = max(int(np.ceil(np.abs(ends[1] - ends[0]).max())), 1)
     along = ends[0] + np.linspace(0.0, 1.0, n + 1)[:, None] * (ends[1] - ends[0])
     xy = np.floor(along + 0.5).astype(int)  # the pixel a point falls in: the one whose centre is nearest
     keep = (xy[:, 0] >= 0) & (xy[:, 0] < shape_yx[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < shape_yx[0])

@@ -211,8 +211,9 @@ def _voxel_world(mr: Path, i: float, j: float, k: int) -> np.ndarray:
 
 def test_degenerate_and_slightly_off_plane_contours_are_read(studies, tmp_path: Path) -> None:
     """One- and two-point CLOSED_PLANAR contours (what rt-utils writes for specks and one-voxel lines) mark the voxel
-    a point falls in and the voxels along the segment; contours a writer's rounding (0.04 slice) off their plane
-    are placed on it. The rest of the label stays as the generator's contours give it: voxel for voxel."""
+    a point falls in and the voxels along the segment (a diagonal pair: just those two); contours a writer's
+    rounding (0.04 slice) off their plane are placed on it. The rest of the label stays as the generator's contours
+    give it: voxel for voxel."""
     source, made, maker = studies
     dest = tmp_path / "src"
     study = _copy_study(source, 1, dest)
@@ -225,6 +226,11 @@ def test_degenerate_and_slightly_off_plane_contours_are_read(studies, tmp_path: 
     row = [(i, j) for (i, j) in row if all((i + d, j) in {tuple(e) for e in row} for d in (1, 2))][:1]
     assert row, "no three background voxels in a row"
     (i2, j2) = row[0]
+    free = ~truth[:, :, k].astype(bool)  # a background 2 x 2 block the other two do not touch: a diagonal pair
+    used = {(i1, j1)} | {(i2 + d, j2) for d in range(3)}
+    blocks = [(i, j) for i, j in np.argwhere(free[:-1, :-1] & free[1:, :-1] & free[:-1, 1:] & free[1:, 1:])
+              if not {(i, j), (i + 1, j), (i, j + 1), (i + 1, j + 1)} & used]
+    (i3, j3) = blocks[-1]
     normal = np.cross(*np.asarray(pydicom.dcmread(next((study / "mr").iterdir())).ImageOrientationPatient,
                                   float).reshape(2, 3))
     for contours in ds.ROIContourSequence:
@@ -233,7 +239,8 @@ def test_degenerate_and_slightly_off_plane_contours_are_read(studies, tmp_path: 
             contour.ContourData = [f"{x:.4f}" for x in points.ravel()]
     anterior = ds.ROIContourSequence[0].ContourSequence
     for points in ([_voxel_world(study / "mr", i1 + 0.3, j1 - 0.2, k)],
-                   [_voxel_world(study / "mr", i2, j2, k), _voxel_world(study / "mr", i2 + 2, j2, k)]):
+                   [_voxel_world(study / "mr", i2, j2, k), _voxel_world(study / "mr", i2 + 2, j2, k)],
+                   [_voxel_world(study / "mr", i3 + 1, j3, k), _voxel_world(study / "mr", i3, j3 + 1, k)]):
         contour = pydicom.Dataset()
         contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", len(points)
         contour.ContourData = [f"{x:.4f}" for x in np.ravel(points)]
@@ -245,6 +252,7 @@ def test_degenerate_and_slightly_off_plane_contours_are_read(studies, tmp_path: 
     expected = truth.copy()
     expected[i1, j1, k] = 1
     expected[i2:i2 + 3, j2, k] = 1
+    expected[i3 + 1, j3, k] = expected[i3, j3 + 1, k] = 1  # not the two voxels beside the diagonal
     exported = nib.load(str(out / "labelsTr" / f"{manifest['cases'][0]['case']}.nii.gz"))
     placed = place_on_grid(expected, nib.load(made[1]["label"]).affine, exported.affine, exported.shape, "expected")
     assert np.array_equal(np.asarray(exported.dataobj), placed)
