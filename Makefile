@@ -26,6 +26,8 @@ demo: $(STAMP)
 ORTHANC_PACKAGES := orthanc orthanc-dicomweb
 CHROMIUM_PACKAGES := chromium chromium-driver
 POSTGRES_PACKAGES := postgresql
+# rt-utils (the label-writer tests) imports OpenCV, whose wheel links libGL and GLib.
+OPENCV_PACKAGES := libgl1 libglib2.0-0t64
 # In CI (CI set, as every CI service sets it, and .ci/run) a test that would skip for want of data, Orthanc,
 # Chromium, PostgreSQL or a compiler fails the run instead, naming what it missed (tests/strict_skips.py): a CI
 # image that lost one would otherwise go green without those tests. A developer's `make test` or plain pytest
@@ -39,8 +41,9 @@ test: $(STAMP)
 	  { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing="$$missing $(CHROMIUM_PACKAGES)"; \
 	  { command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } \
 	    || missing="$$missing $(POSTGRES_PACKAGES)"; \
+	  $(BIN)/python -c "import cv2" 2>/dev/null || missing="$$missing $(OPENCV_PACKAGES)"; \
 	  [ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
-	  || { echo "installing" $$missing "for the PACS, report and PostgreSQL tests"; apt-get update -qq \
+	  || { echo "installing" $$missing "for the PACS, report, PostgreSQL and label-writer tests"; apt-get update -qq \
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }
 	UNET_TESTS_STRICT="$${UNET_TESTS_STRICT:-$(TESTS_STRICT)}" $(BIN)/python -m pytest -ra --durations=20 -n 2 --dist loadfile
 
