@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
+from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -118,7 +119,7 @@ def test_the_three_schedulers_make_the_same_call_and_the_cli_accepts_it() -> Non
 
 # --- Cluster examples -------------------------------------------------------------------------------------
 
-NUM_FOLDS = yaml.safe_load((ROOT / "configs" / "hippocampus.yaml").read_text())["data"]["num_folds"]
+NUM_FOLDS = load_config(ROOT / "configs" / "hippocampus.yaml").data.num_folds  # the default when the file leaves it
 SHARED_WORK = "/shared/unet/work"
 # sbatch's long options used in deploy/slurm, each with the form its value must have (sbatch(1)).
 _INT = r"[1-9]\d*"
