@@ -1,7 +1,8 @@
 """The writer matrix: labels written from known masks by the tools labs use, read back through ``dataset export``.
 
 Each writer gets real images of ``../shared/data`` as DICOM series (``scripts/make_dicom_dataset.py``) and the
-masks they were labelled with: hippocampus MRI (two small structures) and the five head-and-neck organs on CT,
+masks they were labelled with: hippocampus MRI (two small structures; 10 cases, the first again on a series tilted
+by 25 degrees) and the five head-and-neck organs on CT,
 cropped so that the mandible touches the volume's in-plane edge and the spinal cord its last slice, with a hole
 punched through the brainstem. RTSTRUCT by rt-utils (OpenCV contours through boundary voxels' centres,
 one- and two-point contours for specks) and by plastimatch (``plastimatch convert``, contours around voxel
@@ -72,6 +73,9 @@ def _hippocampus_cases() -> list[Case]:
         img, lab = nib.load(str(HIPPOCAMPUS / entry["image"])), nib.load(str(HIPPOCAMPUS / entry["label"]))
         cases.append(Case(Path(entry["image"]).name.split(".")[0], np.asarray(img.dataobj, dtype=np.float64),
                           np.asarray(lab.dataobj).astype(np.uint8), img.affine))
+    # The first case again on a series tilted by 25 degrees: off-axis contours, rounded by each writer.
+    first = cases[0]
+    cases.append(Case(f"{first.name}_oblique", first.image, first.label, _maker().rotation(25.0) @ first.affine))
     return cases
 
 
@@ -256,8 +260,8 @@ def test_seg_from_every_writer_comes_back_voxel_equal(series, tmp_path: Path, da
 @pytest.mark.parametrize("dataset", ["hippocampus", "hn_ct"])
 @pytest.mark.parametrize("writer", RTSTRUCT_WRITERS)
 def test_rtstruct_from_every_writer_meets_the_dice_target(series, tmp_path: Path, dataset: str, writer: str) -> None:
-    """Per structure and per case; on the hippocampus with rt-utils this is the acceptance folder: 10 real cases'
-    RTSTRUCTs, every object used, none skipped."""
+    """Per structure and per case; on the hippocampus with rt-utils this is the acceptance folder: the RTSTRUCTs of
+    10 real cases (and of the first again, oblique), every object used, none skipped."""
     scores, manifest = _written_and_exported(dataset, writer, series, tmp_path)
     print(_table(dataset, writer, scores))
     assert manifest["skipped"] == [] and len(scores) == len(series[dataset][0])
