@@ -69,12 +69,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: the network's arithmetic (auto: bfloat16 autocast where the CPU has native bf16)")
 
 
+def _add_cache_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML config whose registry.model_cache_max_gb and registry.compiled_cache_max_gb cap the "
+                        "model and compiled-network caches (the inference settings stay the model's)")
+
+
 def _overrides(args: argparse.Namespace):
+    from pipeline.config import load_config
     from pipeline.inference import Overrides
 
+    # The caches' caps are the machine's: from --config's registry section (the defaults without one).
+    registry_cfg = load_config(args.config).registry
     o = Overrides(mirror=args.mirror, overlap=args.overlap, mode=args.mode, sw_batch_size=args.sw_batch_size,
                   postprocess=args.postprocess, memory_cap_gb=args.device_memory_gb, compile=args.compile,
-                  precision=args.precision)
+                  precision=args.precision, model_cache_max_gb=registry_cfg.model_cache_max_gb,
+                  compiled_cache_max_gb=registry_cfg.compiled_cache_max_gb)
     if o.overlap is not None and not 0 <= o.overlap < 1:
         raise PipelineError(f"--overlap must be in [0, 1), got {o.overlap}")
     if o.sw_batch_size is not None and o.sw_batch_size < 1:
@@ -116,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_args(p)
     p = sub.add_parser("evaluate", help="Dice per label of a model on a labelled dataset")
     _add_model_args(p)
+    _add_cache_config_arg(p)
     p.add_argument("--data", required=True, help="dataset.json or a folder holding one")
     p.add_argument("--out", type=Path, default=None, help="output folder (default WORK_DIR/evaluation)")
     _add_common(p)
     p = sub.add_parser("predict", help="segment NIfTI files or DICOM series folders (or folders of them)")
     _add_model_args(p)
+    _add_cache_config_arg(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="NIfTI file, DICOM series folder, or a folder holding NIfTI files and/or series folders")
     p.add_argument("--out", type=Path, required=True,
@@ -187,7 +199,8 @@ def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
         p = psub.add_parser(name, help=text, description=text + ". Credentials come from DICOMWEB_USER/"
                             "DICOMWEB_PASSWORD or DICOMWEB_TOKEN, never from the command line.")
         p.add_argument("--url", default=None, help="DICOMweb root, e.g. https://pacs.example.org/dicom-web (or pacs.url)")
-        p.add_argument("--config", default=None, help="YAML config whose 'pacs' section holds url and series rules")
+        p.add_argument("--config", default=None, help="YAML config whose 'pacs' section holds url and series rules "
+                                                      "(and whose registry section caps the caches, as for predict)")
         p.add_argument("--modality", default=None, help="series rule: Modality (e.g. MR)")
         p.add_argument("--series-description", default=None, help="series rule: regex searched in SeriesDescription")
         p.add_argument("--min-slices", type=int, default=None, help="series rule: fewest instances (default 10)")

@@ -144,6 +144,9 @@ def _check_values(cfg: PipelineConfig) -> None:
         fail("registry.gate_wait_s", f"must be >= 0 (seconds), got {cfg.registry.gate_wait_s:g}")
     if cfg.registry.model_cache_max_gb is not None and not cfg.registry.model_cache_max_gb >= 0:
         fail("registry.model_cache_max_gb", f"must be >= 0 (GB) or null (no cap), got {cfg.registry.model_cache_max_gb:g}")
+    if cfg.registry.compiled_cache_max_gb is not None and not cfg.registry.compiled_cache_max_gb >= 0:
+        fail("registry.compiled_cache_max_gb",
+             f"must be >= 0 (GB) or null (no cap), got {cfg.registry.compiled_cache_max_gb:g}")
     if cfg.mlflow.outage_wait_minutes < 0:
         fail("mlflow.outage_wait_minutes", f"must be >= 0, got {cfg.mlflow.outage_wait_minutes}")
     if cfg.evaluate.surface_tolerance_mm <= 0:

@@ -185,6 +185,8 @@ class RegistryConfig:
         gate_wait_s: seconds a gate waits for another's lease before it ends with exit 3.
         model_cache_max_gb: size cap of the per-user model cache in GB (null: no cap; least recently used copies go
             first, never one in use); ``UNET_PIPELINE_CACHE_MAX_GB`` overrides it.
+        compiled_cache_max_gb: size cap of the per-user cache of networks compiled ahead of time in GB (null: no
+            cap; after each build the packages used longest ago go first, never the one just built).
     """
 
     promote_margin: float = 0.0
@@ -193,6 +195,7 @@ class RegistryConfig:
     gate_lease_s: float = 60.0
     gate_wait_s: float = 3600.0
     model_cache_max_gb: float | None = 20.0
+    compiled_cache_max_gb: float | None = 5.0
 
 
 @dataclass

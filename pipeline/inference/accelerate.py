@@ -91,7 +91,8 @@ def ahead_of_time(network: torch.nn.Module, input_shape: Sequence[int], precisio
     return aot.load(aot.key_for(network, input_shape, "cpu", precision))
 
 
-def compiled(network: torch.nn.Module, input_shape: Sequence[int], precision: str = "float32") -> Runner | None:
+def compiled(network: torch.nn.Module, input_shape: Sequence[int], precision: str = "float32",
+             cache_max_gb: float | None = aot.DEFAULT_MAX_GB) -> Runner | None:
     """A compiled ``network`` for ``input_shape``: the ahead-of-time package, built now, else ``torch.compile``.
 
     Cached per network object; ``None`` where nothing can be compiled.
@@ -100,6 +101,7 @@ def compiled(network: torch.nn.Module, input_shape: Sequence[int], precision: st
         network: a float32 network on the CPU, in evaluation mode.
         input_shape: the batch it will take.
         precision: ``float32`` or ``bfloat16`` (resolved).
+        cache_max_gb: ``registry.compiled_cache_max_gb``, the cap of the cache the package is built into.
     """
     key = str(type(network))
     if key in _COMPILE_FAILED:
@@ -108,7 +110,7 @@ def compiled(network: torch.nn.Module, input_shape: Sequence[int], precision: st
     cached = _COMPILED.get(network)
     if cached is not None and cached[0] == (_weights_version(network), shape, precision):
         return cached[1]
-    fast = aot.build(network, aot.key_for(network, shape, "cpu", precision))
+    fast = aot.build(network, aot.key_for(network, shape, "cpu", precision), cache_max_gb)
     if fast is None:
         try:
             import torch._inductor.config as inductor_config

@@ -19,6 +19,12 @@ Logits are not compared directly: a trained network's logits reach 15 or more, w
 float32 kernels that sum in another order differ by about 1e-4 while the probabilities
 agree to 3e-5. A bfloat16 package is held to :data:`TOLERANCE_BF16` against the eager network
 under the same autocast: the two round bf16 products in different orders.
+
+The cache has a size cap, ``registry.compiled_cache_max_gb`` (:data:`DEFAULT_MAX_GB` where no
+config is loaded): every package loaded is marked used (its time), and after each build the
+packages used longest ago are deleted, with their sidecars, until the rest fit; the one just built
+never is. A process that had loaded a package before it was deleted keeps running it (the loader
+has it open); one that looks for it later builds it again.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config.schema import RegistryConfig
 from pipeline.data import cache_root, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,9 @@ TOLERANCE = 1e-4
 #: the 20-minute hippocampus model's logits differ by up to 0.08 between the two on random input).
 TOLERANCE_BF16 = 5e-2
 SUFFIX = ".pt2"
+#: ``registry.compiled_cache_max_gb`` where no config is loaded.
+DEFAULT_MAX_GB = RegistryConfig.compiled_cache_max_gb
+GB = 10**9
 
 _WEIGHTS_DIGEST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOADED: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -215,15 +225,74 @@ def load(key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
                        str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__)
         return None
     _LOADED[str(path)] = runner
+    _mark_used(path)
     return runner
 
 
-def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _mark_used(path: Path) -> None:
+    """Eviction goes by last use, not by when a package was built."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # evicted meanwhile by another process: this one has it loaded already
+
+
+def packages() -> list[tuple[Path, int, float]]:
+    """Every package in the cache as ``(path, bytes with its sidecars, last use)``, the one used longest ago first."""
+    folder = cache_root() / "compiled"
+    found = []
+    for path in folder.glob(f"*{SUFFIX}") if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue  # a build in progress
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # deleted meanwhile
+        size = stat.st_size + sum(p.stat().st_size for p in (_sidecar(path), _rejection(path)) if p.is_file())
+        found.append((path, size, stat.st_mtime))
+    return sorted(found, key=lambda f: (f[2], f[0].name))
+
+
+def evict(cap_gb: float | None, keep: Path | None = None) -> list[Path]:
+    """Delete the packages used longest ago until the cache holds at most ``cap_gb`` GB; never ``keep``.
+
+    Args:
+        cap_gb: ``registry.compiled_cache_max_gb`` (``None``: no cap, nothing is deleted).
+        keep: the package just built.
+
+    Returns:
+        The packages deleted.
+    """
+    if cap_gb is None:
+        return []
+    found = packages()
+    total = sum(size for _, size, _ in found)
+    evicted = []
+    for path, size, _ in found:
+        if total <= cap_gb * GB:
+            break
+        if keep is not None and path == keep:
+            continue
+        # The package first: without it the sidecar alone is never taken for one.
+        for part in (path, _sidecar(path), _rejection(path)):
+            part.unlink(missing_ok=True)
+        _LOADED.pop(str(path), None)
+        total -= size
+        evicted.append(path)
+        logger.info("compiled-network cache: deleted %s (%.1f MB, the package used longest ago) to stay under %g GB",
+                    path.name, size / 1e6, cap_gb)
+    return evicted
+
+
+def build(network: torch.nn.Module, key: AotKey,
+          cache_max_gb: float | None = DEFAULT_MAX_GB) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Compile ``network`` for ``key`` into the cache (checked against the eager network) and load it.
 
     Args:
         network: the network, in evaluation mode, on ``key.device_type``.
         key: the input shape, device and versions to build for.
+        cache_max_gb: ``registry.compiled_cache_max_gb``: once built, the packages used longest ago are
+            deleted until the cache fits it (never this one).
 
     Returns:
         The compiled network, or ``None`` (logged once) when this platform cannot build it.
@@ -268,4 +337,5 @@ def build(network: torch.nn.Module, key: AotKey) -> Callable[[torch.Tensor], tor
     logger.info("compiled the network ahead of time for %s %s (%s) in %.0f s (%s)", key.device_type,
                 "x".join(map(str, key.input_shape)), key.precision, time.monotonic() - started, path.name)
     _LOADED[str(path)] = runner
+    evict(cache_max_gb, keep=path)
     return runner

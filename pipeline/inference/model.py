@@ -98,7 +98,8 @@ def load_model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) ->
     return LoadedModel(network, ckpt["plan"], list(ckpt["patch_size"]), settings, meta)
 
 
-def compile_ahead_of_time(path: Path, precision: str | None = None) -> bool:
+def compile_ahead_of_time(path: Path, precision: str | None = None,
+                          cache_max_gb: float | None = aot.DEFAULT_MAX_GB) -> bool:
     """Compile a checkpoint's network(s) once for ``predict`` on the CPU (at registration): the packages later jobs load.
 
     The package takes what the engine feeds it with the stored settings: full batches
@@ -107,6 +108,7 @@ def compile_ahead_of_time(path: Path, precision: str | None = None) -> bool:
     Args:
         path: a ``.pt`` checkpoint (one model's or a fold ensemble's).
         precision: the precision to compile for (``--precision``); ``None``: the model's stored one.
+        cache_max_gb: ``registry.compiled_cache_max_gb``, the compiled-network cache's cap.
 
     Returns:
         Whether the package (every fold's) is in the cache now (``False``: this platform cannot build one).
@@ -117,5 +119,5 @@ def compile_ahead_of_time(path: Path, precision: str | None = None) -> bool:
         window = window_size(model.patch_size, dims)
         shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
         key = aot.key_for(model.network, shape, "cpu", accelerate.cpu_precision(precision or model.settings.precision))
-        ready = (aot.load(key) is not None or aot.build(model.network, key) is not None) and ready
+        ready = (aot.load(key) is not None or aot.build(model.network, key, cache_max_gb) is not None) and ready
     return ready

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config.schema import RegistryConfig
 from pipeline.inference.postprocessing import Postprocessing
 from pipeline.inference.sliding_window import WindowSettings
 
@@ -115,6 +116,9 @@ class Overrides:
         memory_cap_gb: ``--device-memory-gb``: cap the device memory (fallback paths).
         compile: ``--compile auto|on|off`` (CPU).
         precision: ``--precision auto|float32|bfloat16`` (CPU).
+        model_cache_max_gb: the model cache's cap, ``registry.model_cache_max_gb`` of ``--config`` (not a
+            model setting: the machine's; the default when no config is given).
+        compiled_cache_max_gb: the compiled-network cache's cap, ``registry.compiled_cache_max_gb`` likewise.
     """
 
     mirror: bool | None = None
@@ -125,6 +129,8 @@ class Overrides:
     memory_cap_gb: float | None = None
     compile: str | None = None
     precision: str | None = None
+    model_cache_max_gb: float | None = RegistryConfig.model_cache_max_gb
+    compiled_cache_max_gb: float | None = RegistryConfig.compiled_cache_max_gb
 
     def apply(self, settings: InferenceSettings) -> InferenceSettings:
         """``settings`` with the given overrides.
@@ -140,7 +146,7 @@ class Overrides:
 
     def engine(self) -> dict[str, Any]:
         """Engine-only fields for :meth:`InferenceSettings.window`."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"compiled_cache_max_gb": self.compiled_cache_max_gb}
         if self.memory_cap_gb is not None:
             out["memory_cap_gb"] = self.memory_cap_gb
         if self.compile is not None:

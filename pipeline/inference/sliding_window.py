@@ -83,6 +83,8 @@ class WindowSettings:
             :mod:`pipeline.inference.accelerate`), ``on`` or ``off``.
         precision: on a CPU, ``float32``, ``bfloat16`` (autocast) or ``auto`` (bfloat16 where
             the CPU has a native bf16 dot product, else float32); CUDA autocasts to float16.
+        compiled_cache_max_gb: the cap of the cache a compiled network is built into
+            (``registry.compiled_cache_max_gb``; ``None``: no cap).
     """
 
     overlap: float = 0.5
@@ -94,6 +96,7 @@ class WindowSettings:
     memory_cap_gb: float | None = None
     compile: CompileMode = "auto"
     precision: Precision = "float32"
+    compiled_cache_max_gb: float | None = aot.DEFAULT_MAX_GB
 
 
 def window_size(patch_size: Sequence[int], spatial_dims: int) -> list[int]:
@@ -356,7 +359,7 @@ class SlidingWindowInferer:
             fast = accelerate.ahead_of_time(self.network, shape, self.precision)
             if fast is None and accelerate.should_compile(self.network, jobs_total, self.settings.compile,
                                                           self.volumes_left):
-                fast = accelerate.compiled(self.network, shape, self.precision)
+                fast = accelerate.compiled(self.network, shape, self.precision, self.settings.compiled_cache_max_gb)
         eager = aot.runnable(self.network, self.precision) if cpu else self.network
         return _Network(eager, fast, self.spatial_dims, cuda)
 

@@ -315,7 +315,7 @@ def _score_and_register(cfg: PipelineConfig, work_dir: Path, folds: Sequence[Fol
     def register() -> str | None:
         version = log.call(lambda: log_model(path, name), "registering the ensemble")
         if version is not None and cfg.registry.compile_ahead_of_time:
-            compile_ahead_of_time(path)
+            compile_ahead_of_time(path, cache_max_gb=cfg.registry.compiled_cache_max_gb)
         return version
 
     def describe(version: str, result: Any, eval_set: str) -> None:

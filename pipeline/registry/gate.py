@@ -217,7 +217,10 @@ def score_and_log(
         resolved = log.call(lambda: registry.resolve_model(f"models:/{model_name}/{champion_version}", work_dir,
                                                            tmp / "model", log.uri, cache_max_gb),
                             "downloading the champion")
-        predictor = Predictor(load_models(resolved.path, device), device)  # a fold ensemble: all its folds
+        try:
+            predictor = Predictor(load_models(resolved.path, device), device)  # a fold ensemble: all its folds
+        finally:
+            model_cache.release(resolved.path)  # loaded: the cache may evict its copy again
         return evaluate_cases(predictor, cases, tmp / "evaluation", save_predictions=False, report=False)
 
     result = judge(model_name, candidate, score_champion, promote_margin, log.alias, names, log.call)

@@ -7,6 +7,7 @@ check. The layout under the cache root (``UNET_PIPELINE_CACHE``, else
     models/<key>/manifest.json   model name and version, file names and sizes, the checkpoint and its sha256
     models/<key>/model/...       the model's artifacts as MLflow downloaded them
     models/<key>/last-used       touched on every use: its time is the copy's last use
+    models/<key>/in-use.lock     a loader holds a shared lock on it (flock) until it has loaded the checkpoint
     models/.download-*/          a download in progress (renamed to <key> when complete)
     models/.discard-*/           a copy that failed its check or was evicted, being deleted
 
@@ -15,14 +16,23 @@ version's run id and creation time: a reinstalled server that hands out the same
 version number again gets a new key instead of the old copy.
 
 The cache has a size cap: ``UNET_PIPELINE_CACHE_MAX_GB`` when set (a per-machine setting, so it
-overrides the config), else ``registry.model_cache_max_gb`` where a config is loaded (``run``,
-``ensemble``), else that key's default. After each use the copies used longest ago are deleted
-until the rest fit; the copy just used is never deleted, so a cap smaller than one model keeps
-just that one. ``unet-pipeline cache list`` shows the copies, ``cache clear`` deletes them.
+overrides the config), else ``registry.model_cache_max_gb`` of the config (``run``, ``ensemble``;
+``predict``, ``evaluate`` and ``pacs`` with ``--config``), else that key's default. After each use
+the copies used longest ago are deleted until the rest fit; the copy just used is never deleted,
+so a cap smaller than one model keeps just that one. ``unet-pipeline cache list`` shows the copies, ``cache clear`` deletes them.
+
+A copy another process is loading is never deleted either: :func:`cached_checkpoint` takes a
+shared ``flock`` on the copy's ``in-use.lock`` (taken in the download folder before it is renamed
+into place, so a fresh copy is never unheld) and keeps it until the caller has read the checkpoint
+(:func:`release`, or the end of the process). Eviction and ``cache clear`` take the lock exclusively
+without waiting and pass over a copy whose lock is held; a later eviction deletes it once it is free.
+A loader that waited on the lock while an evictor renamed the copy away sees its lock file gone and
+downloads again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -45,11 +55,15 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 LAST_USED = "last-used"
+IN_USE = "in-use.lock"
 #: the cache's size cap in GB (10^9 bytes); overrides ``registry.model_cache_max_gb``.
 MAX_GB_ENV = "UNET_PIPELINE_CACHE_MAX_GB"
-#: ``registry.model_cache_max_gb`` where no config is loaded (``predict``, ``evaluate``, ``pacs``).
+#: ``registry.model_cache_max_gb`` where no config is given (``predict``, ``evaluate``, ``pacs`` without ``--config``).
 DEFAULT_MAX_GB = RegistryConfig.model_cache_max_gb
 GB = 10**9
+
+# Copy folder -> the descriptors holding its shared lock in this process (one per unreleased use).
+_HELD: dict[str, list[int]] = {}
 
 
 def max_gb(configured: float | None = DEFAULT_MAX_GB) -> tuple[float | None, str]:
@@ -142,7 +156,8 @@ def cached_checkpoint(models_dir: Path, key: str, label: str, download: Callable
         cap_gb: ``registry.model_cache_max_gb`` (:func:`max_gb` lets the environment override it).
 
     Returns:
-        The checkpoint inside the cache: read it, never change or delete it.
+        The checkpoint inside the cache: read it, never change or delete it. The copy stays held
+        (no process evicts it) until :func:`release` is called with it, or this process ends.
     """
     cap, _ = max_gb(cap_gb)
     checkpoint = _checkpoint(models_dir, key, label, download, identity)
@@ -153,12 +168,13 @@ def cached_checkpoint(models_dir: Path, key: str, label: str, download: Callable
 def _checkpoint(models_dir: Path, key: str, label: str, download: Callable[[Path], Path],
                 identity: tuple[str, str]) -> Path:
     folder = models_dir / key
-    if folder.is_dir():
+    if folder.is_dir() and _hold(folder):
         checkpoint, problem = _verified(folder)
         if checkpoint is not None:
             logger.info("%s: using the cached copy in %s", label, folder)
             _touch(folder)
             return checkpoint
+        _release_folder(folder)
         logger.warning("%s: the cached copy in %s failed its check (%s); downloading it again", label, folder, problem)
         _discard(folder)
     logger.info("%s: downloading into the model cache %s", label, folder)
@@ -167,8 +183,16 @@ def _checkpoint(models_dir: Path, key: str, label: str, download: Callable[[Path
         checkpoint = download(staging / MODEL_DIR)
         _write_manifest(staging, checkpoint, identity)
         _touch(staging)
-        # A folder rename is atomic: a reader sees no copy or a whole one.
-        os.rename(staging, folder)
+        # Held before it is in place (the lock is on the file, which the rename keeps): no evictor
+        # ever sees this copy unheld.
+        fd = _lock(staging / IN_USE, fcntl.LOCK_SH)
+        try:
+            # A folder rename is atomic: a reader sees no copy or a whole one.
+            os.rename(staging, folder)
+        except OSError:
+            os.close(fd)
+            raise
+        _HELD.setdefault(str(folder), []).append(fd)
         return folder / checkpoint.relative_to(staging)
     except OSError:
         if not (folder / MANIFEST).is_file():
@@ -177,12 +201,66 @@ def _checkpoint(models_dir: Path, key: str, label: str, download: Callable[[Path
         logger.info("%s: another process cached it first", label)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if not _hold(folder):
+        raise PipelineError(f"{label}: the copy another process cached in {folder} was evicted at once; try again")
     checkpoint, problem = _verified(folder)
     if checkpoint is None:
+        _release_folder(folder)
         raise PipelineError(f"{label}: the copy another process cached in {folder} failed its check ({problem}); "
                             "try again")
     _touch(folder)
     return checkpoint
+
+
+def _lock(path: Path, operation: int) -> int:
+    """An open descriptor of ``path`` (created if missing) locked with ``operation``; closing it unlocks."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, operation)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _hold(folder: Path) -> bool:
+    """Take a shared lock on a copy, so no process evicts it; ``False`` when it was evicted meanwhile."""
+    path = folder / IN_USE
+    try:
+        fd = _lock(path, fcntl.LOCK_SH)  # waits only while an evictor renames the copy away
+    except OSError:
+        return False  # the folder is gone
+    try:
+        current = os.stat(path)
+    except OSError:
+        current = None
+    if current is None or not os.path.samestat(os.fstat(fd), current):
+        os.close(fd)  # the lock is on the file of a copy that was moved away while this waited
+        return False
+    _HELD.setdefault(str(folder), []).append(fd)
+    return True
+
+
+def _release_folder(folder: Path) -> None:
+    fds = _HELD.get(str(folder))
+    if fds:
+        os.close(fds.pop())
+        if not fds:
+            del _HELD[str(folder)]
+
+
+def release(checkpoint: Path) -> None:
+    """Let the cache evict the copy holding ``checkpoint`` again (once this process's other uses of it are released).
+
+    Call it once the checkpoint is loaded; a path outside the cache, or one already released, is ignored.
+
+    Args:
+        checkpoint: a path :func:`cached_checkpoint` returned.
+    """
+    for folder in [Path(f) for f in _HELD]:
+        if folder in Path(checkpoint).parents:
+            _release_folder(folder)
+            return
 
 
 def _touch(entry: Path) -> None:
@@ -239,7 +317,10 @@ def evict(models_dir: Path, cap: float | None, keep: str | None = None) -> list[
             break
         if entry.key == keep:
             continue
-        _discard(models_dir / entry.key)
+        if not _discard_unless_held(models_dir / entry.key):
+            logger.info("model cache: kept %s version %s over the cap: a process is loading it",
+                        entry.name or entry.key, entry.version or "?")
+            continue
         total -= entry.size_bytes
         evicted.append(entry)
         logger.info("model cache: evicted %s version %s (%.2f GB, the copy used longest ago) to stay under %g GB",
@@ -256,13 +337,11 @@ def clear(models_dir: Path, name: str | None = None, version: str | None = None)
         version: only this version (with ``name``).
 
     Returns:
-        The copies deleted.
+        The copies deleted (a copy a process is loading is left, see :func:`evict`).
     """
     chosen = [e for e in entries(models_dir) if (name is None or e.name == name)
               and (version is None or e.version == str(version))]
-    for entry in chosen:
-        _discard(models_dir / entry.key)
-    return chosen
+    return [entry for entry in chosen if _discard_unless_held(models_dir / entry.key)]
 
 
 def _write_manifest(entry: Path, checkpoint: Path, identity: tuple[str, str] = ("", "")) -> None:
@@ -290,6 +369,26 @@ def _verified(entry: Path) -> tuple[Path | None, str]:
         # The class only: the message would repeat paths.
         return None, f"manifest or checkpoint unreadable ({exc.__class__.__name__})"
     return checkpoint, ""
+
+
+def _discard_unless_held(folder: Path) -> bool:
+    """Delete a copy unless a loader (in any process, this one included) holds it; whether it was deleted."""
+    try:
+        fd = _lock(folder / IN_USE, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # held
+    except OSError:
+        return False  # gone: another process deleted it
+    try:
+        trash = folder.with_name(f".discard-{uuid.uuid4().hex}")
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return False
+    finally:
+        os.close(fd)  # a loader waiting on the lock now finds the lock file gone, and downloads again
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
 
 
 def _discard(folder: Path) -> None:

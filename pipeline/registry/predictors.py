@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputDataError, PipelineError
+from pipeline.registry import model_cache
 from pipeline.registry.registration import ResolvedModel, resolve_model
 
 
@@ -40,7 +41,8 @@ def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides: Any = N
             ``fold_*/final.pt``; several are ensembled (softmax averaged), and a registered fold ensemble
             brings all its folds.
         work_dir: work directory (its SQLite store is the default registry).
-        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
+        overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings; its
+            ``model_cache_max_gb`` caps the model cache the registered versions are fetched through.
         device_name: ``auto``, ``cpu`` or ``cuda``.
         series_uid: the DICOM series to read from folders holding several.
 
@@ -51,11 +53,16 @@ def load_predictor(model_refs: Sequence[str], work_dir: Path, overrides: Any = N
     from pipeline.training import resolve_device
 
     device = resolve_device(device_name)
+    # The caps of the config ``predict``/``evaluate``/``pacs`` were given (``--config``), else the defaults.
+    cache_max_gb = overrides.model_cache_max_gb if overrides is not None else model_cache.DEFAULT_MAX_GB
     models, identities, origins = [], [], []
     for ref in [r for refs in model_refs for r in checkpoints_of(refs)]:
         with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
-            resolved = resolve_model(ref, work_dir, Path(tmp))
-            found = load_models(resolved.path, device)
+            resolved = resolve_model(ref, work_dir, Path(tmp), cache_max_gb=cache_max_gb)
+            try:
+                found = load_models(resolved.path, device)
+            finally:
+                model_cache.release(resolved.path)  # loaded: the cache may evict its copy again
             models += found
             origins += [ref] * len(found)
             identities.append(resolved)

@@ -216,7 +216,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
     def register() -> str | None:
         version = log.call(lambda: registry.log_model(model_path, cfg.mlflow.model_name), "registering the model")
         if version is not None and cfg.registry.compile_ahead_of_time:
-            compile_ahead_of_time(model_path)
+            compile_ahead_of_time(model_path, cache_max_gb=cfg.registry.compiled_cache_max_gb)
         return version
 
     def describe(version: str, gate_result: Any, eval_set: str) -> None:

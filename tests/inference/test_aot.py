@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,6 @@ def test_a_corrupt_package_falls_back_with_one_line(built: dict, cache: Path, tm
     data[len(data) // 2: len(data) // 2 + 4096] = b"\0" * 4096
     (copy / "compiled" / path.name).write_bytes(bytes(data[: len(data) // 2]))
     (copy / "compiled" / path.with_suffix(".json").name).write_text(path.with_suffix(".json").read_text())
-    import os
-
     os.environ["UNET_PIPELINE_CACHE"] = str(copy)  # restored by the fixture's monkeypatch
     image = torch.randn(1, 24, 20, 18)
     settings = WindowSettings(batch_size=SHAPE[0], compile="auto", mirror=False)
@@ -135,11 +134,50 @@ def test_one_small_volume_uses_a_package_built_earlier(built: dict, cache: Path,
 def test_registration_compiles_what_predict_will_look_for(cache: Path, tiny_checkpoint: Path) -> None:
     from pipeline.inference import Predictor, compile_ahead_of_time, load_model
 
-    assert compile_ahead_of_time(tiny_checkpoint)
+    # A package nobody used for long, bigger than the room the cap leaves: the build evicts it, and nothing else.
+    earlier = {path for path, _, _ in aot.packages()}
+    stale = cache / "compiled" / f"{'0' * 32}{aot.SUFFIX}"
+    stale.write_bytes(b"\0" * 40_000_000)
+    stale.with_suffix(".json").write_text("{}")
+    os.utime(stale, (1000, 1000))
+    cap_gb = (sum(size for path, size, _ in aot.packages() if path != stale) + 30_000_000) / aot.GB
+    assert compile_ahead_of_time(tiny_checkpoint, cache_max_gb=cap_gb)
     model = load_model(tiny_checkpoint, CPU)
     engine = Predictor([model], CPU).engines[0]
     shape = (engine.settings.batch_size, 1, *engine.window)
-    assert aot.package_path(aot.key_for(model.network, shape, "cpu")).is_file()
+    built_now = aot.package_path(aot.key_for(model.network, shape, "cpu"))
+    assert built_now.is_file()
+    assert not stale.exists() and not stale.with_suffix(".json").exists()
+    assert {path for path, _, _ in aot.packages()} == earlier | {built_now}
+
+
+def test_the_compiled_cache_keeps_to_its_cap_the_package_used_longest_ago_first(
+        built: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNET_PIPELINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(aot, "_LOADED", {})
+    folder = tmp_path / "compiled"
+    folder.mkdir()
+    source = built["cache"] / "compiled" / aot.package_path(built["key"]).name
+    real = folder / source.name
+    real.write_bytes(source.read_bytes())
+    real.with_suffix(".json").write_text(source.with_suffix(".json").read_text())
+    os.utime(real, (500, 500))  # built before the others ...
+    stand_ins = {}
+    for age, name in enumerate(("old", "middle", "recent")):
+        stand_ins[name] = folder / f"{name}{aot.SUFFIX}"
+        stand_ins[name].write_bytes(b"\0" * 1_000_000)
+        stand_ins[name].with_suffix(".json").write_text("{}")
+        os.utime(stand_ins[name], (1000 + age, 1000 + age))
+    assert aot.load(built["key"]) is not None  # ... but used last: loading marks it used
+    real_bytes = dict((path, size) for path, size, _ in aot.packages())[real]
+    assert real_bytes > real.stat().st_size  # its sidecar counts too
+    assert [p for p, _, _ in aot.packages()] == [stand_ins["old"], stand_ins["middle"], stand_ins["recent"], real]
+    assert aot.evict(None) == []
+    assert aot.evict((real_bytes + 1_500_000) / aot.GB) == [stand_ins["old"], stand_ins["middle"]]
+    assert not stand_ins["old"].with_suffix(".json").exists()
+    assert [p for p, _, _ in aot.packages()] == [stand_ins["recent"], real]
+    assert aot.evict(0.0, keep=real) == [stand_ins["recent"]]  # never the package just built
+    assert [p for p, _, _ in aot.packages()] == [real] and aot.load(built["key"]) is not None
 
 
 def test_a_package_that_predicts_otherwise_is_rejected_once_not_rebuilt_by_every_job(

@@ -232,8 +232,40 @@ def test_the_configured_cap_evicts_the_version_used_longest_ago(server: MlflowSe
     downloads.clear()
     a = registry.resolve_model("models:/cache-cap-a/1", work, tmp_path / "dl", server.uri)
     assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-cap-a"]
+    model_cache.release(a.path)  # loaded, as load_predictor releases it
     # registry.model_cache_max_gb: 0 keeps only the version in use.
     b = registry.resolve_model("models:/cache-cap-b/1", work, tmp_path / "dl", server.uri, cache_max_gb=0.0)
     assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-cap-b"]
     assert b.path.is_file() and not a.path.exists()
     assert downloads == ["models:/cache-cap-a/1", "models:/cache-cap-b/1"]
+
+
+def test_predict_evaluate_and_pacs_take_the_caches_caps_from_their_config(server: MlflowServer, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import cli
+    from pipeline.config import RegistryConfig
+
+    config = tmp_path / "small-caches.yaml"
+    config.write_text("data: {synthetic_cases: 4}\nregistry: {model_cache_max_gb: 0, compiled_cache_max_gb: 0.25}\n")
+    parser = cli.build_parser()
+    for command in (["evaluate", "--data", "d"], ["predict", "in.nii.gz", "--out", "o"], ["pacs", "predict", "--study", "1"],
+                    ["pacs", "watch"]):
+        overrides = cli._overrides(parser.parse_args([*command, "--model", "m", "--config", str(config)]))
+        assert (overrides.model_cache_max_gb, overrides.compiled_cache_max_gb) == (0.0, 0.25), command
+        assert overrides.engine()["compiled_cache_max_gb"] == 0.25  # what the engine builds packages with
+    default = cli._overrides(parser.parse_args(["predict", "in.nii.gz", "--out", "o", "--model", "m"]))
+    assert (default.model_cache_max_gb, default.compiled_cache_max_gb) == (
+        RegistryConfig.model_cache_max_gb, RegistryConfig.compiled_cache_max_gb)
+
+    # What those commands load their model(s) with: the cap of --config, here 0 (only the version in use stays).
+    work = tmp_path / "work"
+    _register(server.uri, work, _checkpoint(tmp_path / "a.pt"), "cache-config-a")
+    _register(server.uri, work, _checkpoint(tmp_path / "b.pt", bias=0.5), "cache-config-b")
+    monkeypatch.setattr(registration, "_uri_we_set", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    registry.load_predictor(["models:/cache-config-a/1"], work, default, "cpu")
+    assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-config-a"]
+    registry.load_predictor(["models:/cache-config-b/1"], work, overrides, "cpu")
+    assert [e.name for e in model_cache.entries(_cache_models())] == ["cache-config-b"]
+    # Loaded and released: a later eviction takes it too (nothing of this process holds it).
+    assert model_cache.evict(_cache_models(), 0.0) and model_cache.entries(_cache_models()) == []

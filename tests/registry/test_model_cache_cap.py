@@ -8,6 +8,9 @@ callback), so no registry is needed; tests/registry/test_model_cache.py covers t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,15 @@ def _models() -> Path:
 
 
 def _use(name: str, downloads: list[str], cap_gb: float | None = CAP_GB) -> Path:
-    """Fetch model ``name`` version 1 through the cache, as resolve_model does; ``downloads`` records each download."""
+    """Fetch model ``name`` version 1 through the cache, as resolve_model does, and release it as a loaded model is
+    (load_predictor); ``downloads`` records each download."""
+    checkpoint = _fetch(name, downloads, cap_gb)
+    model_cache.release(checkpoint)
+    return checkpoint
+
+
+def _fetch(name: str, downloads: list[str], cap_gb: float | None = CAP_GB) -> Path:
+    """As :func:`_use`, but the copy stays held (a model still being loaded)."""
 
     def download(dst: Path) -> Path:
         downloads.append(name)
@@ -118,3 +129,62 @@ def test_cache_list_and_clear(tmp_path: Path) -> None:
     assert _cached() == [] and os.listdir(_models()) == []
     bad = run_main("cache", "clear", "--version", "1")
     assert bad.returncode != 0 and bad.stderr.strip() == "error: cache clear: --version needs --model"
+
+
+# A second process fetches alpha through the cache and keeps it held (loading) until told to release it.
+_LOADER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from pipeline.registry import model_cache
+
+    def download(dst: Path) -> Path:
+        raise AssertionError("alpha is cached: the loader must not download it")
+
+    key = model_cache.cache_key("http://registry", "alpha", "1", "run-alpha", 1)
+    checkpoint = model_cache.cached_checkpoint(model_cache.usable_models_dir(), key, "alpha version 1", download,
+                                               ("alpha", "1"), None)
+    print("holding", flush=True)
+    sys.stdin.readline()
+    model_cache.release(checkpoint)
+    print("released", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_copy_another_process_is_loading_is_not_evicted_until_it_is_done() -> None:
+    downloads: list[str] = []
+    _use("alpha", downloads, cap_gb=None)
+    loader = subprocess.Popen([sys.executable, "-c", _LOADER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert loader.stdout is not None and loader.stdin is not None
+        assert loader.stdout.readline().strip() == "holding"
+        # This process goes over the cap: alpha is the copy used longest ago, but the other process holds it.
+        _use("beta", downloads, cap_gb=0.0)
+        assert _cached() == ["alpha", "beta"]
+        assert model_cache.clear(_models(), "alpha") == []  # `cache clear` leaves it too
+        alpha = [e for e in model_cache.entries(_models()) if e.name == "alpha"][0]
+        assert (_models() / alpha.key / "model" / "checkpoint.pt").read_bytes().startswith(b"alpha")
+        loader.stdin.write("\n")
+        loader.stdin.flush()
+        assert loader.stdout.readline().strip() == "released"
+        # Released (the process still runs): the next eviction deletes it.
+        _use("beta", downloads, cap_gb=0.0)
+        assert _cached() == ["beta"]
+        assert downloads == ["alpha", "beta"]
+        loader.stdin.write("\n")
+        loader.stdin.flush()
+        assert loader.wait(timeout=60) == 0
+    finally:
+        loader.kill()
+        loader.wait()
+
+
+def test_this_process_holds_a_copy_until_it_releases_it() -> None:
+    downloads: list[str] = []
+    held = _fetch("alpha", downloads, cap_gb=None)
+    _use("beta", downloads, cap_gb=0.0)
+    assert _cached() == ["alpha", "beta"] and held.is_file()
+    model_cache.release(held)
+    _use("beta", downloads, cap_gb=0.0)
+    assert _cached() == ["beta"] and not held.exists()
