@@ -197,7 +197,8 @@ class ResolvedModel:
 
     Args:
         path: the local ``.pt`` checkpoint; a registered version's lies in the shared model cache
-            (read it, never change or delete it).
+            (read it, never change or delete it), held there against eviction by any process until
+            :func:`pipeline.registry.model_cache.release` is called with it once it is loaded (or this process ends).
         name: registered model name (``local`` for a file, ``run`` for a run's model).
         version: registry version, run id or checkpoint file name.
     """
