@@ -98,7 +98,9 @@ def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool
                      "train_seconds": result.train_seconds, "patches_per_second": result.patches_per_second},
                     "logging the training summary")
         log.tags({"train.stopped_by_time_budget": str(result.stopped_by_budget), "train.precision": result.precision,
-                  "ddp.param_checksums": json.dumps(result.param_checksums)})
+                  "ddp.param_checksums": json.dumps(result.param_checksums),
+                  "train.skipped_steps": str(result.skipped_steps),
+                  **({"train.precision_fell_back": "bfloat16 -> float32"} if result.fell_back_to_float32 else {})})
         log.curves(history, prepared.plan["labels"])
     return result
 

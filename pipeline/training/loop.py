@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 
-from models.unet import UNet
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import PreprocessedCase, mirror_swaps
 from pipeline.errors import TrainingFailedError
@@ -31,9 +29,9 @@ from pipeline.inference import (
 )
 from pipeline.training import distributed
 from pipeline.training.augmentation import train_transforms
-from pipeline.training.devices import autocast_dtype, resolve_device
-from pipeline.training.ema import WeightAverage
-from pipeline.training.loss import DeepSupervisionLoss
+from pipeline.training.devices import resolve_device
+from pipeline.training.nonfinite import NonFiniteSteps
+from pipeline.training.parts import TrainParts, build_parts, unwrap
 from pipeline.training.patches import PatchStream, patch_loader
 from pipeline.training.progress import TrainingProgress
 from pipeline.training.validation import ValidationBudget, validate
@@ -60,7 +58,10 @@ class TrainResult:
         train_seconds: wall time spent training (summed over resumes).
         patches_per_second: training throughput over all processes.
         param_checksums: per process, a checksum of the final weights (identical under DDP).
-        precision: what the forward pass ran in: ``float32``, ``bfloat16`` or ``float16`` (``train.amp``).
+        precision: what the forward pass ran in: ``float32``, ``bfloat16`` or ``float16`` (``train.amp``);
+            ``float32`` after a fall-back.
+        skipped_steps: steps skipped because their loss or gradients were not finite.
+        fell_back_to_float32: repeated non-finite bfloat16 steps switched the run to float32.
     """
 
     best_checkpoint: Path
@@ -73,6 +74,8 @@ class TrainResult:
     patches_per_second: float = 0.0
     param_checksums: list[float] = field(default_factory=list)
     precision: str = "float32"
+    skipped_steps: int = 0
+    fell_back_to_float32: bool = False
 
 
 def model_kwargs(cfg: PipelineConfig, plan: dict[str, Any]) -> dict[str, Any]:
@@ -111,10 +114,6 @@ def _num_workers(configured: int | None, device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if isinstance(network, DistributedDataParallel) else network
-
-
 def load_cases(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
     """The preprocessed arrays of ``cases``, as the patch stream and validation take them.
 
@@ -128,65 +127,6 @@ def load_cases(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
 
 
 @dataclass
-class TrainParts:
-    """The network and what trains it, with the three phases of one training step.
-
-    Args:
-        network: the U-Net (wrapped in DistributedDataParallel under torchrun).
-        loss_fn: the deep-supervision loss.
-        optimizer: the optimiser.
-        scaler: the AMP gradient scaler (inactive off CUDA).
-        amp_dtype: what the forward pass autocasts to: float16 on CUDA (with the scaler), bfloat16 on a
-            CPU with a native bf16 dot product (see ``autocast_dtype``); ``None``: float32, no autocast.
-        ema: the weight average (``train.ema_decay``): what is validated and exported.
-    """
-
-    network: torch.nn.Module
-    loss_fn: DeepSupervisionLoss
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    ema: WeightAverage | None = None
-
-    @property
-    def precision(self) -> str:
-        """The forward pass's precision, as the run's ``train.precision`` tag names it."""
-        return str(self.amp_dtype or torch.float32).removeprefix("torch.")
-
-    def exported(self) -> torch.nn.Module:
-        """The network that validation scores and checkpoints export: the weight average when there is one."""
-        return self.ema.module if self.ema is not None else _unwrap(self.network)
-
-    def forward_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Zero the gradients, run the network and return the loss.
-
-        Args:
-            image: a batch of patches on the network's device.
-            label: their labels.
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(image.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.loss_fn(self.network(image), label)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate the (scaled) loss.
-
-        Args:
-            loss: what :meth:`forward_loss` returned.
-        """
-        self.scaler.scale(loss).backward()
-
-    def step(self) -> None:
-        """Clip the gradients, step the optimiser and fold the new weights into the average."""
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(_unwrap(self.network))
-
-
-@dataclass
 class _State:
     """What changes as training goes; ``last.pt`` stores it and ``resume`` restores it."""
 
@@ -196,6 +136,7 @@ class _State:
     start: float = 0.0  # time.monotonic() when this run's first epoch began
     stopped: bool = False  # by the time budget
     patches: int = 0  # trained on in this run, over all processes
+    nonfinite: NonFiniteSteps = field(default_factory=NonFiniteSteps)
 
     def elapsed(self) -> float:
         return self.elapsed_before + _clock() - self.start
@@ -239,29 +180,6 @@ def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
     return device, env
 
 
-def build_parts(t: TrainConfig, kwargs: dict[str, Any], device: torch.device) -> TrainParts:
-    """The U-Net, the loss, the optimiser, the AMP scaler and the weight average of a training config.
-
-    Args:
-        t: the ``train`` section.
-        kwargs: the U-Net's constructor arguments (:func:`model_kwargs`).
-        device: where it trains.
-    """
-    network: torch.nn.Module = UNet(**kwargs).to(device)
-    loss_fn = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            network.parameters(), lr=t.learning_rate, momentum=0.99, nesterov=True, weight_decay=t.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(network.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    amp_dtype = autocast_dtype(device, t.amp)
-    # Gradient scaling guards float16's narrow range; bfloat16 has float32's.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = WeightAverage(network, t.ema_decay) if t.ema_decay else None
-    return TrainParts(network, loss_fn, optimizer, scaler, amp_dtype, ema)
-
-
 def _restore(parts: TrainParts, last_path: Path, epochs: int) -> _State:
     """Load ``last.pt``'s weights, optimiser, scaler and torch RNG into ``parts`` and return its training state."""
     saved = load_checkpoint(last_path)
@@ -272,6 +190,10 @@ def _restore(parts: TrainParts, last_path: Path, epochs: int) -> _State:
     if parts.ema is not None and "ema" in saved:
         parts.ema.load_state_dict(saved["ema"])
     state = _State(int(saved["epoch"]), float(saved["best_val_dice"]), float(saved["elapsed_s"]))
+    state.nonfinite = NonFiniteSteps(skipped=int(saved.get("skipped_steps", 0)),
+                                     fell_back=bool(saved.get("fell_back_to_float32", False)))
+    if state.nonfinite.fell_back:
+        parts.amp_dtype = None  # this machine's bfloat16 already failed this run: resume as it ended, in float32
     if saved.get("stopped_by_budget"):
         state.start_epoch = epochs  # the budget was spent: nothing left to train
     return state
@@ -295,29 +217,53 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
     for group in parts.optimizer.param_groups:
         group["lr"] = t.learning_rate * _lr_factor(progress)
     parts.network.train()
-    losses = []
-    for _ in range(run.iterations):
+    losses: list[float] = []
+    for iteration in range(run.iterations):
         image, label = next(batches)
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         if run.cfg.model.spatial_dims == 2:
             image, label = image[..., 0], label[..., 0]
         loss = parts.forward_loss(image, label)
         value = float(loss.detach())
-        # Every process stops together: one rank's NaN would otherwise hang the others in all-reduce.
-        if distributed.any_true(not math.isfinite(value)):
-            raise TrainingFailedError(
-                f"training diverged at epoch {epoch + 1}, iteration {len(losses) + 1}: the loss is not finite "
-                f"({value}); lower train.learning_rate or check the data. The last good state is "
-                f"{run.last_path.name} of epoch {epoch}"
-            )
-        parts.backward(loss)
-        parts.step()
-        losses.append(value)
+        # Every process decides together: one rank's NaN would otherwise hang the others in all-reduce. The
+        # gradient norm is the same on every rank (taken after DDP's all-reduce), so step() agrees too.
+        taken = not distributed.any_true(not math.isfinite(value))
+        if taken:
+            parts.backward(loss)
+            taken = parts.step()
+        else:
+            parts.optimizer.zero_grad(set_to_none=True)
+        if _after_step(run, state, taken, epoch, iteration, value):
+            losses.append(value)
         state.patches += image.shape[0] * run.env.world_size
         if run.budget_s and distributed.any_true(state.elapsed() > run.train_budget_s()):
             state.stopped = True
             break
-    return {"train_loss": float(np.mean(losses)), "lr": parts.optimizer.param_groups[0]["lr"]}
+    # An epoch whose every step was skipped has no loss to report (NaN, not an error: it is counted).
+    return {"train_loss": float(np.mean(losses)) if losses else math.nan, "lr": parts.optimizer.param_groups[0]["lr"]}
+
+
+def _after_step(run: _Run, state: _State, taken: bool, epoch: int, iteration: int, value: float) -> bool:
+    """Count a step that was not taken, switch to float32 or stop on repeated ones; ``True`` when it was taken."""
+    parts = run.parts
+    action = state.nonfinite.record(taken, parts.amp_dtype == torch.bfloat16)
+    if action == "ok":
+        return True
+    where = f"epoch {epoch + 1}, iteration {iteration + 1}"
+    if action == "fail":
+        raise TrainingFailedError(
+            f"training diverged at {where}: the loss or its gradients stayed non-finite for "
+            f"{state.nonfinite.fail_after} steps in float32 (last loss {value}); lower train.learning_rate or check "
+            f"the data. The last good state is {run.last_path.name} of epoch {epoch}"
+        )
+    if action == "fall_back":
+        parts.amp_dtype = None
+        if run.env.is_main:
+            logger.warning("bfloat16 gave non-finite steps %d times (the last at %s): training goes on in float32 "
+                           "(slower; set train.amp: false to start so)", state.nonfinite.skipped, where)
+    else:
+        logger.debug("step skipped at %s: the loss or its gradients are not finite", where)
+    return False
 
 
 def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], progress: TrainingProgress) -> None:
@@ -347,9 +293,10 @@ def _end_epoch(run: _Run, state: _State, epoch: int, metrics: dict[str, float], 
     if run.log_metrics:
         run.log_metrics(metrics, epoch + 1)
     save_checkpoint({
-        **run.base, "state_dict": _unwrap(parts.network).state_dict(), "epoch": epoch + 1,
+        **run.base, "state_dict": unwrap(parts.network).state_dict(), "epoch": epoch + 1,
         "optimizer": parts.optimizer.state_dict(), **({"ema": parts.ema.state_dict()} if parts.ema is not None else {}),
         "scaler": parts.scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best_val_dice": state.best_dice,
+        "skipped_steps": state.nonfinite.skipped, "fell_back_to_float32": state.nonfinite.fell_back,
         "elapsed_s": state.elapsed(), "stopped_by_budget": state.stopped, **(run.extra_state or {}),
     }, run.last_path)
 
@@ -410,7 +357,7 @@ def _finish(run: _Run, state: _State, completed: int) -> TrainResult:
     run_s = _clock() - state.start
     return TrainResult(run.best_path, run.last_path, final_path, state.best_dice, completed, state.stopped,
                        state.elapsed(), state.patches / run_s if run_s > 0 else 0.0, checksums,
-                       run.parts.precision)
+                       run.parts.precision, state.nonfinite.skipped, state.nonfinite.fell_back)
 
 
 def train(

@@ -71,9 +71,10 @@ def test_training_and_validation_end_within_a_minute_of_the_budget(tiny_config: 
     monkeypatch.setattr(loop, "_clock", lambda: now[0])
     step, infer = loop.TrainParts.step, SlidingWindowInferer.__call__
 
-    def timed_step(self: loop.TrainParts) -> None:
-        step(self)
+    def timed_step(self: loop.TrainParts) -> bool:
+        taken = step(self)
         now[0] += step_s
+        return taken
 
     def timed_infer(self: SlidingWindowInferer, image):  # noqa: ANN001, ANN202
         out = infer(self, image)
