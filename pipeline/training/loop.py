@@ -228,6 +228,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
         # Every process decides together: one rank's NaN would otherwise hang the others in all-reduce. The
         # gradient norm is the same on every rank (taken after DDP's all-reduce), so step() agrees too.
         taken = not distributed.any_true(not math.isfinite(value))
+        parts.nonfinite_grads = []
         if taken:
             parts.backward(loss)
             taken = parts.step()
@@ -262,7 +263,10 @@ def _after_step(run: _Run, state: _State, taken: bool, epoch: int, iteration: in
             logger.warning("bfloat16 gave non-finite steps %d times (the last at %s): training goes on in float32 "
                            "(slower; set train.amp: false to start so)", state.nonfinite.skipped, where)
     else:
-        logger.debug("step skipped at %s: the loss or its gradients are not finite", where)
+        grads = parts.nonfinite_grads
+        # One line per skipped step (they are rare): which layers' gradients, to tell a kernel from the data.
+        logger.info("step skipped at %s: %s", where, f"non-finite gradients in {', '.join(grads[:3])}"
+                    + (f" and {len(grads) - 3} more" if len(grads) > 3 else "") if grads else "the loss is not finite")
     return False
 
 

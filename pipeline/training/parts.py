@@ -7,7 +7,7 @@ One training step is three phases (:meth:`TrainParts.forward_loss`, :meth:`~Trai
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class TrainParts:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     ema: WeightAverage | None = None
+    nonfinite_grads: list[str] = field(default_factory=list)  # of the last step skipped for its gradients
 
     @property
     def precision(self) -> str:
@@ -91,10 +92,15 @@ class TrainParts:
             itself and lowers its scale, as it is meant to: those steps count as taken.
         """
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not self.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+            # Named before the gradients are dropped (clipping by a NaN norm would spread the NaN to all).
+            self.nonfinite_grads = [n for n, p in unwrap(self.network).named_parameters()
+                                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             self.optimizer.zero_grad(set_to_none=True)
             return False
+        torch.nn.utils.clip_grads_with_norm_(params, 12.0, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:

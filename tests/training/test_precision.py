@@ -127,6 +127,7 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_changes_nothing(
     parts.backward(parts.forward_loss(image, label))
     next(parts.network.parameters()).grad[0] = float("nan")  # as the bf16 kernels left it
     assert parts.step() is False
+    assert parts.nonfinite_grads == [next(iter(parts.network.named_parameters()))[0]]  # named before dropped
     assert all(torch.equal(w, p) for w, p in zip(weights, parts.network.parameters()))
     assert all(torch.equal(v, parts.optimizer.state_dict()["state"][0][k]) for k, v in state.items())
     assert all(p.grad is None for p in parts.network.parameters())
