@@ -22,6 +22,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -40,8 +41,8 @@ def rotation(degrees: float) -> np.ndarray:
 
 def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, patient: str, study_uid: str,
                     when: datetime, series_uid: str | None = None, frame_uid: str | None = None,
-                    description: str = "T1 hippocampus") -> list[pydicom.Dataset]:
-    """One MR file per slice of ``volume`` (axes i, j, k; k the slices), with the geometry of ``affine_ras``.
+                    description: str = "T1 hippocampus", modality: str = "MR") -> list[pydicom.Dataset]:
+    """One MR (or CT) file per slice of ``volume`` (axes i, j, k; k the slices), with the geometry of ``affine_ras``.
 
     Args:
         volume: the image.
@@ -53,6 +54,7 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
         series_uid: its SeriesInstanceUID (default: a new one).
         frame_uid: its FrameOfReferenceUID (default: a new one).
         description: its SeriesDescription.
+        modality: ``MR`` or ``CT`` (CT Image Storage, for the head-and-neck organs).
 
     Returns:
         The slices, in k order.
@@ -65,20 +67,21 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
     slope = (hi - lo) / 4095 if hi > lo else 1.0
     stored = np.round((volume - lo) / slope).astype(np.uint16)
     series_uid, frame_uid = series_uid or generate_uid(), frame_uid or generate_uid()
+    sop_class = CT_STORAGE if modality == "CT" else MR_STORAGE
     slices = []
     for k in range(volume.shape[2]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_STORAGE
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = MR_STORAGE, meta.MediaStorageSOPInstanceUID
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"{patient}^Test", patient, "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.StudyDate = ds.SeriesDate = when.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = when.strftime("%H%M%S")
         ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "MR", 1, k + 1, description
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = modality, 1, k + 1, description
         ds.Manufacturer, ds.PositionReferenceIndicator = "unet-pipeline test", ""
         ds.ImagePositionPatient = [float(x) for x in (lps @ [0, 0, k, 1])[:3]]
         ds.ImageOrientationPatient = [float(x) for x in (*u, *v)]
@@ -91,6 +94,26 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path, pa
         ds.save_as(folder / f"{generate_uid()[-12:]}.dcm", enforce_file_format=True)
         slices.append(ds)
     return slices
+
+
+def hn_ct_case(image: Path, label: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``../shared/data/hn_ct`` case as an axial CT volume: (volume, label, RAS affine) for :func:`write_mr_series`.
+
+    Its NIfTI files hold the spacing only (axis 0 anterior-posterior, 1 left-right, 2 superior-inferior):
+    the arrays are reordered so that columns run along LPS x, rows along y and slices up along z
+    (ImageOrientationPatient 1/0/0/0/1/0), the common axial geometry of planning CTs. The files do not say
+    which way each axis runs, so the world's left and right are a choice here (label names are not checked
+    against them); a round trip through any writer and reader is unaffected.
+
+    Args:
+        image: the case's CT NIfTI.
+        label: its label map.
+    """
+    img = nib.load(str(image))
+    spacing = np.abs(np.diag(img.affine))[:3]
+    volume = np.asarray(img.dataobj, dtype=np.float64).transpose(1, 0, 2)[:, :, ::-1]
+    labels = np.asarray(nib.load(str(label)).dataobj).astype(np.uint8).transpose(1, 0, 2)[:, :, ::-1]
+    return volume, labels, np.diag([-spacing[1], -spacing[0], spacing[2], 1.0])
 
 
 def _planes(label: np.ndarray, value: int) -> np.ndarray:

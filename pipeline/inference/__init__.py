@@ -11,6 +11,7 @@ this engine, not the other way round.
 
 from pipeline.inference import accelerate
 from pipeline.inference.checkpoints import load_checkpoint, read_checkpoint_file, save_checkpoint
+from pipeline.inference.dicom_rtstruct import write_dicom_rtstruct
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
 from pipeline.inference.dicom_sr import SegmentMeasurement, measurements_of, read_dicom_sr, write_dicom_sr
 from pipeline.inference.ensemble import check_same_plan, save_ensemble
@@ -62,6 +63,7 @@ __all__ = [
     "seg_series_description",
     "tile_starts",
     "window_size",
+    "write_dicom_rtstruct",
     "write_dicom_seg",
     "write_dicom_sr",
     "write_label_map",

@@ -1,4 +1,5 @@
-"""What ``predict`` writes for a case: a NIfTI label map, its record, optional probabilities, a DICOM SEG and SR.
+"""What ``predict`` writes for a case: a NIfTI label map, its record, optional probabilities, a DICOM SEG and SR
+(and, on request, an RTSTRUCT).
 
 Every file is written through :class:`~pipeline.data.files.Staged` (temporary name,
 flush, rename, ordinary permissions), so a reader never sees half a file. A case
@@ -23,6 +24,7 @@ LABELS_SUFFIX = ".nii.gz"
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
 SEG_SUFFIX = ".seg.dcm"
 SR_SUFFIX = ".sr.dcm"
+RTSTRUCT_SUFFIX = ".rtstruct.dcm"
 RECORD_SUFFIX = ".json"
 THUMBNAILS = ".thumbnails"
 
@@ -72,6 +74,7 @@ class CaseOutputs:
         record: the case record (``CASE.json``: volumes, estimated Dice, flag and reasons).
         sr: the DICOM SR (TID 1500) of the volumes and estimated Dice, beside the SEG.
         thumbnail: the review thumbnail the batch report embeds (not required for a case to be done).
+        rtstruct: the DICOM RTSTRUCT (AUTOMATIC ROIs), when asked for and the input is a DICOM series.
     """
 
     labels: Path
@@ -80,9 +83,10 @@ class CaseOutputs:
     record: Path | None = None
     sr: Path | None = None
     thumbnail: Path | None = None
+    rtstruct: Path | None = None
 
     @classmethod
-    def for_case(cls, out_dir: Path, name: str, probabilities: bool, seg: bool) -> CaseOutputs:
+    def for_case(cls, out_dir: Path, name: str, probabilities: bool, seg: bool, rtstruct: bool = False) -> CaseOutputs:
         """The expected outputs of case ``name`` in ``out_dir``.
 
         Args:
@@ -90,18 +94,21 @@ class CaseOutputs:
             name: the case's name (from its input file or folder name).
             probabilities: ``--save-probabilities``.
             seg: the input is a DICOM series (and SEG output is on).
+            rtstruct: the input is a DICOM series and ``--rtstruct`` asks for an RTSTRUCT.
         """
         return cls(out_dir / f"{name}{LABELS_SUFFIX}",
                    out_dir / f"{name}{PROBABILITIES_SUFFIX}" if probabilities else None,
                    out_dir / f"{name}{SEG_SUFFIX}" if seg else None,
                    out_dir / f"{name}{RECORD_SUFFIX}",
                    out_dir / f"{name}{SR_SUFFIX}" if seg else None,
-                   out_dir / THUMBNAILS / f"{name}.png")
+                   out_dir / THUMBNAILS / f"{name}.png",
+                   out_dir / f"{name}{RTSTRUCT_SUFFIX}" if rtstruct else None)
 
     @property
     def paths(self) -> list[Path]:
         """Every expected file."""
-        return [p for p in (self.labels, self.probabilities, self.seg, self.record, self.sr) if p is not None]
+        return [p for p in (self.labels, self.probabilities, self.seg, self.record, self.sr, self.rtstruct)
+                if p is not None]
 
     def complete(self) -> bool:
         """Whether every expected file exists (each is written atomically, so existing means whole)."""

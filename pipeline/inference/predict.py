@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.data import Staged, save_file, strip_nifti_suffix
 from pipeline.errors import InputDataError, user_error
+from pipeline.inference.dicom_rtstruct import write_dicom_rtstruct
 from pipeline.inference.dicom_seg import Algorithm, write_dicom_seg
 from pipeline.inference.dicom_sr import measurements_of, write_dicom_sr
 from pipeline.inference.outputs import RECORD_SUFFIX, THUMBNAILS, CaseOutputs, write_label_map, write_probabilities
@@ -176,11 +177,13 @@ def predict_cases(
     on_error: Callable[[Path, str], None] | None = None,
     min_expected_dice: float | None = None,
     batch: Sequence[CaseInput] | None = None,
+    write_rtstruct: bool = False,
 ) -> PredictReport:
     """Predict each case and write its outputs (skipping complete ones unless ``overwrite``).
 
     Per case: the label map, the record ``CASE.json`` (volumes, estimated Dice, input check,
-    review flag and reasons) and, for DICOM inputs, the SEG and an SR of the measurements.
+    review flag and reasons) and, for DICOM inputs, the SEG and an SR of the measurements (and an RTSTRUCT
+    on request).
     For the batch: ``summary.csv`` and ``report.html``, written once every case has its record.
 
     Args:
@@ -195,12 +198,14 @@ def predict_cases(
         on_error: called with (input, reason) for each failed case (default: print ``error: ...``).
         min_expected_dice: the review threshold (``None``: the model's, chosen on validation).
         batch: every case of the batch, all ranks together (default: ``cases``): the summary covers them.
+        write_rtstruct: also write an RTSTRUCT (AUTOMATIC ROIs) for DICOM series inputs.
     """
     report = PredictReport()
     job = _Job(predictor, algorithm, series_uid, min_expected_dice)
     todo = []
     for case in cases:
-        outputs = CaseOutputs.for_case(out_dir, case.name, save_probabilities, write_seg and case.dicom)
+        outputs = CaseOutputs.for_case(out_dir, case.name, save_probabilities, write_seg and case.dicom,
+                                       write_rtstruct and case.dicom)
         if outputs.complete() and not overwrite:
             report.skipped.append(case.name)
         else:
@@ -249,6 +254,8 @@ def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) 
     names = {v: n for v, n in predictor.labels.items() if v != 0}
     files = {"mask": outputs.labels.name, "seg": outputs.seg.name if outputs.seg else None,
              "sr": outputs.sr.name if outputs.sr else None}
+    if outputs.rtstruct is not None:
+        files["rtstruct"] = outputs.rtstruct.name
     assert result.view is not None
     record = predictor.record(case.name, result, {"name": job.algorithm.name, "version": job.algorithm.version},
                               files, job.min_expected_dice)
@@ -262,6 +269,9 @@ def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) 
             written.append(_write_seg(sources, result.labels, names, job.algorithm, outputs.seg, staged))
             written.append(write_dicom_sr(staged.written(outputs.seg), sources, measurements_of(record), job.algorithm,
                                           outputs.sr, staged))
+        if outputs.rtstruct is not None:
+            written.append(_write_rtstruct(_sources(case, job.series_uid), result.labels, names, job.algorithm,
+                                           outputs.rtstruct, staged))
         if outputs.thumbnail is not None:
             outputs.thumbnail.parent.mkdir(exist_ok=True)
             save_file(outputs.thumbnail, staged, ".png", lambda tmp: Path(tmp).write_bytes(thumbnail))
@@ -302,6 +312,14 @@ def _write_seg(sources: list[Path], labels, names: dict[int, str], algorithm: Al
         return write_dicom_seg(labels, sources, names, algorithm, path, staged)
     except InputDataError as error:
         raise InputDataError(error.path, f"{error.problem}; use --no-seg for the NIfTI mask alone") from None
+
+
+def _write_rtstruct(sources: list[Path], labels, names: dict[int, str], algorithm: Algorithm, path: Path,
+                    staged: Staged) -> Path:
+    try:
+        return write_dicom_rtstruct(labels, sources, names, algorithm, path, staged)
+    except InputDataError as error:
+        raise InputDataError(error.path, f"{error.problem}; leave out --rtstruct for the mask and SEG alone") from None
 
 
 def algorithm_for(name: str, version: str) -> Algorithm:
