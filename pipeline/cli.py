@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,6 +54,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a .pt checkpoint, or a folder "
                         "of fold_*/final.pt; repeat to ensemble")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the network (default: the CPUs this job may use, shared with the other jobs "
+                        "on this host: affinity mask, cgroup quota, SLURM_CPUS_PER_TASK, LOCAL_WORLD_SIZE, "
+                        "UNET_PIPELINE_JOBS)")
     g = p.add_argument_group("inference settings (default: those the model was validated with, stored in it)")
     g.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time mirroring: average over axis flips")
@@ -298,7 +303,29 @@ def _lost_peer(exc: Exception) -> PipelineError | None:
     return distributed.lost_peer(exc)
 
 
+def _size_cpus(args: argparse.Namespace) -> None:
+    """Threads and workers from the CPUs this job may use (pipeline/cpus.py), said in one line on stderr."""
+    from pipeline import cpus
+    from pipeline.config import load_config
+
+    if args.command in ("cache", "dataset"):
+        return
+    if args.command in ("run", "preprocess", "train", "ensemble"):
+        t = load_config(args.config, args.overrides).train
+        training = args.command in ("run", "train")
+        plan = cpus.start_job(t.num_threads, "train.num_threads", t.device if training else None,
+                              t.num_workers)
+    else:
+        if args.threads is not None and args.threads < 1:
+            raise PipelineError(f"--threads must be >= 1, got {args.threads}")
+        plan = cpus.start_job(args.threads, "--threads")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per host under torchrun
+        print(plan.line(), file=sys.stderr)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    # Before anything imports torch: the OpenMP wait policy is read once, when torch loads.
+    _size_cpus(args)
     from pipeline import stages
     from pipeline.config import load_config
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ import torch
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline import cpus
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import PreprocessedCase, mirror_swaps
 from pipeline.errors import TrainingFailedError
@@ -108,10 +108,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _num_workers(configured: int | None, device: torch.device) -> int:
-    if configured is not None:
-        return configured
-    # On a CPU the network needs every core; on a GPU, augmentation must keep up with it.
-    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+    return cpus.data_workers(configured, device.type, cpus.cpu_budget().per_job)
 
 
 def load_cases(cases: Sequence[PreprocessedCase]) -> list[dict[str, Any]]:
@@ -173,10 +170,8 @@ def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     _seed_everything(t.seed)
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    elif env.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world_size))
+    # The CPUs this process may use, shared with the other ranks on this host (pipeline/cpus.py).
+    cpus.apply(cpus.plan_threads(t.num_threads, "train.num_threads"))
     return device, env
 
 

@@ -16,6 +16,8 @@ from monai.transforms import (
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from pipeline import cpus
+
 
 def _collate_patches(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     items = [s for sample in batch for s in (sample if isinstance(sample, list) else [sample])]
@@ -87,6 +89,8 @@ def patch_loader(
     return DataLoader(
         stream, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate_patches,
         pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+        # Each worker is a process beside the training's threads: one thread each, or they oversubscribe the CPUs.
+        worker_init_fn=cpus.single_threaded_worker if workers else None,
     )
 
 

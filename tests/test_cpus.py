@@ -1,0 +1,232 @@
+"""Threads and workers from the CPUs a job is given (pipeline/cpus.py): affinity mask, cgroup quota, Slurm, torchrun.
+
+The affinity tests change a real process's mask (``taskset``, ``os.sched_setaffinity``); the cgroup tests read
+``cpu.max`` / ``cpu.cfs_quota_us`` files written in a temporary folder laid out like ``/sys/fs/cgroup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import cpus
+from pipeline.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+#: What would make a child process take other CPUs than its mask says: each test sets what it means to test.
+_SIZING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+               "SLURM_CPUS_PER_TASK", cpus.JOBS_ENV)
+
+# The CLI under a given environment, then what torch really took (threads) and the wait policy. SIZING_ONLY: only
+# the CLI's start-up sizing of the parsed command line (no stage imported: a second instead of several).
+PROBE = """
+import json, os, sys
+from pipeline import cli
+if os.environ.pop("SIZING_ONLY", None):
+    cli._size_cpus(cli.build_parser().parse_args(sys.argv[1:]))
+    code = None
+else:
+    code = cli.main(sys.argv[1:])
+import torch
+print(json.dumps({"code": code, "threads": torch.get_num_threads(), "policy": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SIZING_ENV}
+    return {**env, **extra}
+
+
+def _run_cli(env: dict[str, str], tmp_path: Path, cpu: int | None = None, *flags: str) -> tuple[dict, str, str]:
+    """``unet-pipeline predict`` of a model that does not exist, under ``taskset -c CPU`` when ``cpu`` is given:
+    start-up sizes the job, then the command fails on the model (exit 2). Returns what the probe printed, the
+    start-up line and stderr."""
+    args = ["predict", "--model", str(tmp_path / "missing.pt"), str(tmp_path), "--out", str(tmp_path / "out"),
+            "--work-dir", str(tmp_path / "work"), *flags]
+    prefix, pin = [], None
+    if cpu is not None and shutil.which("taskset"):
+        prefix = ["taskset", "-c", str(cpu)]
+    elif cpu is not None:  # taskset is util-linux; the same system call where it is missing
+        def pin() -> None:
+            os.sched_setaffinity(0, {cpu})
+    done = subprocess.run([*prefix, sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=120, preexec_fn=pin)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("threads: ")]
+    assert len(lines) == 1, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), lines[0], done.stderr
+
+
+def test_a_job_under_taskset_reports_and_uses_the_one_cpu_it_is_given(tmp_path: Path) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    result, line, _ = _run_cli(_clean_env(), tmp_path, cpu)
+    assert line.startswith(f"threads: 1 compute, no data workers: affinity mask {cpu} (1 CPU), "), line
+    assert line.endswith(", 1 job on this host"), line
+    assert result["threads"] == 1  # what torch used, not only what was said
+    assert result["policy"] is None  # a job alone keeps OpenMP's default (spinning is faster for it)
+    assert result["code"] == 2  # and the command went on to its own error: the missing model
+
+
+def test_two_jobs_on_the_host_split_its_cpus_and_their_idle_threads_sleep(tmp_path: Path) -> None:
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    result, line, _ = _run_cli(_clean_env(LOCAL_WORLD_SIZE="2", SIZING_ONLY="1"), tmp_path)
+    assert line.startswith(f"threads: {share} compute, no data workers: affinity mask "), line
+    assert f"2 jobs on this host (LOCAL_WORLD_SIZE=2): {share} CPU" in line
+    assert line.endswith("idle threads sleep (OMP_WAIT_POLICY=PASSIVE: the CPUs are shared)"), line
+    assert result["threads"] == share
+    assert result["policy"] == "PASSIVE"  # set before torch loaded libgomp
+
+
+def test_an_explicit_thread_count_wins_over_the_mask(tmp_path: Path) -> None:
+    result, line, _ = _run_cli(_clean_env(SIZING_ONLY="1"), tmp_path, min(os.sched_getaffinity(0)), "--threads", "3")
+    assert line.startswith("threads: 3 compute (--threads), no data workers: affinity mask "), line
+    assert result["threads"] == 3
+    assert result["policy"] == "PASSIVE"  # 3 threads on 1 CPU: they share it
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[int]:
+    """This test process (its calling thread, which is what ``sched_getaffinity(0)`` reads) pinned to one CPU."""
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+
+
+def test_training_takes_its_threads_and_workers_from_the_mask(one_cpu: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.training.loop import _init_process, _num_workers
+
+    for name in _SIZING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    torch.set_num_threads(2)
+    device, _ = _init_process(TrainConfig(device="cpu"))
+    assert torch.get_num_threads() == 1
+    assert _num_workers(None, device) == 0  # on a CPU the network needs the core
+    assert _num_workers(None, torch.device("cuda")) == 1  # at least one worker feeds a GPU
+    _init_process(TrainConfig(device="cpu", num_threads=2))  # train.num_threads still wins
+    assert torch.get_num_threads() == 2
+
+
+def _cgroup_v2(root: Path, path: str, limits: dict[str, str]) -> Path:
+    """A cgroup v2 tree under ``root``: ``cpu.max`` per folder; returns the ``/proc/self/cgroup`` file."""
+    for folder, value in limits.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "cpu.max").write_text(value + "\n")
+    (root / path.strip("/")).mkdir(parents=True, exist_ok=True)
+    proc = root.parent / "proc-self-cgroup"
+    proc.write_text(f"0::{path}\n")
+    return proc
+
+
+def test_a_cgroup_v2_quota_limits_the_threads(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    proc = _cgroup_v2(root, "/kubepods/pod1/ctr", {"kubepods/pod1/ctr": "100000 100000", "kubepods": "max 100000"})
+    assert cpus.cgroup_quota(root, proc) == (1.0, "cpu.max 100000 100000")
+    budget = cpus.cpu_budget({}, root, proc)
+    assert budget.given == 1 and "cgroup quota 1 CPUs (cpu.max 100000 100000)" in budget.reasons
+    assert cpus.plan_threads(budget=budget, environ={}).threads == 1  # a job that ignored the quota would take more
+
+
+def test_a_parents_quota_applies_and_a_fraction_rounds_up(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    proc = _cgroup_v2(root, "/a/b", {"a": "150000 100000", "a/b": "max 100000"})
+    assert cpus.cgroup_quota(root, proc) == (1.5, "cpu.max 150000 100000")
+    assert cpus.cpu_budget({}, root, proc).given == min(2, len(os.sched_getaffinity(0)))
+
+
+def test_inside_a_container_the_mounts_own_limit_is_read(tmp_path: Path) -> None:
+    # Without a cgroup namespace /proc/self/cgroup names the host's path, absent under the container's mount.
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cpu.max").write_text("50000 100000\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/system.slice/docker-abc.scope\n")
+    assert cpus.cgroup_quota(root, proc) == (0.5, "cpu.max 50000 100000")
+    assert cpus.cpu_budget({}, root, proc).given == 1
+
+
+def test_a_cgroup_v1_quota_and_no_quota(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    job = root / "cpu,cpuacct" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (job / "cpu.cfs_quota_us").write_text("200000\n")
+    (job / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("12:memory:/slurm/job_7\n4:cpu,cpuacct:/slurm/job_7\n0::/\n")
+    assert cpus.cgroup_quota(root, proc) == (2.0, "cpu.cfs_quota_us 200000 / cpu.cfs_period_us 100000")
+    (job / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus.cgroup_quota(root, proc) is None
+    assert "no cgroup quota" in cpus.cpu_budget({}, root, proc).reasons
+    assert cpus.cgroup_quota(tmp_path / "absent", tmp_path / "absent-too") is None
+
+
+def test_slurm_cpus_per_task_and_the_jobs_on_the_host(tmp_path: Path) -> None:
+    none = tmp_path / "none"
+    budget = cpus.cpu_budget({"SLURM_CPUS_PER_TASK": "1"}, none, none)
+    assert budget.given == 1 and "SLURM_CPUS_PER_TASK=1" in budget.reasons
+    budget = cpus.cpu_budget({"LOCAL_WORLD_SIZE": "2"}, none, none)
+    assert budget.jobs == 2 and budget.reasons[-1] == "2 jobs on this host (LOCAL_WORLD_SIZE=2)"
+    budget = cpus.cpu_budget({cpus.JOBS_ENV: "5"}, none, none)
+    assert budget.jobs == 5 and budget.reasons[-1] == f"5 jobs on this host ({cpus.JOBS_ENV}=5)"
+    assert cpus.cpu_budget({cpus.JOBS_ENV: "zero"}, none, none).jobs == 1  # not a count: ignored
+    # floor(cpus / jobs), at least 1
+    assert cpus.CpuBudget(16, 5, ()).per_job == 3
+    assert cpus.CpuBudget(2, 5, ()).per_job == 1
+
+
+def test_an_explicit_count_wins_and_omp_num_threads_counts_outside_torchrun() -> None:
+    small = cpus.CpuBudget(2, 1, ("x",))
+    plan = cpus.plan_threads(4, "train.num_threads", small, {})
+    assert (plan.threads, plan.threads_from, plan.passive) == (4, "train.num_threads", True)  # 4 threads, 2 CPUs
+    assert cpus.plan_threads(0, "train.num_threads", small, {}).threads == 2  # 0: from the CPUs
+    plan = cpus.plan_threads(None, "", cpus.CpuBudget(8, 1, ()), {"OMP_NUM_THREADS": "3"})
+    assert (plan.threads, plan.threads_from, plan.passive) == (3, "OMP_NUM_THREADS", False)
+    # torchrun sets OMP_NUM_THREADS=1 for its processes itself: the share of the CPUs counts there
+    plan = cpus.plan_threads(None, "", cpus.CpuBudget(8, 2, ()), {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (plan.threads, plan.threads_from, plan.passive) == (4, "", True)
+
+
+def test_the_wait_policy_is_never_set_over_the_users_nor_for_a_job_alone() -> None:
+    shared = cpus.ThreadPlan(cpus.CpuBudget(2, 2, ()), 1, passive=True)
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not cpus.set_wait_policy(shared, env) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    alone: dict[str, str] = {}
+    assert not cpus.set_wait_policy(cpus.ThreadPlan(cpus.CpuBudget(2, 1, ()), 2), alone) and alone == {}
+    # torch is loaded in this process: too late for libgomp to read it, so it is not pretended to be set
+    late: dict[str, str] = {}
+    assert not cpus.set_wait_policy(shared, late) and late == {}
+
+
+def test_the_start_up_line_says_threads_workers_and_why() -> None:
+    budget = cpus.CpuBudget(4, 2, ("affinity mask 0-3 (4 CPUs)", "no cgroup quota",
+                                   "2 jobs on this host (LOCAL_WORLD_SIZE=2)"))
+    line = cpus.ThreadPlan(budget, 2, "", 1, True).line({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert line == ("threads: 2 compute, 1 data worker (1 thread each): affinity mask 0-3 (4 CPUs), no cgroup quota, "
+                    "2 jobs on this host (LOCAL_WORLD_SIZE=2): 2 CPUs each; idle threads sleep "
+                    "(OMP_WAIT_POLICY=PASSIVE: the CPUs are shared)")
+    line = cpus.ThreadPlan(cpus.CpuBudget(2, 1, ("1 job on this host",)), 2, "", 0).line({})
+    assert line == "threads: 2 compute, 0 data workers (augmentation runs in this process): 1 job on this host"
+    assert cpus._ranges({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+
+
+def test_data_workers_and_their_single_thread() -> None:
+    assert cpus.data_workers(3, "cpu", 2) == 3  # train.num_workers wins
+    assert cpus.data_workers(None, "cpu", 16) == 0
+    assert [cpus.data_workers(None, "cuda", n) for n in (1, 2, 4, 32)] == [1, 1, 3, cpus.MAX_GPU_WORKERS]
+    from pipeline.training.patches import PatchStream, patch_loader
+
+    stream = PatchStream([], None, 0, 0, 2)
+    assert patch_loader(stream, 0, 1, 2, 2, False).worker_init_fn is cpus.single_threaded_worker
+    assert patch_loader(stream, 0, 1, 2, 0, False).worker_init_fn is None
