@@ -27,6 +27,13 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         assert needle in errors[0], errors[0]
 
 
+def _after_start_up(err: str) -> str:
+    """Stderr after the start-up line that says the job's threads (pipeline/cpus.py), which comes first."""
+    first, _, rest = err.partition("\n")
+    assert first.startswith("threads: "), err
+    return rest
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     assert_one_line_error(run_cli("run", str(missing), "--work-dir", str(tmp_path / "w")), str(missing), "not found")
@@ -71,7 +78,7 @@ def test_unknown_registered_model(tmp_path: Path, hippocampus: Path) -> None:
 def test_missing_dataset(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
     assert code == 2
-    err = capsys.readouterr().err
+    err = _after_start_up(capsys.readouterr().err)
     assert err.startswith("error: ") and str(tmp_path / "none") in err and "dataset not found" in err
 
 
@@ -81,7 +88,7 @@ def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     data = make_demo_dataset(tmp_path / "d", 2, [32, 32, 32])
     code = main(["evaluate", "--model", str(tmp_path / "x.pt"), "--data", str(data), "--out", str(tmp_path / "e")])
     assert code == 2
-    err = capsys.readouterr().err
+    err = _after_start_up(capsys.readouterr().err)
     assert err.startswith("error: ") and "x.pt" in err and "model checkpoint not found" in err
     assert not (tmp_path / "e").exists()
 
