@@ -89,8 +89,10 @@ class TrainConfig:
         seed: the training seed (weights, patches, augmentation).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         amp: mixed precision of the forward pass: float16 on CUDA, bfloat16 on a CPU with native bf16, else float32.
-        num_threads: torch threads; 0: torch's default.
-        num_workers: data loader workers; null: 0 on a CPU, up to 8 on a GPU.
+        num_threads: torch threads; 0: the CPUs this job is given (affinity mask, cgroup quota,
+            SLURM_CPUS_PER_TASK), split between the jobs on its host (LOCAL_WORLD_SIZE, UNET_PIPELINE_JOBS).
+        num_workers: data loader workers (1 thread each); null: 0 on a CPU, on a GPU the job's CPUs less one
+            (1 to 8).
         memory_budget_gb: GPU memory the planner sizes the batch for; null: the device's.
         ema_decay: exponential moving average of the weights per step (e.g. 0.999); null: none.
     """
