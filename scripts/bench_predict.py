@@ -86,8 +86,9 @@ def _monai_engine() -> None:
     from monai.inferers import sliding_window_inference
 
     from pipeline.inference import sliding_window
+    from pipeline.inference.stitching import class_argmax
 
-    def passes(self: sliding_window.SlidingWindowInferer, image: torch.Tensor, spread: bool
+    def passes(self: sliding_window.SlidingWindowInferer, image: torch.Tensor, spread: bool, agreement: Any = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s, network, cuda = self.settings, self.network, self.device.type == "cuda"
 
@@ -107,6 +108,8 @@ def _monai_engine() -> None:
                 out = sliding_window_inference(xi, self.window, s.batch_size, predictor, overlap=s.overlap, mode=s.mode,
                                                sigma_scale=s.sigma_scale)
                 out = torch.flip(out, axes_) if axes_ else out
+                if agreement is not None:  # each pass's own mask, as the engine collects them
+                    agreement.add(class_argmax(out[0]))
                 total = out if total is None else total + out
                 if spread:  # the disagreement of the mirrored passes, as a MONAI user would add it
                     sq = out.square().sum(1)
@@ -120,9 +123,11 @@ def _monai_engine() -> None:
     def call(self: sliding_window.SlidingWindowInferer, image: torch.Tensor) -> torch.Tensor:
         return passes(self, image, False)[0]
 
-    def with_spread(self: sliding_window.SlidingWindowInferer, image: torch.Tensor
+    def with_spread(self: sliding_window.SlidingWindowInferer, image: torch.Tensor, agreement: Any = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, sd = passes(self, image, True)
+        if agreement is not None:
+            agreement.reset()
+        logits, sd = passes(self, image, True, agreement)
         assert sd is not None
         return logits, sd
 

@@ -17,7 +17,9 @@ from pipeline.data import mirror_swaps
 from pipeline.inference.model import LoadedModel
 from pipeline.inference.settings import Overrides
 from pipeline.inference.sliding_window import SlidingWindowInferer
+from pipeline.inference.stitching import class_argmax
 from pipeline.quality import Calibration, Conformity, case_record, check_conformity, quality_signals
+from pipeline.quality.agreement import MaskAgreement, mean_agreement
 from transforms.preprocessing import preprocessing
 
 
@@ -37,29 +39,6 @@ def _drop_last_class(probs: torch.Tensor) -> torch.Tensor:
     if probs.is_contiguous() and probs.storage_offset() == 0:
         probs.untyped_storage().resize_(rest.numel() * rest.element_size())
     return rest
-
-
-def class_argmax(probabilities: torch.Tensor) -> torch.Tensor:
-    """The label map of class scores: the class axis's argmax as uint8 (ties to the lower class, as ``argmax``).
-
-    ``argmax`` over the leading axis of a ``(classes, X, Y, Z)`` tensor is a strided reduction:
-    9.5 s on 2 cores for a whole CT on the network's grid, and int64 (0.4 GB at once), where
-    a running comparison of the classes, a slab at a time, takes a tenth of a second a class.
-
-    Args:
-        probabilities: ``(classes, *spatial)`` probabilities or logits (at most 256 classes).
-    """
-    spatial = probabilities.shape[1:]
-    out = torch.zeros(spatial, dtype=torch.uint8)
-    step = max(1, (1 << 22) // max(1, int(np.prod(spatial[1:]))))
-    for start in range(0, spatial[0], step):
-        block, labels = probabilities[:, start:start + step], out[start:start + step]
-        best = block[0].clone()
-        for c in range(1, block.shape[0]):
-            better = block[c] > best
-            labels[better] = c
-            torch.maximum(best, block[c], out=best)
-    return out
 
 
 @dataclass
@@ -198,15 +177,27 @@ class Predictor:
         return case_record(name, result.labels, result.affine, names, result.signals, self.calibration,
                            result.conformity, model, self.settings[0].to_dict(), files, min_expected_dice)
 
-    def _probabilities(self, image: torch.Tensor, spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Softmax averaged over the models, and the spread of all their passes' logits (see ``with_spread``)."""
+    def _probabilities(
+        self, image: torch.Tensor, spread: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, dict[int, float]]]:
+        """Softmax averaged over the models, the spread of all their passes' logits (see ``with_spread``) and, with
+        ``spread``, the agreement of the members' masks (``agreement``: each model's mirrored passes, averaged over
+        the models; ``agreement_members``: the models' own masks, for an ensemble)."""
         n = len(self.engines)
+        values = [v for v in self.labels if v != 0]
         probs = squares = logit_sum = sd = None
+        passes: list[dict[int, float]] = []
+        members = MaskAgreement() if spread and n > 1 else None
         for engine in self.engines:
             if not spread:
                 logits = engine(image)
             else:
-                logits, sd = engine.with_spread(image)
+                mirrored = MaskAgreement()
+                logits, sd = engine.with_spread(image, agreement=mirrored)
+                passes.append(mirrored.dice(values))
+                del mirrored  # its label maps (one byte a voxel per pass) before the next model's
+                if members is not None:
+                    members.add(class_argmax(logits))  # the argmax of the logits is the argmax of their softmax
                 if n > 1:
                     # Pooled over the models: E|l|^2 - |E l|^2 over every pass of every model.
                     part = sd.square_()
@@ -217,13 +208,18 @@ class Predictor:
             p = _softmax_(logits)  # in place: the logits are gone from here on
             probs = p if probs is None else probs.add_(p)
         assert probs is not None
+        agreements: dict[str, dict[int, float]] = {}
+        if spread:
+            agreements["agreement"] = mean_agreement(passes)
+            if members is not None:
+                agreements["agreement_members"] = members.dice(values)
         if n == 1:
-            return probs, sd
+            return probs, sd, agreements
         probs /= n
         if squares is None or logit_sum is None:
-            return probs, None
+            return probs, None, agreements
         squares.div_(n).sub_(logit_sum.div_(n).square().sum(0))
-        return probs, squares.clamp_(min=0).sqrt_()
+        return probs, squares.clamp_(min=0).sqrt_(), agreements
 
     @torch.inference_mode()
     def predict_loaded(
@@ -238,10 +234,10 @@ class Predictor:
             quality: also compute the quality signals, the input check and the review view.
         """
         image = d["image"]
-        probs, spread = self._probabilities(image.as_tensor(), spread=quality)
+        probs, spread, agreements = self._probabilities(image.as_tensor(), spread=quality)
         extra: dict[str, Any] = {}
         if quality:
-            extra = self._quality(d, probs, spread, postprocess)
+            extra = self._quality(d, probs, spread, postprocess, agreements)
         del spread  # not needed past the signals: a volume less during the inversion
         raw, probs_out = self._invert(d, probs, probabilities)
         labels = self.postprocessing.apply(raw) if postprocess and self.postprocessing.active else raw
@@ -284,14 +280,14 @@ class Predictor:
         return labels.numpy(), kept
 
     def _quality(self, d: dict[str, Any], probs: torch.Tensor, spread: torch.Tensor | None,
-                 postprocess: bool) -> dict[str, Any]:
+                 postprocess: bool, agreements: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
         """Signals, input check and review view of one case, on the network's grid (before inversion)."""
         image = d["image"]
         net_labels = class_argmax(probs)
         values = [v for v in self.labels if v != 0]
         # The training volumes travel in the plan's fingerprint; a model saved before them gets volume_z NaN.
         volumes = (self.plan.get("fingerprint") or {}).get("volumes")
-        signals = quality_signals(probs, net_labels, spread, values, volumes)
+        signals = quality_signals(probs, net_labels, spread, values, volumes, agreements)
         view_labels = net_labels.numpy()
         if postprocess and self.postprocessing.active:
             view_labels = self.postprocessing.apply(view_labels)

@@ -46,7 +46,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,10 @@ from monai.data.utils import compute_importance_map
 from pipeline.data import flip_permutation
 from pipeline.inference import accelerate, aot
 from pipeline.inference.accelerate import CompileMode, Precision
-from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan
+from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan, class_argmax
+
+if TYPE_CHECKING:
+    from pipeline.quality.agreement import MaskAgreement
 
 logger = logging.getLogger(__name__)
 
@@ -236,20 +239,28 @@ class SlidingWindowInferer:
         return self._infer(image, spread=False)[0]
 
     @torch.inference_mode()
-    def with_spread(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_spread(
+        self, image: torch.Tensor, agreement: MaskAgreement | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of a whole volume and, per voxel, how much the passes behind them disagree.
 
         The spread is the standard deviation of the logit vectors around their mean, over
         every mirrored pass and overlapping window that saw the voxel (blend-weighted): zero
         where all passes agree. It costs one single-channel buffer and no extra network pass.
 
+        With ``agreement``, each mirrored pass is stitched on its own and its label map (uint8)
+        added to it: no extra network pass either, but the passes are then added up in a second
+        logits-sized buffer on the CPU (one, not one per pass) where a volume whose tiles are
+        mirror-symmetric needed none.
+
         Args:
             image: ``(C, X, Y, Z)`` preprocessed volume (any device).
+            agreement: collects every mirrored pass's own label map (emptied first; one pass without mirroring).
 
         Returns:
             The logits as :meth:`__call__` gives them, and the ``(X, Y, Z)`` float32 spread on the CPU.
         """
-        logits, squares = self._infer(image, spread=True)
+        logits, squares = self._infer(image, spread=True, agreement=agreement)
         assert squares is not None
         # E|l|^2 - |E l|^2, in place and a class at a time (logits.square() would be a second copy of the
         # logits, 0.6 GB on a CT); rounding can make it a hair negative where the passes agree.
@@ -257,7 +268,9 @@ class SlidingWindowInferer:
             squares.addcmul_(channel, channel, value=-1)
         return logits, squares.clamp_(min=0).sqrt_()
 
-    def _infer(self, image: torch.Tensor, spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _infer(
+        self, image: torch.Tensor, spread: bool, agreement: MaskAgreement | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cap = self.settings.memory_cap_gb
         if self.device.type == "cuda" and cap is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -265,7 +278,9 @@ class SlidingWindowInferer:
         last_error: BaseException | None = None
         for on_device, batch_size in self._attempts():
             try:
-                out = self._run(image, on_device, batch_size, spread)
+                if agreement is not None:
+                    agreement.reset()  # a retry after running out of memory starts the passes again
+                out = self._run(image, on_device, batch_size, spread, agreement)
                 self.volumes_left = max(1, self.volumes_left - 1)
             except torch.OutOfMemoryError as error:
                 last_error = error
@@ -366,6 +381,7 @@ class SlidingWindowInferer:
     @torch.inference_mode()
     def _run(
         self, image: torch.Tensor, results_on_device: bool, batch_size: int, spread: bool = False,
+        agreement: MaskAgreement | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.settings
         cuda = self.device.type == "cuda"
@@ -377,10 +393,13 @@ class SlidingWindowInferer:
         plan = self._plan(size)
         x = self._to_device(image, plan.margin, budget)
         results_device = self.device if results_on_device else torch.device("cpu")
+        # Each pass its own group when its mask is wanted: the flips sharing tiles are then stitched one at a time.
+        groups = [(key, [flip]) for key, flips in plan.groups.items() for flip in flips] if agreement is not None else \
+            list(plan.groups.items())
         weight_map = importance_map(tuple(self.window), s.mode, s.sigma_scale, str(self.device), torch.float32)
         # Only buffers on the compute device count against its cap.
         stitched = Accumulator(plan, list(x.shape[1:]), weight_map, results_device, budget if results_on_device else None,
-                                spread)
+                                spread, groups=len(groups))
         # No bigger batches than there are windows (a small volume may need a single one).
         batch_size = min(batch_size, plan.jobs_total)
         self.batch_size = batch_size
@@ -391,7 +410,7 @@ class SlidingWindowInferer:
         budget.take(self._activation_bytes(batch_size, channels), "the network's activations for one batch")
         self.windows_evaluated = 0
         perms: dict[tuple[int, ...], list[int] | None] = {}
-        for key, flips in plan.groups.items():
+        for key, flips in groups:
             jobs = plan.jobs(key, flips)
             stitched.start_group()
             for first in range(0, len(jobs), batch_size):
@@ -404,7 +423,9 @@ class SlidingWindowInferer:
                     pred = self._swap_labels(pred, chunk, perms)
                 self.windows_evaluated += len(chunk)
                 stitched.add(pred, chunk, flips[0])
-            stitched.end_group()
+            part = stitched.end_group()
+            if agreement is not None:
+                agreement.add(class_argmax(part[(slice(None), *plan.crop())]))
         flips = len(self._flips())
         return stitched.result(flips), stitched.mean_squares(flips)
 

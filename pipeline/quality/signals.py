@@ -19,6 +19,10 @@ Per label, on the network's grid (where the passes were averaged):
 * ``volume_z``: how far the structure's volume lies from the training cases' volumes of that
   label, in robust standard deviations of the log volume (NaN for a model whose fingerprint
   predates the volumes, see :func:`pipeline.data.label_volume_stats`).
+* ``agreement``: the mean pairwise Dice between the mirrored passes' own masks (each pass's
+  argmax; for an ensemble, averaged over its models), :class:`pipeline.quality.agreement.MaskAgreement`:
+  1.0 where every pass agrees, also for a structure no pass found; NaN without mirroring.
+* ``agreement_members``: the same between the masks of an ensemble's models (NaN for one model).
 
 Which of them predict the true Dice, and with what weight, is fitted on validation
 (:mod:`pipeline.quality.calibration`).
@@ -33,7 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-SIGNALS = ("spread", "boundary_entropy", "soft_dice", "expected_error", "voxels", "fragments", "volume_z")
+SIGNALS = ("spread", "boundary_entropy", "soft_dice", "expected_error", "voxels", "fragments", "volume_z", "agreement",
+           "agreement_members")
+#: the signals that compare the members' masks: known for a structure nobody found too (every member agrees on it).
+AGREEMENT_SIGNALS = ("agreement", "agreement_members")
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -118,7 +125,7 @@ def volume_z(volume_ml: float, reference: Mapping[str, float] | None) -> float:
 @torch.no_grad()
 def quality_signals(
     probabilities: torch.Tensor, labels: torch.Tensor, spread: torch.Tensor | None, values: Sequence[int],
-    volumes: Mapping[str, Any] | None = None,
+    volumes: Mapping[str, Any] | None = None, agreements: Mapping[str, Mapping[int, float]] | None = None,
 ) -> dict[int, dict[str, float]]:
     """The quality signals of each foreground label.
 
@@ -129,6 +136,8 @@ def quality_signals(
         values: the foreground label values.
         volumes: the training fingerprint's ``volumes`` (:func:`pipeline.data.label_volume_stats`: the network
             grid's ``voxel_ml`` and per label the log-volume ``median`` and ``scale``); ``None``: ``volume_z`` is NaN.
+        agreements: signal name (:data:`AGREEMENT_SIGNALS`) -> label value -> the members' agreement
+            (:class:`~pipeline.quality.agreement.MaskAgreement`); a name left out is NaN.
 
     Returns:
         label value -> signal name -> value; an empty structure has ``voxels`` 0 and NaN signals.
@@ -136,10 +145,11 @@ def quality_signals(
     out: dict[int, dict[str, float]] = {}
     per_label = (volumes or {}).get("labels", {})
     for value in values:
+        agreed = {k: float((agreements or {}).get(k, {}).get(int(value), math.nan)) for k in AGREEMENT_SIGNALS}
         mask = labels == value
         voxels = int(mask.sum())
         if voxels == 0:
-            out[int(value)] = {**{k: math.nan for k in SIGNALS}, "voxels": 0.0}
+            out[int(value)] = {**{k: math.nan for k in SIGNALS}, "voxels": 0.0, **agreed}
             continue
         box = _bbox(mask)
         m = mask[box]
@@ -159,5 +169,6 @@ def quality_signals(
             # On the crop: a label of the whole grid's size costs int32 of the grid, a small one next to nothing.
             "fragments": fragments(m.cpu().numpy()),
             "volume_z": volume_z(voxels * float(volumes["voxel_ml"]), per_label.get(str(value))) if volumes else math.nan,
+            **agreed,
         }
     return out

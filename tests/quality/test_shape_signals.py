@@ -135,7 +135,7 @@ def test_a_model_saved_before_the_training_volumes_predicts_with_volume_z_nan(tm
     for name in ("none", "old"):
         assert math.isnan(results[name]["volume_z"])
         assert {k: v for k, v in results[name].items() if k != "volume_z"} == pytest.approx(
-            {k: v for k, v in results["new"].items() if k != "volume_z"})
+            {k: v for k, v in results["new"].items() if k != "volume_z"}, nan_ok=True)  # no mirroring: no agreement
     expected = abs(math.log(results["new"]["voxels"] * 0.001) - math.log(4.0)) / (1.4826 * math.log(2.0))
     assert results["new"]["volume_z"] == pytest.approx(expected)
 
