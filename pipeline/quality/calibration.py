@@ -33,14 +33,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline.quality import isotonic
+
 #: the signals the estimate uses.
 FEATURES: tuple[str, ...] = ("soft_dice", "expected_error", "voxels")
+#: the estimators :func:`fit_calibration` can fit, by name: ``linear`` (today's default, :data:`FEATURES`) and
+#: ``agreement`` (an isotonic map from the members' agreement, :mod:`pipeline.quality.isotonic`).
+ESTIMATORS = ("linear", isotonic.NAME)
 #: signals spanning orders of magnitude enter as logarithms.
 LOG_FEATURES = frozenset({"expected_error", "voxels"})
 #: a label found in at least this share of validation references is expected in every case.
@@ -135,7 +140,7 @@ class Calibration:
             flags) and ``reliable`` (1.0 or 0.0, see :meth:`reliable`).
     """
 
-    labels: dict[int, LabelFit]
+    labels: dict[int, LabelFit | isotonic.IsotonicFit]
     min_expected_dice: float
     validation: dict[str, float] = field(default_factory=dict)
 
@@ -179,8 +184,9 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the checkpoint's ``inference`` section (JSON)."""
-        return {"labels": {str(v): {"features": list(f.features), "mean": list(f.mean), "scale": list(f.scale),
-                                    "weights": list(f.weights), "intercept": f.intercept, "presence": f.presence}
+        return {"labels": {str(v): f.to_dict() if isinstance(f, isotonic.IsotonicFit) else
+                           {"features": list(f.features), "mean": list(f.mean), "scale": list(f.scale),
+                            "weights": list(f.weights), "intercept": f.intercept, "presence": f.presence}
                            for v, f in self.labels.items()},
                 "min_expected_dice": self.min_expected_dice, "validation": dict(self.validation)}
 
@@ -193,8 +199,10 @@ class Calibration:
         """
         if not data:
             return None
-        labels = {int(v): LabelFit(tuple(f["features"]), tuple(f["mean"]), tuple(f["scale"]), tuple(f["weights"]),
-                                   float(f["intercept"]), float(f["presence"])) for v, f in data["labels"].items()}
+        labels: dict[int, LabelFit | isotonic.IsotonicFit] = {
+            int(v): isotonic.IsotonicFit.from_dict(f) if f.get("kind") == isotonic.NAME else
+            LabelFit(tuple(f["features"]), tuple(f["mean"]), tuple(f["scale"]), tuple(f["weights"]),
+                     float(f["intercept"]), float(f["presence"])) for v, f in data["labels"].items()}
         return cls(labels, float(data["min_expected_dice"]), dict(data.get("validation", {})))
 
 
@@ -205,7 +213,8 @@ def _matrix(signals: Sequence[Mapping[int, Mapping[str, float]]], value: int, ro
 
 def fit_calibration(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]],
-    min_expected_dice: float | None = None, flag_quantile: float = 0.19, features: Sequence[str] = FEATURES,
+    min_expected_dice: float | None = None, flag_quantile: float = 0.19, features: Sequence[str] | None = None,
+    estimator: str = "linear",
 ) -> Calibration:
     """Fit the map from signals to true Dice on validation cases.
 
@@ -215,12 +224,15 @@ def fit_calibration(
         min_expected_dice: a fixed review threshold; ``None``: the ``flag_quantile`` of the
             cases' lowest leave-one-out estimate.
         flag_quantile: see ``min_expected_dice``.
-        features: the signals the map uses (default :data:`FEATURES`; others to compare candidates,
-            ``scripts/quality_features.py``).
+        features: the signals the map uses (default: :data:`FEATURES` for ``linear``, ``("agreement",)`` for
+            ``agreement``; others to compare candidates, ``scripts/quality_features.py``).
+        estimator: which map (:data:`ESTIMATORS`): ``linear``, least squares on ``features``; ``agreement``, an
+            isotonic map from the one signal in ``features`` (:mod:`pipeline.quality.isotonic`).
     """
     n = len(signals)
     values = sorted({v for case in true_dice for v in case})
-    fits, oos = _cross_fit(signals, true_dice, values, features)
+    features = _features(estimator, features)
+    fits, oos = _cross_fit(signals, true_dice, values, features, _fitter(estimator))
     calibration = Calibration(fits, 0.0)
     in_sample = np.array([[math.nan if (e := calibration.estimate(signals[i]).get(v)) is None else e
                            for v in values] for i in range(n)], dtype=float)
@@ -238,29 +250,53 @@ def fit_calibration(
     return calibration
 
 
+#: fits one label's map: (signal matrix, true Dice, presence, features) -> a fit with ``estimate(signals)``.
+Fitter = Callable[[np.ndarray, np.ndarray, float, Sequence[str]], Any]
+
+
+def _features(estimator: str, features: Sequence[str] | None) -> tuple[str, ...]:
+    """The signals ``estimator`` reads: ``features``, or its default; one for ``agreement``."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown quality estimator {estimator!r} (known: {', '.join(ESTIMATORS)})")
+    if estimator == isotonic.NAME:
+        chosen = tuple(features) if features is not None else (isotonic.FEATURE,)
+        if len(chosen) != 1:
+            raise ValueError(f"the agreement estimator maps one signal, not {len(chosen)} ({', '.join(chosen)})")
+        return chosen
+    return tuple(features) if features is not None else FEATURES
+
+
+def _fitter(estimator: str) -> Fitter:
+    """The per-label fitting function of ``estimator``."""
+    if estimator == isotonic.NAME:
+        return lambda x, y, presence, features: isotonic.fit_isotonic(x[:, 0], y, presence, features[0])
+    return _fit_label
+
+
 def _cross_fit(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]], values: Sequence[int],
-    features: Sequence[str] = FEATURES,
-) -> tuple[dict[int, LabelFit], np.ndarray]:
+    features: Sequence[str] = FEATURES, fit_label: Fitter | None = None,
+) -> tuple[dict[int, Any], np.ndarray]:
     """Each label's fit on all usable cases, and every case's out-of-sample estimates (cases x ``values``, NaN: none).
 
     A case the label's fit used is estimated by the fit on the others (leave one out); one it
     did not use (its Dice or signals missing) by the full fit, which never saw it either.
     """
     n = len(signals)
-    fits: dict[int, LabelFit] = {}
+    fit_label = fit_label or _fit_label
+    fits: dict[int, Any] = {}
     oos = np.full((n, len(values)), np.nan)
     for j, value in enumerate(values):
         y_all = np.array([float(case.get(value, math.nan)) for case in true_dice])
         presence = float(np.mean(~np.isnan(y_all))) if n else 0.0
-        usable = [i for i in range(n) if not math.isnan(y_all[i]) and signals[i][value]["voxels"] > 0
+        usable = [i for i in range(n) if not math.isnan(y_all[i]) and signals[i][value].get("voxels", 0) > 0
                   and not any(math.isnan(_value(signals[i][value], f)) for f in features)]
         if len(usable) < MIN_CASES:
             continue
-        fits[value] = _fit_label(_matrix(signals, value, usable, features), y_all[usable], presence, features)
+        fits[value] = fit_label(_matrix(signals, value, usable, features), y_all[usable], presence, features)
         for i in range(n):
             rest = [k for k in usable if k != i]
-            fit = (_fit_label(_matrix(signals, value, rest, features), y_all[rest], presence, features) if i in usable
+            fit = (fit_label(_matrix(signals, value, rest, features), y_all[rest], presence, features) if i in usable
                    else fits[value])
             est = fit.estimate(signals[i][value])
             oos[i, j] = math.nan if est is None else est
@@ -269,17 +305,19 @@ def _cross_fit(
 
 def out_of_sample_estimates(
     signals: Sequence[Mapping[int, Mapping[str, float]]], true_dice: Sequence[Mapping[int, float]],
-    features: Sequence[str] = FEATURES,
+    features: Sequence[str] | None = None, estimator: str = "linear",
 ) -> list[dict[int, float | None]]:
     """Per validation case, label value -> the estimate of a fit that did not see the case (as :func:`fit_calibration`).
 
     Args:
         signals: per case, label value -> signals.
         true_dice: per case, label value -> Dice.
-        features: the signals the map uses.
+        features: the signals the map uses (default: the estimator's).
+        estimator: which map (:data:`ESTIMATORS`).
     """
     values = sorted({v for case in true_dice for v in case})
-    _, oos = _cross_fit(signals, true_dice, values, features)
+    features = _features(estimator, features)
+    _, oos = _cross_fit(signals, true_dice, values, features, _fitter(estimator))
     return [{v: (None if math.isnan(row[j]) else float(row[j])) for j, v in enumerate(values)} for row in oos]
 
 
