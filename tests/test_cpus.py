@@ -230,3 +230,19 @@ def test_data_workers_and_their_single_thread() -> None:
     stream = PatchStream([], None, 0, 0, 2)
     assert patch_loader(stream, 0, 1, 2, 2, False).worker_init_fn is cpus.single_threaded_worker
     assert patch_loader(stream, 0, 1, 2, 0, False).worker_init_fn is None
+
+
+def test_the_concurrency_benchmark_runs_both_ways_and_tells_the_jobs_they_share(tmp_path: Path) -> None:
+    script = [sys.executable, str(REPO / "scripts" / "bench_concurrency.py"), "--jobs", "2", "--repeats", "2"]
+    job = ["sh", "-c", 'echo "threads: $UNET_PIPELINE_JOBS jobs, this is {job}" >&2']
+    done = subprocess.run([*script, "--json", str(tmp_path / "b.json"), "--", *job], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert {k: len(v) for k, v in result["walls_s"].items()} == {"at once": 2, "one after the other": 2}
+    assert sorted(result["thread_lines"]["at once"]) == ["threads: 2 jobs, this is 0", "threads: 2 jobs, this is 1"]
+    assert sorted(result["thread_lines"]["one after the other"]) == ["threads:  jobs, this is 0",
+                                                                     "threads:  jobs, this is 1"]
+    assert result["ratio_of_medians"] > 0 and "ratio" in done.stdout
+    failed = subprocess.run([*script, "--", "sh", "-c", "exit 3"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert failed.returncode != 0 and "exited 3" in failed.stderr

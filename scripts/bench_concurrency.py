@@ -1,0 +1,112 @@
+"""N jobs of one command at once against the same N one after the other, repeated: does sharing the host cost?
+
+Each repeat runs the N jobs both ways (which way goes first alternates between repeats, so a machine that warms
+up or slows down over the run favours neither) and times the wall clock from the first start to the last end.
+It prints, for each way, the min / median / max over the repeats and the ratio of the medians (at once over one
+after the other: below 1, running them together saves time; above 1, they fight over the CPUs). Each job's
+start-up line (``threads: ...``, pipeline/cpus.py) is printed once, to show what the jobs took.
+
+``{job}`` in the command is replaced by the job's index (0..N-1), so that jobs write to their own folders.
+The jobs run at once are told they share the host (``UNET_PIPELINE_JOBS=N``, as docs/scheduling.md says to)
+unless ``--no-declare-jobs`` (what a user who does not set it gets). Run it on an otherwise idle machine::
+
+    .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 -- \\
+        unet-pipeline predict --model models:/hippocampus@champion /data/cases --out /tmp/out-{job} --overwrite
+    .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 -- \\
+        unet-pipeline run configs/hippocampus.yaml --fold {job} --force --work-dir /tmp/work \\
+        --set train.time_budget_minutes=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _commands(command: list[str], jobs: int) -> list[list[str]]:
+    """The command of each job, ``{job}`` replaced by its index."""
+    return [[arg.replace("{job}", str(j)) for arg in command] for j in range(jobs)]
+
+
+def _run(commands: list[list[str]], together: bool, env: dict[str, str], logs: Path) -> tuple[float, list[str]]:
+    """Run the jobs at once or one after the other; the wall time and each job's start-up thread line."""
+    procs, lines = [], []
+    files = [(logs / f"job{j}.out").open("w") for j in range(len(commands))]
+    errs = [logs / f"job{j}.err" for j in range(len(commands))]
+    start = time.perf_counter()
+    try:
+        for j, cmd in enumerate(commands):
+            with errs[j].open("w") as err:
+                proc = subprocess.Popen(cmd, stdout=files[j], stderr=err, env=env)
+            procs.append(proc)
+            if not together:
+                proc.wait()
+        codes = [p.wait() for p in procs]
+        wall = time.perf_counter() - start
+    finally:
+        for f in files:
+            f.close()
+    for j, code in enumerate(codes):
+        text = errs[j].read_text()
+        if code != 0:
+            sys.exit(f"job {j} ({' '.join(commands[j])}) exited {code}:\n{text[-2000:]}")
+        lines.append(next((x for x in text.splitlines() if x.startswith("threads: ")), "(no threads line)"))
+    return wall, lines
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main() -> None:
+    """Parse the arguments, run the repeats, print the figures (and write them as JSON with ``--json``)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2, help="jobs of the command (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of both ways (default 3)")
+    p.add_argument("--declare-jobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="set UNET_PIPELINE_JOBS=N for the jobs run at once (default: yes)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command ({job}: the job's index)")
+    args = p.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or args.jobs < 1 or args.repeats < 1:
+        p.error("give --jobs >= 1, --repeats >= 1 and the command after --")
+    commands = _commands(command, args.jobs)
+    alone = {k: v for k, v in os.environ.items() if k != "UNET_PIPELINE_JOBS"}
+    shared = {**alone, "UNET_PIPELINE_JOBS": str(args.jobs)} if args.declare_jobs else alone
+    walls: dict[str, list[float]] = {"at once": [], "one after the other": []}
+    seen: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
+        for r in range(args.repeats):
+            order = [True, False] if r % 2 == 0 else [False, True]
+            for together in order:
+                name = "at once" if together else "one after the other"
+                wall, lines = _run(commands, together, shared if together else alone, Path(tmp))
+                walls[name].append(wall)
+                seen.setdefault(name, lines)
+                print(f"repeat {r + 1}/{args.repeats}, {args.jobs} jobs {name}: {wall:.1f} s", flush=True)
+    print(f"\n{args.jobs} jobs of: {' '.join(command)}")
+    for name, lines in seen.items():
+        for line in sorted(set(lines)):
+            print(f"  {name}: {line}")
+    figures = {name: _stats(v) for name, v in walls.items()}
+    for name, s in figures.items():
+        print(f"{name:>20}: min {s['min']:.1f} s, median {s['median']:.1f} s, max {s['max']:.1f} s "
+              f"({len(walls[name])} repeats)")
+    ratio = figures["at once"]["median"] / figures["one after the other"]["median"]
+    print(f"{'ratio':>20}: {ratio:.2f} (median at once / median one after the other; below 1: together is faster)")
+    if args.json:
+        args.json.write_text(json.dumps({"jobs": args.jobs, "command": command, "declare_jobs": args.declare_jobs,
+                                         "walls_s": walls, "figures": figures, "ratio_of_medians": ratio,
+                                         "thread_lines": seen}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
