@@ -1,4 +1,4 @@
-"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|dataset|cache``.
+"""Command line: ``unet-pipeline run|ensemble|preprocess|train|evaluate|predict|pacs|worklist|dataset|cache``.
 
 It parses and calls.
 """
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen on its validation cases)")
     _add_common(p)
     _add_pacs_parsers(sub)
+    _add_worklist_parser(sub)
     _add_dataset_parsers(sub)
     _add_cache_parsers(sub)
     return parser
@@ -178,6 +179,28 @@ def _add_dataset_parsers(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the table")
         else:
             p.add_argument("--out", type=Path, required=True, help="the dataset folder to write (replaced whole)")
+
+
+def _add_worklist_parser(sub: argparse._SubParsersAction) -> None:
+    text = ("what to correct next: the predictions of predict output folders and of PACS (the SRs pacs predict and "
+            "pacs watch stored), lowest estimated Dice first")
+    p = sub.add_parser("worklist", help=text, description=text + ", flagged cases first as in the report; a series "
+                       "a reader corrected since (a newer MANUAL or SEMIAUTOMATIC SEG or RTSTRUCT) is left out. "
+                       "Credentials for a DICOMweb URL come from DICOMWEB_USER/DICOMWEB_PASSWORD or DICOMWEB_TOKEN, "
+                       "as for pacs.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="a predict output folder or a DICOMweb root URL")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="list this model's predictions (needed when the sources hold several models')")
+    p.add_argument("--structure", default=None, metavar="NAME",
+                   help="rank by this structure's estimated Dice instead of the case's mean")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="list only the N most urgent")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.csv", help="write the list as CSV (atomically)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"items": [...]} as JSON instead of the table')
+    p.add_argument("--config", default=None,
+                   help="YAML config whose pacs section gives verify_tls and viewer_url")
+    p.add_argument("--viewer-url", default=None,
+                   help="OHIF root: each study gets a link VIEWER/viewer?StudyInstanceUIDs=UID (or pacs.viewer_url)")
 
 
 def _add_cache_parsers(sub: argparse._SubParsersAction) -> None:
@@ -324,6 +347,8 @@ def _size_cpus(args: argparse.Namespace) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "worklist":  # reads records and SRs: no network to run, no threads to size
+        return _worklist(args)
     # Before anything imports torch: the OpenMP wait policy is read once, when torch loads.
     _size_cpus(args)
     from pipeline import stages
@@ -455,6 +480,31 @@ def _cache(args: argparse.Namespace) -> int:
             print("\n".join(list_cache()))
     else:
         raise ConfigError("cache: choose 'list' or 'clear' (see unet-pipeline cache --help)")
+    return 0
+
+
+def _worklist(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipeline import stages
+    from pipeline.config import load_config
+
+    pacs_cfg = load_config(args.config).pacs
+    if args.viewer_url is not None:
+        pacs_cfg = dataclasses.replace(pacs_cfg, viewer_url=args.viewer_url)
+    worklist = stages.worklist_stage(args.sources, pacs_cfg, args.model, args.structure, args.limit)
+    if args.out is not None:
+        worklist.write_csv(args.out)
+    shown = f"{len(worklist.items)} of {worklist.total}" if len(worklist.items) < worklist.total else (
+        f"{worklist.total}")
+    if args.json:
+        print(worklist.to_json())
+    elif args.out is not None:
+        print(f"{args.out}: {shown} series, most urgent first")
+    else:
+        for line in worklist.lines():
+            print(line)
+        print(f"{shown} series to review, most urgent first", file=sys.stderr)
     return 0
 
 

@@ -206,6 +206,8 @@ class PacsConfig:
 
     Attributes:
         url: the DICOMweb root (``--url`` overrides).
+        viewer_url: the root of a web viewer on the same PACS (OHIF, e.g. https://ohif.example.org): the worklist
+            links each study as VIEWER/viewer?StudyInstanceUIDs=UID (``--viewer-url`` overrides).
         verify_tls: verify the server's TLS certificate (``false`` only for a lab's test server).
         modality: series rule: the DICOM Modality (e.g. MR).
         series_description: series rule: a regular expression searched case-insensitively in SeriesDescription.
@@ -213,6 +215,7 @@ class PacsConfig:
     """
 
     url: str | None = None
+    viewer_url: str | None = None
     verify_tls: bool = True
     modality: str | None = None
     series_description: str | None = None

@@ -254,3 +254,69 @@ def _series_number(seg: Any) -> int:
         return int(seg.SeriesNumber) + 1
     except (AttributeError, TypeError, ValueError):
         return 1001
+
+
+#: The Manufacturer of every SR this package writes: how its reports are told apart from other SRs in a study.
+SR_MANUFACTURER = "unet-pipeline"
+
+
+@dataclass(frozen=True)
+class PredictionReport:
+    """What one of this package's SRs says about a prediction: whose, of which series, when, and the measurements.
+
+    Args:
+        study_uid: the StudyInstanceUID.
+        series_uid: the SeriesInstanceUID of the image series that was segmented (the source series).
+        model_name: the algorithm's name (the registered model's).
+        model_version: the algorithm's version.
+        when: ``YYYYMMDDHHMMSS[.ffffff]`` from the SR's ContentDate and ContentTime ("" when absent).
+        segments: segment label -> measurements, as :func:`read_dicom_sr` gives them.
+    """
+
+    study_uid: str
+    series_uid: str
+    model_name: str
+    model_version: str
+    when: str
+    segments: dict[str, dict[str, Any]]
+
+
+def _content_items(items: Any) -> Any:
+    """Every content item of an SR content tree, depth first."""
+    for item in items or []:
+        yield item
+        yield from _content_items(item.get("ContentSequence"))
+
+
+def read_prediction_report(path: Path) -> PredictionReport | None:
+    """The prediction a report :func:`write_dicom_sr` wrote describes (``None``: an SR this package did not write).
+
+    The model's name and version are the Algorithm Name and Version (DCM 111001, 111003) of its measurement groups,
+    the segmented series their Source Series for Segmentation (DCM 121232). No header value other than UIDs and the
+    model's identity is read.
+
+    Args:
+        path: a DICOM file.
+
+    Raises:
+        InputDataError: the file cannot be read, or is one of this package's SRs that lacks what it always states.
+    """
+    header = _read_header(Path(path))
+    if str(header.get("Manufacturer", "") or "").strip() != SR_MANUFACTURER or header.get("Modality") != "SR":
+        return None
+    import pydicom
+
+    with _quiet_dicom_libraries():
+        dataset = pydicom.dcmread(str(path), force=True)
+    found: dict[str, set[str]] = {"111001": set(), "111003": set(), "121232": set()}
+    for item in _content_items(dataset.get("ContentSequence")):
+        names = item.get("ConceptNameCodeSequence") or []
+        code = str(names[0].get("CodeValue", "")) if names else ""
+        if code in found and names[0].get("CodingSchemeDesignator") == "DCM":
+            found[code].add(str(item.get("TextValue", "") or item.get("UID", "") or "").strip())
+    if any(len(values) != 1 or not next(iter(values)) for values in found.values()):
+        raise InputDataError(path, "is an SR of unet-pipeline without one algorithm name, version and source series")
+    date = str(header.get("ContentDate", "") or "").strip()
+    when = date + str(header.get("ContentTime", "") or "").strip().ljust(6, "0") if date else ""
+    return PredictionReport(str(header.get("StudyInstanceUID", "") or ""), next(iter(found["121232"])),
+                            next(iter(found["111001"])), next(iter(found["111003"])), when, read_dicom_sr(Path(path)))

@@ -3,7 +3,8 @@
 The CLI and the scripts call these; each wires the subpackages below it (data, training, evaluation,
 registry, scheduling, pacs) and grows no logic of its own. ``data`` discovers and prepares a dataset
 (a DICOM source is exported into the work directory first), ``training`` runs, registers and
-ensembles folds, ``inference`` evaluates, predicts and segments PACS studies with registered models.
+ensembles folds, ``inference`` evaluates, predicts and segments PACS studies with registered models, ``worklist``
+ranks the predictions of folders and PACS for a reader.
 """
 
 from pipeline.stages.data import Prepared, checkpoint_dir, dataset_stage, discover, prepare, prepare_distributed
@@ -15,6 +16,7 @@ from pipeline.stages.inference import (
     predict_stage,
 )
 from pipeline.stages.training import RunSummary, ensemble_stage, run_stage, train_stage
+from pipeline.stages.worklist import worklist_stage
 
 __all__ = [
     "Prepared",
@@ -32,4 +34,5 @@ __all__ = [
     "prepare_distributed",
     "run_stage",
     "train_stage",
+    "worklist_stage",
 ]
