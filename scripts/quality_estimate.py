@@ -14,7 +14,8 @@ Per split and estimator it prints: Spearman's rho of the estimated against the t
 its bootstrap 95 % interval, the median of the per-structure rhos (every structure's interval in
 ``--json``), AURC against a random order's and against the other estimator's on the same cases,
 the share of cases flagged (estimate below the threshold, or a gross-failure rule: the input check,
-an expected structure missing) and how many of the worst cases that catches, and the verdict of
+an expected structure missing, a volume far from the training volumes, a structure in pieces) and
+how many of the worst cases that catches, and the verdict of
 :func:`pipeline.quality.validation.reliable`. ``agreement (raw)`` ranks by the mean agreement itself,
 no map and no flag: what the map starts from.
 
@@ -55,6 +56,11 @@ ESTIMATORS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "today (linear)": ("linear", None),
     "agreement (isotonic)": ("agreement", ("agreement",)),
 }
+#: gross-failure rules, set a priori (never tuned on any case): a structure's volume this many robust standard
+#: deviations of the training log volumes away (``volume_z``; 4 is a volume e^(4 x scale) times off) ...
+VOLUME_Z_RULE = 4.0
+#: ... or more than this share of it outside its largest connected piece (``fragments``).
+FRAGMENTS_RULE = 0.5
 COLUMNS = ("split", "estimator", "cases", "rho [95% CI]", "rho/structure (median)", "AURC", "random", "vs other",
            "flagged", "worst caught", "reliable")
 
@@ -82,6 +88,7 @@ def load_split(path: Path) -> list[dict[str, Any]]:
             conformity = record.get("conformity") or {}
             rules = ([f"input: {r}" for r in conformity.get("reasons", [])]
                      if conformity.get("checked") and not conformity.get("conforms", True) else [])
+            rules += gross_failures(labels)
             cases.append({
                 "fold": fold, "folder": str(file.parent), "case": str(record["case"]),
                 "names": {int(e["value"]): name for name, e in labels.items()},
@@ -91,6 +98,22 @@ def load_split(path: Path) -> list[dict[str, Any]]:
                 "rules": rules,
             })
     return cases
+
+
+def gross_failures(labels: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The structure rules' reasons for one case record's labels (the input check is the record's own).
+
+    Args:
+        labels: a case record's ``labels`` (name -> ``signals``).
+    """
+    why = []
+    for name, entry in labels.items():
+        signals = entry.get("signals") or {}
+        if _number(signals.get("volume_z")) > VOLUME_Z_RULE:
+            why.append(f"{name}: volume {_number(signals.get('volume_z')):.1f} robust SDs from the training volumes")
+        if _number(signals.get("fragments")) > FRAGMENTS_RULE:
+            why.append(f"{name}: {100 * _number(signals.get('fragments')):.0f}% outside its largest piece")
+    return why
 
 
 def _mean(values: Sequence[float]) -> float:

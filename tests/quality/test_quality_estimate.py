@@ -27,7 +27,8 @@ def _fold(folder: Path, n: int, seed: int, first: int, agreement: bool = True) -
         for value, name in ((1, "a"), (2, "b")):
             a = float(rs.uniform(0.6, 1.0))
             signals[value] = {"soft_dice": float(rs.uniform(0.8, 0.95)), "expected_error": float(rs.uniform(0.1, 0.3)),
-                              "voxels": float(rs.uniform(900, 1100)), "agreement": a if agreement else math.nan}
+                              "voxels": float(rs.uniform(900, 1100)), "agreement": a if agreement else math.nan,
+                              "volume_z": 9.0 if i == 1 and value == 2 else 0.5, "fragments": 0.0}
             dice[name] = float(np.clip(0.2 + 0.75 * a + rs.normal(0, 0.02), 0, 1))
         conformity = Conformity(i != 0, ["spacing unlike training"] if i == 0 else [], True)
         record = case_record(f"case{first + i:03d}", labels, np.eye(4), {1: "a", 2: "b"}, signals, None, conformity,
@@ -62,6 +63,8 @@ def test_cross_fitted_by_fold_the_agreement_ranks_and_today_does_not(tmp_path: P
     cases = script.load_split(split)
     fitted = script.cross_fitted(cases, "agreement", ("agreement",), 0.19)
     assert all(f["flagged"] for c, f in zip(cases, fitted) if c["rules"])
+    assert [c["rules"] for c in cases[:2]] == [["input: spacing unlike training"],
+                                                ["b: volume 9.0 robust SDs from the training volumes"]]
     assert 0 < agreement["flagged_share"] < 0.5
 
 
