@@ -55,6 +55,8 @@ from scripts.quality_features import record_files  # noqa: E402
 ESTIMATORS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "today (linear)": ("linear", None),
     "agreement (isotonic)": ("agreement", ("agreement",)),
+    # An ensemble's evaluation (``unet-pipeline ensemble`` on ``registry.evaluation_set``) also has its models' masks.
+    "agreement_members (isotonic)": ("agreement", ("agreement_members",)),
 }
 #: gross-failure rules, set a priori (never tuned on any case): a structure's volume this many robust standard
 #: deviations of the training log volumes away (``volume_z``; 4 is a volume e^(4 x scale) times off) ...
@@ -171,10 +173,16 @@ def evaluate_split(cases: Sequence[Mapping[str, Any]], flag_quantile: float, res
     per_label: dict[str, dict[int, np.ndarray]] = {}
     flags: dict[str, np.ndarray] = {}
     results: dict[str, Any] = {}
-    has_agreement = any(not math.isnan(s.get("agreement", math.nan)) for c in cases for s in c["signals"].values())
+    def known(signal: str) -> bool:
+        return any(not math.isnan(s.get(signal, math.nan)) for c in cases for s in c["signals"].values())
+
+    has_agreement = known("agreement")
     for name, (estimator, features) in ESTIMATORS.items():
-        if estimator == "agreement" and not has_agreement:
-            results[name] = {"note": "no agreement in these records (evaluated before it existed, or without mirroring)"}
+        if features == ("agreement_members",) and not known("agreement_members"):
+            continue  # one model's evaluation: no members' masks to compare, nothing to say
+        if estimator == "agreement" and features is not None and not known(features[0]):
+            results[name] = {"note": f"no {features[0]} in these records (evaluated before it existed, or without "
+                                     "mirroring)"}
             continue
         fitted = cross_fitted(cases, estimator, features, flag_quantile)
         per_label[name] = {v: np.array([_number(None if f is None else f["estimates"].get(v)) for f in fitted])
