@@ -196,7 +196,7 @@ def cpu_budget(
     if quota is None:
         reasons.append("no cgroup quota")
     else:
-        # Rounded up, as the JVM and Go do: 1.5 CPUs of quota keep 2 threads busy 75 % of the time.
+        # Rounded up, as the JVM does: 1.5 CPUs of quota keep 2 threads busy 75 % of the time.
         given = min(given, max(1, math.ceil(quota[0] - 1e-9)))
         reasons.append(f"cgroup quota {quota[0]:g} CPUs ({quota[1]})")
     slurm = _positive_int(environ, "SLURM_CPUS_PER_TASK")
