@@ -14,7 +14,12 @@ Methods (each run in its own subprocess, so peak memory is its own):
 * ``monai-matched``: the model's own settings: same window, overlap, Gaussian blending, the same mirroring
   flips (one full call per flipped volume, averaged, as a MONAI user writes it) and ``sw_batch_size``;
 * ``ours``: our engine with the model's stored settings (what ``predict`` runs);
-* ``ours-monai-tiles``: our engine with MONAI's tile placement, for a bit-for-bit comparable output.
+* ``ours-monai-tiles``: our engine with MONAI's tile placement, for a bit-for-bit comparable output;
+* ``monai-matched-bf16`` (with ``--monai-bf16``): MONAI's matched call under ``torch.autocast("cpu",
+  dtype=torch.bfloat16)``, MONAI at its best on a CPU with native bf16, against ours at its best.
+
+``--precision`` sets our engine's arithmetic (default: what the model stores; ``float32`` compares like for
+like with MONAI's float32 calls).
 
 Each method predicts ``--warmup`` untimed volumes, then ``--repeats`` timed ones, as one job (a batch, as
 ``predict`` over a folder runs). Volumes per second are the timed volumes' (steady state); the warm-up
@@ -22,7 +27,10 @@ time (for ours, when the job is long enough to pay for it, ``torch.compile``) is
 apart, with the whole job's volumes per second next to it. Printed per volume and method: windows evaluated,
 volumes per second, peak memory (RSS on the CPU, device memory on CUDA), the max absolute difference of the
 class probabilities from MONAI's matched call, and the lines ``ratio vs MONAI matched: X.XX`` and
-``ratio vs MONAI default: X.XX``. Results also go to ``--out`` (JSON).
+``ratio vs MONAI default: X.XX`` (and ``ratio vs MONAI matched-bf16``). Every method's line also says how close it
+runs to the CPU's limit: the windows times the FLOP of one window's forward pass (``FlopCounterMode``), per
+second, against the peak of the cores used for the method's precision (``pipeline/benchmarking.py``; the
+derivation is printed). Results also go to ``--out`` (JSON).
 
     .venv/bin/python scripts/bench_inference.py --device cpu --threads 2
     .venv/bin/python scripts/bench_inference.py --device cuda
@@ -31,6 +39,7 @@ class probabilities from MONAI's matched call, and the lines ``ratio vs MONAI ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -46,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ("monai-default", "monai-matched", "ours", "ours-monai-tiles")
+MONAI_BF16 = "monai-matched-bf16"
 DEFAULT_MODEL = "unet-work/hippo/checkpoints/fold_0/model.pt"
 DEFAULT_CASE = "../shared/data/hippocampus/imagesTr/hippocampus_001.nii.gz"
 DEFAULT_CT = "../shared/data/dicom/chest_ct"
@@ -79,6 +89,7 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
+    from pipeline.benchmarking import forward_flops
     from pipeline.inference import SlidingWindowInferer, load_model, window_size
 
     torch.set_num_threads(args.threads)
@@ -86,9 +97,11 @@ def _worker(args: argparse.Namespace) -> None:
     model = load_model(Path(args.model), device)
     settings = model.settings
     if args.no_mirror:
-        import dataclasses
-
         settings = dataclasses.replace(settings, mirror=False)
+    if args.precision:
+        settings = dataclasses.replace(settings, precision=args.precision)
+    # MONAI's bf16 variant autocasts on the CPU as a MONAI user would write it; CUDA autocasts float16 anyway.
+    monai_bf16 = args.method == MONAI_BF16 and device.type == "cpu"
     volume = torch.load(args.volume, weights_only=True)
     network = model.network
     roi = window_size(model.patch_size, network.spatial_dims)
@@ -96,7 +109,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         counted["windows"] += x.shape[0]
-        with torch.autocast("cuda", enabled=device.type == "cuda"):
+        with torch.autocast("cuda", enabled=device.type == "cuda"), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=monai_bf16):
             out = network(x[..., 0])[..., None] if network.spatial_dims == 2 else network(x)
         return out.float()
 
@@ -126,7 +140,7 @@ def _worker(args: argparse.Namespace) -> None:
         engine.volumes_left = args.repeats + args.warmup  # the whole job, so compile="auto" sees it coming
 
     def one() -> torch.Tensor:
-        out = engine(volume) if engine is not None else monai(volume, args.method == "monai-matched")
+        out = engine(volume) if engine is not None else monai(volume, args.method.startswith("monai-matched"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out
@@ -151,7 +165,14 @@ def _worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     np.save(args.save, probs.astype(np.float32))
-    print(json.dumps({"method": args.method, "seconds": seconds, "warmup_seconds": warmup, "warmup": args.warmup,
+    if engine is not None:
+        precision = engine.precision or "float32"
+    else:
+        precision = "bfloat16" if monai_bf16 else "float32"
+    window = window_size(model.patch_size, network.spatial_dims)[:network.spatial_dims]
+    flop = forward_flops(network, (1, volume.shape[0], *window))
+    print(json.dumps({"precision": precision, "flop_per_window": flop,
+                      "method": args.method, "seconds": seconds, "warmup_seconds": warmup, "warmup": args.warmup,
                       "volumes_per_second": args.repeats / seconds,
                       "job_volumes_per_second": (args.repeats + args.warmup) / (seconds + warmup),
                       "windows": windows, "peak_bytes": peak,
@@ -173,6 +194,8 @@ def _run_method(args: argparse.Namespace, method: str, volume: Path, save: Path,
            "--warmup", str(warmup)]
     if no_mirror:
         cmd.append("--no-mirror")
+    if args.precision:
+        cmd += ["--precision", args.precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if res.returncode != 0:
@@ -198,6 +221,10 @@ def main() -> None:
                         "per method; on on CUDA)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--no-mirror", action="store_true", help="all methods without test-time mirroring")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="our engine's arithmetic on a CPU (default: what the model stores; float32: like MONAI's)")
+    p.add_argument("--monai-bf16", action="store_true",
+                   help=f"add {MONAI_BF16}: MONAI's matched call under bfloat16 autocast on the CPU")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default unet-work/bench_inference_DEVICE.json)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--volume", default=None, help=argparse.SUPPRESS)
@@ -213,7 +240,10 @@ def main() -> None:
 
     args.volumes = [v.strip() for v in args.volumes.split(",") if v.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    results: dict[str, Any] = {"device": args.device, "threads": args.threads, "model": args.model, "volumes": {}}
+    if args.monai_bf16 and MONAI_BF16 not in methods:
+        methods.append(MONAI_BF16)
+    results: dict[str, Any] = {"device": args.device, "threads": args.threads, "model": args.model,
+                               "precision": args.precision or "stored", "volumes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         tmp_path = Path(tmp)
         volumes = _prepare(args, tmp_path)
@@ -233,12 +263,32 @@ def main() -> None:
                 mine = tmp_path / f"{name}-{method}.npy"
                 row["max_abs_diff_vs_matched"] = (float(np.abs(np.load(mine) - np.load(reference)).max())
                                                   if reference.is_file() and mine.is_file() else None)
+                _against_peak(row, args)
             results["volumes"][name] = {"repeats": repeats, "warmup": warmup, "mirror": not no_mirror, "methods": rows}
     _print(results)
     out = args.out or REPO / f"unet-work/bench_inference_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"\nresults: {out}")
+
+
+def _against_peak(row: dict[str, Any], args: argparse.Namespace) -> None:
+    """Add a method's achieved GFLOP/s over its timed volumes and, on a CPU, the peak for its precision and the ratio.
+
+    Args:
+        row: the worker's JSON line (windows per volume, FLOP per window, volumes per second, precision).
+        args: the benchmark's arguments (device, threads).
+    """
+    from pipeline.benchmarking import achieved_line, cpu_peak
+
+    flop = row["windows"] * row["flop_per_window"]
+    row["gflops_per_s"] = flop * row["volumes_per_second"] / 1e9
+    if args.device != "cpu":  # the peak rules know CPUs only
+        row["peak"], row["against_peak"] = None, f"{row['gflops_per_s']:.1f} GFLOP/s ({args.device})"
+        return
+    peak = cpu_peak(row["precision"], args.threads)
+    row["peak"], row["peak_gflops"], row["ratio_to_peak"] = peak.how, peak.gflops, peak.ratio(row["gflops_per_s"])
+    row["against_peak"] = achieved_line(row["method"], flop, 1 / row["volumes_per_second"], peak)
 
 
 def _print(results: dict[str, Any]) -> None:
@@ -255,12 +305,19 @@ def _print(results: dict[str, Any]) -> None:
             print(f"{method:<18}{r['windows']:>9}{r['volumes_per_second']:>11.4f}{r['warmup_seconds']:>11.1f}"
                   f"{r['job_volumes_per_second']:>11.4f}{r['peak_bytes'] / 2**20:>10.0f}"
                   f"{'' if diff is None else f'{diff:.2e}':>11}")
+        for r in rows.values():
+            if "against_peak" in r:
+                print(f"{name}: {r['against_peak']}")
+        for peak in sorted({r["peak"] for r in rows.values() if r.get("peak")}):
+            print(f"{name}: {peak}")
         if "ours" in rows:
-            for peer in ("monai-matched", "monai-default"):
+            print(f"{name}: ours ran in {rows['ours'].get('precision', '?')}")
+            for peer in ("monai-matched", "monai-default", MONAI_BF16):
                 if peer in rows:
                     ratio = rows["ours"]["volumes_per_second"] / rows[peer]["volumes_per_second"]
                     job = rows["ours"]["job_volumes_per_second"] / rows[peer]["job_volumes_per_second"]
-                    print(f"{name}: ratio vs MONAI {peer.split('-')[1]}: {ratio:.2f}   (whole job, warm-up included: {job:.2f})")
+                    print(f"{name}: ratio vs MONAI {peer.removeprefix('monai-')}: {ratio:.2f}   "
+                          f"(whole job, warm-up included: {job:.2f})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ Each variant changes one thing against ``current`` (the config as it is); ``a+b`
 * ``channels-last``: channels-last memory order for weights and patches;
 * ``compile``: ``torch.compile`` of the network (its compile time printed apart).
 
+Each variant's line also says how close it runs to the CPU's limit: the FLOP of one step (forward and
+backward of the plan's batch, counted once with ``FlopCounterMode``) times the steps per second, against the
+peak of the cores used for the variant's precision (``pipeline/benchmarking.py``; the derivation is printed).
+
 It also times one validation pass (sliding window over the fold's validation cases,
 as training does every ``train.val_every`` epochs) and prints its share of a budget.
 
@@ -45,6 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.benchmarking import achieved_line, cpu_peak, training_step_flops  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import mirror_swaps  # noqa: E402
 from pipeline.stages import prepare  # noqa: E402
@@ -120,16 +125,19 @@ def profile_variant(cfg: Any, plan: dict[str, Any], train_data: list[dict], vari
     ms = {name: 1000 * float(np.mean(v)) for name, v in times.items()}
     total = sum(ms.values())
     return {"variant": variant, "ms": ms, "step_ms": total, "patches_per_s": 1000 * batch / total,
-            "first_step_s": first_step}
+            "first_step_s": first_step, "precision": parts.precision}
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     base = rows[0]["patches_per_s"]
-    print(f"\n{'variant':<20}" + "".join(f"{p:>11}" for p in PHASES) + f"{'step':>9}{'patches/s':>11}{'vs first':>10}")
+    print(f"\n{'variant':<20}" + "".join(f"{p:>11}" for p in PHASES) + f"{'step':>9}{'patches/s':>11}{'vs first':>10}"
+          f"{'GFLOP/s':>9}{'of peak':>9}")
     for r in rows:
         cells = "".join(f"{r['ms'][p]:>9.0f}ms" for p in PHASES)
+        ratio = r.get("ratio_to_peak")
         print(f"{r['variant']:<20}{cells}{r['step_ms']:>7.0f}ms{r['patches_per_s']:>11.2f}"
-              f"{r['patches_per_s'] / base:>9.2f}x")
+              f"{r['patches_per_s'] / base:>9.2f}x{r.get('gflops_per_s', 0.0):>9.1f}"
+              f"{'-' if ratio is None else f'{ratio:.2f}':>9}")
     for r in rows:
         if "compile" in r["variant"].split("+"):
             print(f"compile: first step (compilation) {r['first_step_s']:.1f} s")
@@ -164,14 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: patch {net['patch_size']}, batch {net['batch_size']}, features {net['features']}; "
           f"{len(prepared.split['train'])} training cases; torch {torch.__version__}, {torch.get_num_threads()} threads")
     train_data = load_cases(prepared.subset("train"))
-    rows = []
+    counted = build_parts(cfg.train, model_kwargs(cfg, plan), torch.device("cpu"))
+    step_flop = training_step_flops(counted.network, counted.loss_fn,
+                                    (int(net["batch_size"]), len(plan["modalities"]), *net["patch_size"]))
+    print(f"one step: {step_flop / 1e9:.1f} GFLOP (forward and backward of the batch, FlopCounterMode)")
+    rows, peaks = [], {}
     for variant in variants:
         rows.append(profile_variant(cfg, plan, train_data, variant, args.steps, args.warmup))
         r = rows[-1]
-        print(f"{variant}: {r['patches_per_s']:.2f} patches/s ({r['step_ms']:.0f} ms per step)", flush=True)
+        if r["precision"] not in peaks:
+            peaks[r["precision"]] = cpu_peak(r["precision"], torch.get_num_threads())
+            print(peaks[r["precision"]].how)
+        peak = peaks[r["precision"]]
+        r["gflops_per_s"] = step_flop / (r["step_ms"] / 1000) / 1e9
+        r["peak_gflops"], r["ratio_to_peak"] = peak.gflops, peak.ratio(r["gflops_per_s"])
+        print(f"{variant}: {r['patches_per_s']:.2f} patches/s ({r['step_ms']:.0f} ms per step); "
+              + achieved_line("step", step_flop, r["step_ms"] / 1000, peak), flush=True)
     _print_table(rows)
     result: dict[str, Any] = {"variants": rows, "plan": net, "torch": torch.__version__,
-                              "threads": torch.get_num_threads()}
+                              "threads": torch.get_num_threads(), "step_gflop": step_flop / 1e9,
+                              "peaks": {p: peak.how for p, peak in peaks.items()}}
     if not args.no_validation:
         val_data = load_cases(prepared.subset("val"))
         parts = build_parts(cfg.train, model_kwargs(cfg, plan), torch.device("cpu"))

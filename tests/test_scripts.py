@@ -143,13 +143,14 @@ def test_benchmark_compares_the_common_cases_one_by_one(tmp_path: Path) -> None:
 def test_inference_benchmark_compares_our_engine_with_monai_on_a_real_case(tmp_path: Path, checkpoint_2mm: Path,
                                                                           hippocampus: Path) -> None:
     """One real hippocampus case, the engine with MONAI's tiles against MONAI's matched call: same output,
-    the same windows, and the ratio line computed from the two measured speeds."""
+    the same windows, the ratio line computed from the two measured speeds, MONAI under bf16 autocast as a
+    flag, and each method's GFLOP/s against the CPU's peak for its precision."""
     case = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0]
     out = tmp_path / "bench.json"
     res = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_inference.py"), "--model", str(checkpoint_2mm), "--case",
          str(case), "--volumes", "hippocampus", "--methods", "monai-matched,ours,ours-monai-tiles", "--repeats", "2",
-         "--warmup", "0", "--threads", "2", "--out", str(out)],
+         "--warmup", "0", "--threads", "2", "--out", str(out), "--monai-bf16", "--precision", "float32"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())["volumes"]["hippocampus"]["methods"]
@@ -160,10 +161,30 @@ def test_inference_benchmark_compares_our_engine_with_monai_on_a_real_case(tmp_p
     assert f"hippocampus: ratio vs MONAI matched: {ratio:.2f}" in res.stdout
     assert all(r["peak_bytes"] > 0 for r in rows.values())
 
+    from pipeline.benchmarking import cpu_peak
+
+    bf16 = rows["monai-matched-bf16"]
+    assert bf16["windows"] == rows["ours"]["windows"] and bf16["precision"] == "bfloat16"
+    assert 0 < bf16["max_abs_diff_vs_matched"] < 0.1  # bf16 rounding of the same call, not another call
+    ratio = rows["ours"]["volumes_per_second"] / bf16["volumes_per_second"]
+    assert f"hippocampus: ratio vs MONAI matched-bf16: {ratio:.2f}" in res.stdout
+    # The tiny 2 mm model: two 3x3x3 convolutions per level; one window of 32^3 is tens of MFLOP.
+    assert len({r["flop_per_window"] for r in rows.values()}) == 1 and rows["ours"]["flop_per_window"] > 1e7
+    for method, r in rows.items():
+        assert r["precision"] == ("bfloat16" if method == "monai-matched-bf16" else "float32")
+        assert r["gflops_per_s"] == pytest.approx(r["windows"] * r["flop_per_window"] * r["volumes_per_second"] / 1e9)
+        peak = cpu_peak(r["precision"], 2)
+        assert r["peak"] == peak.how and f"hippocampus: {peak.how}" in res.stdout
+        if peak.gflops:
+            assert r["ratio_to_peak"] == pytest.approx(r["gflops_per_s"] / peak.gflops)
+            assert f"hippocampus: {method}: {r['gflops_per_s']:.1f} GFLOP/s" in res.stdout
+            assert f"ratio to peak {r['ratio_to_peak']:.2f}" in res.stdout
+
 
 def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real steps of the training code on the tiny plan: the phases add up to the step, bf16 really autocasts."""
+                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Real steps of the training code on the tiny plan: the phases add up to the step, bf16 really autocasts,
+    and each variant says its GFLOP/s against the CPU's peak for its precision."""
     from pipeline.inference import accelerate
     from pipeline.training.loop import TrainParts
 
@@ -198,6 +219,23 @@ def test_training_profile_splits_each_variant_step_into_its_phases(tiny_config: 
     fp32, no_data = images[:4], images[4:]
     assert all(not torch.equal(a, b) for a, b in zip(fp32, fp32[1:]))
     assert all(torch.equal(no_data[0], b) for b in no_data[1:])
+
+    from models.unet import UNet
+    from pipeline.benchmarking import cpu_peak, forward_flops
+
+    plan = result["plan"]
+    forward = forward_flops(UNet(spatial_dims=3, in_channels=1, out_channels=3, features=plan["features"],
+                                 norm="instance"), (3, 1, *plan["patch_size"]))
+    assert 2.5 * forward < result["step_gflop"] * 1e9 < 3.3 * forward  # forward + backward of the batch of 3
+    out_text = capsys.readouterr().out
+    for r in rows.values():
+        assert r["precision"] == ("float32" if r["variant"] == "fp32" else "bfloat16")
+        assert r["gflops_per_s"] == pytest.approx(result["step_gflop"] / (r["step_ms"] / 1000))
+        peak = cpu_peak(r["precision"], torch.get_num_threads())
+        assert result["peaks"][r["precision"]] == peak.how and peak.how in out_text
+        if peak.gflops:
+            assert r["ratio_to_peak"] == pytest.approx(r["gflops_per_s"] / peak.gflops)
+            assert f"step: {r['gflops_per_s']:.1f} GFLOP/s" in out_text and "ratio to peak" in out_text
     with pytest.raises(SystemExit):
         profile.main(["--variants", "fp32+no-such-lever"])
 
