@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write CASE_probabilities.nii.gz (X, Y, Z, classes), float32")
     p.add_argument("--no-seg", dest="write_seg", action="store_false",
                    help="do not write a DICOM SEG for DICOM series inputs")
+    p.add_argument("--rtstruct", action="store_true",
+                   help="also write CASE.rtstruct.dcm for DICOM series inputs: a DICOM RTSTRUCT, one ROI per class, "
+                        "marked AUTOMATIC, for treatment-planning systems")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     p.add_argument("--min-expected-dice", type=float, default=None,
                    help="flag cases whose estimated Dice of any label is below this (default: the model's, "
@@ -232,6 +235,9 @@ def _add_pacs_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--modality", default=None, help="series rule: Modality (e.g. MR)")
         p.add_argument("--series-description", default=None, help="series rule: regex searched in SeriesDescription")
         p.add_argument("--min-slices", type=int, default=None, help="series rule: fewest instances (default 10)")
+        p.add_argument("--rtstruct", action="store_true", default=None,
+                       help="also store a DICOM RTSTRUCT (one ROI per class, marked AUTOMATIC) beside the SEG, for "
+                            "treatment-planning systems (or pacs.rtstruct: true)")
         _add_model_args(p)
         _add_common(p)
         if name == "predict":
@@ -393,7 +399,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     report = stages.predict_stage(args.models, args.inputs, args.out, work_dir, overrides, args.device,
                                   args.series_uid, args.save_probabilities, args.write_seg, args.overwrite,
-                                  args.min_expected_dice)
+                                  args.min_expected_dice, args.rtstruct)
     for files in report.written.values():
         for path in files:
             print(path)
@@ -464,6 +470,8 @@ def _dataset(args: argparse.Namespace, stages) -> int:
     print(f"{len(scan.cases)} case(s), {len(scan.skipped)} label(s) skipped, {len(scan.not_used)} not used; "
           f"{stats.retrieved} instance(s) retrieved, {converted} conversion(s)"
           + (f"; written to {out}" if out is not None else ""))
+    if scan.automatic:
+        print(scan.automatic_note())
     return 0 if scan.cases else 2
 
 
@@ -518,7 +526,8 @@ def _pacs(args: argparse.Namespace, stages) -> int:
         raise ConfigError("pacs: choose 'predict' or 'watch' (see unet-pipeline pacs --help)")
     pacs_cfg = load_config(args.config).pacs
     changes = {k: v for k, v in (("url", args.url), ("modality", args.modality),
-                                 ("series_description", args.series_description), ("min_slices", args.min_slices))
+                                 ("series_description", args.series_description), ("min_slices", args.min_slices),
+                                 ("rtstruct", args.rtstruct))
                if v is not None}
     pacs_cfg = dataclasses.replace(pacs_cfg, **changes)
     if not pacs_cfg.url:
@@ -529,6 +538,8 @@ def _pacs(args: argparse.Namespace, stages) -> int:
                                          overrides, args.device, args.out)
         for path in done.local_files:
             print(path, file=sys.stderr)
+        if done.rtstruct_sop_instance_uid:
+            print(f"RTSTRUCT {done.rtstruct_sop_instance_uid}", file=sys.stderr)
         print(done.seg_sop_instance_uid)
         return 0
     since = None

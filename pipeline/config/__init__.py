@@ -8,6 +8,7 @@ from which the docs' config reference is generated); ``loading`` reads and check
 
 from pipeline.config.loading import DEMO_CONFIG, _sections, _type_name, build_config, load_config, parse_overrides
 from pipeline.config.schema import (
+    READER_EDIT_ATTRIBUTES,
     DataConfig,
     EvaluateConfig,
     MlflowConfig,
@@ -23,6 +24,7 @@ from pipeline.errors import ConfigError
 
 __all__ = [
     "DEMO_CONFIG",
+    "READER_EDIT_ATTRIBUTES",
     "ConfigError",
     "DataConfig",
     "EvaluateConfig",

@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pipeline.config.schema import PipelineConfig
+from pipeline.config.schema import READER_EDIT_ATTRIBUTES, PipelineConfig
 from pipeline.errors import ConfigError
 
 DEMO_CONFIG = "demo.yaml"
@@ -179,11 +179,27 @@ def _check_values(cfg: PipelineConfig) -> None:
             re.compile(pattern)
         except re.error as exc:
             fail("data.channel_series", f"holds {pattern!r}, not a regular expression ({exc})")
+    for number, rule in enumerate(cfg.data.reader_edit_rules or [], start=1):
+        _check_edit_rule(number, rule, fail)
     unknown = sorted(set(cfg.data.label_aliases or {}) - set(classes))
     if unknown:
         fail("data.label_aliases", f"names {unknown[0]!r}, which is not one of data.classes {classes}")
     if cfg.data.dataset is None and cfg.data.synthetic_cases == 0:
         fail("data.dataset", "is empty and data.synthetic_cases is 0: there is nothing to train on")
+
+
+def _check_edit_rule(number: int, rule: dict[str, str], fail: Any) -> None:
+    """A ``data.reader_edit_rules`` rule names known attributes, each with a regular expression."""
+    key = f"data.reader_edit_rules[{number}]"
+    if not rule:
+        fail(key, "is empty: a rule needs at least one attribute (an empty rule would match every object)")
+    for attribute, pattern in rule.items():
+        if attribute not in READER_EDIT_ATTRIBUTES:
+            fail(key, f"names {attribute!r}, not one of {', '.join(READER_EDIT_ATTRIBUTES)}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            fail(key, f"holds {pattern!r} for {attribute}, not a regular expression ({exc})")
 
 
 def parse_overrides(overrides: list[str], source: str = "--set") -> dict[str, dict[str, Any]]:

@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+#: DICOM attributes a ``data.reader_edit_rules`` rule may match (object-level, plus each segment's algorithm name).
+READER_EDIT_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions", "SeriesDescription",
+                          "ContentCreatorName", "ContentLabel", "ContentDescription", "StructureSetLabel",
+                          "StructureSetName", "SegmentAlgorithmName")
+
 
 @dataclass
 class DataConfig:
@@ -20,7 +25,14 @@ class DataConfig:
         split_seed: seed of the stored split's shuffle.
         classes: class names in label order (label 1 first); a DICOM dataset needs them to match segments and ROIs by name.
         label_aliases: class name -> other names, or SegmentedPropertyType codes as SCHEME:VALUE, that also match it.
-        allow_automatic_labels: let AUTOMATIC DICOM SEGs (a model's output) be training labels; off, only a reader's labels train.
+        allow_automatic_labels: let AUTOMATIC DICOM SEGs and RTSTRUCTs (a model's or an auto-contouring system's output,
+            per segment/ROI of a configured class) be training labels; off, only a reader's labels train.
+        reader_edit_rules: rules that recognise a reader's edit a viewer saved as AUTOMATIC (MONAI Label, OHIF, Slicer
+            keep a model's type on an edited segment): each maps DICOM attributes (Manufacturer, ManufacturerModelName,
+            SoftwareVersions, SeriesDescription, ContentCreatorName, ContentLabel, ContentDescription,
+            StructureSetLabel, StructureSetName, SegmentAlgorithmName) to a regex that must be found in its value
+            (case-insensitive); an object matching every entry of a rule is a reader's label. Never this project's
+            own objects (Manufacturer unet-pipeline). See docs/data.md.
         channel_series: a DICOM dataset's further channels: a regex per channel, searched in SeriesDescription in the study.
     """
 
@@ -33,6 +45,7 @@ class DataConfig:
     classes: list[str] | None = None
     label_aliases: dict[str, list[str]] | None = None
     allow_automatic_labels: bool = False
+    reader_edit_rules: list[dict[str, str]] | None = None
     channel_series: list[str] | None = None
 
 
@@ -212,6 +225,8 @@ class PacsConfig:
         modality: series rule: the DICOM Modality (e.g. MR).
         series_description: series rule: a regular expression searched case-insensitively in SeriesDescription.
         min_slices: series rule: the fewest instances a series must have (leaves out localisers).
+        rtstruct: also store an RTSTRUCT (one ROI per class, ROIGenerationAlgorithm AUTOMATIC) beside the SEG, for
+            treatment-planning systems (``--rtstruct`` turns it on).
     """
 
     url: str | None = None
@@ -220,6 +235,7 @@ class PacsConfig:
     modality: str | None = None
     series_description: str | None = None
     min_slices: int = 10
+    rtstruct: bool = False
 
 
 @dataclass

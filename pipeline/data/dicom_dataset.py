@@ -1,9 +1,12 @@
 """Datasets whose labels are DICOM objects: a folder of DICOM files (any nesting) or a DICOMweb server.
 
 A case is one label object (SEG or RTSTRUCT) with the image series it references. For each image
-series the label used is the newest human one (MANUAL or SEMIAUTOMATIC SEG, or RTSTRUCT), by
-content (else series) date and time; AUTOMATIC SEGs, this project's own predictions among them, are
-never used unless ``data.allow_automatic_labels``. So a reader's correction, stored as a new SEG,
+series the label used is the newest human one (every segment or ROI of a configured class MANUAL or
+SEMIAUTOMATIC: SEG's SegmentAlgorithmType, RTSTRUCT's ROIGenerationAlgorithm), by structure set or
+content (else series) date and time. AUTOMATIC labels, this project's own predictions and an
+auto-contouring system's structures among them, are set aside unless ``data.allow_automatic_labels``,
+or unless a ``data.reader_edit_rules`` rule recognises the object as a reader's edit saved by a viewer
+that keeps AUTOMATIC (docs/data.md). So a reader's correction, stored as a new SEG or RTSTRUCT,
 replaces the prediction it corrects. A label that cannot be used is skipped with its reason and the
 next newest human label of that series is tried.
 
@@ -28,6 +31,7 @@ import numpy as np
 
 from pipeline.data.dicom_index import Instance
 from pipeline.data.dicom_labels import (
+    HUMAN,
     ClassMatcher,
     LabelHeader,
     LabelProblem,
@@ -68,6 +72,8 @@ class DicomCase:
         reader_correction: a human label of a series that also holds an older AUTOMATIC label.
         images: the converted image channels (NIfTI, in the cache), the labelled series first.
         label_map: the converted label map (NIfTI, in the cache).
+        algorithm_type: the least human type of its segments or ROIs of a configured class.
+        edit_rule: the ``data.reader_edit_rules`` rule (1-based) that recognised it as a reader's edit, or ``None``.
     """
 
     case: str
@@ -78,12 +84,15 @@ class DicomCase:
     reader_correction: bool
     images: list[Path]
     label_map: Path
+    algorithm_type: str = ""
+    edit_rule: int | None = None
 
     def manifest(self) -> dict[str, Any]:
         """Its row of ``manifest.json``."""
         return {"case": self.case, "series_instance_uid": self.series_uid, "study_instance_uid": self.study_uid,
                 "label_sop_instance_uid": self.label.sop_uid, "label_type": self.label.kind,
-                "algorithm_type": self.label.algorithm_type, "reader_correction": self.reader_correction}
+                "algorithm_type": self.algorithm_type or self.label.algorithm_type,
+                "reader_edit_rule": self.edit_rule, "reader_correction": self.reader_correction}
 
 
 @dataclass
@@ -93,7 +102,9 @@ class DicomScan:
     Args:
         cases: the usable cases, by case name.
         skipped: labels that cannot be used: ``{"label_sop_instance_uid", "reason"}``.
-        not_used: usable labels that are not training labels (automatic, or superseded by a newer human label).
+        not_used: usable labels that are not training labels: ``{"label_sop_instance_uid", "reason", "why"}``,
+            ``why`` ``automatic`` (set aside as a model's or auto-contouring system's output) or ``superseded``
+            (a newer human label of the series is used).
         classes: the configured class names, in label order.
     """
 
@@ -101,6 +112,17 @@ class DicomScan:
     skipped: list[dict[str, str]] = field(default_factory=list)
     not_used: list[dict[str, str]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+
+    @property
+    def automatic(self) -> int:
+        """How many labels were set aside for being AUTOMATIC."""
+        return sum(row.get("why") == "automatic" for row in self.not_used)
+
+    def automatic_note(self) -> str:
+        """How many labels were set aside for being AUTOMATIC, and how to accept them knowingly (one line)."""
+        return (f"{self.automatic} label(s) set aside as AUTOMATIC (a model's or an auto-contouring system's output). "
+                "To train on them knowingly: data.allow_automatic_labels: true; to recognise readers' edits that a "
+                "viewer saved as AUTOMATIC: data.reader_edit_rules (docs/data.md, 'Human or machine').")
 
     def manifest(self) -> dict[str, Any]:
         """``{"cases": [...], "skipped": [...]}``, as ``manifest.json`` holds it."""
@@ -284,16 +306,18 @@ def _headers(instances: list[Instance], skipped: list[dict[str, str]]) -> list[L
 
 
 def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path, allow_automatic: bool = False,
-                   channels: tuple[str, ...] = ()) -> tuple[DicomScan, int]:
+                   channels: tuple[str, ...] = (),
+                   edit_rules: list[dict[str, str]] | None = None) -> tuple[DicomScan, int]:
     """Choose one label per image series, convert it, and report every label not used and why.
 
     Args:
         instances: the source's DICOM instances.
         matcher: the configured classes.
         cache: the conversion cache folder.
-        allow_automatic: AUTOMATIC SEGs may be training labels (never by default).
+        allow_automatic: AUTOMATIC SEGs and RTSTRUCTs may be training labels (never by default).
         channels: for a multi-channel task, one regular expression per further channel, searched in the
             SeriesDescription of the labelled series' study (``data.channel_series``).
+        edit_rules: ``data.reader_edit_rules``: AUTOMATIC objects they match count as a reader's edits.
 
     Returns:
         The scan and how many conversions this call made (0: all from the cache).
@@ -314,15 +338,20 @@ def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path
     converter = _Converter(cache, matcher, series, channels)
     for series_uid in sorted(by_series):
         labels = sorted(by_series[series_uid], key=lambda h: (h.when, h.sop_uid), reverse=True)
+        judged = {h.sop_uid: _judge(h, matcher, edit_rules) for h in labels}
         chosen: DicomCase | None = None
         for header in labels:
+            algorithm, rule, human = judged[header.sop_uid]
             if chosen is not None:
-                scan.not_used.append({"label_sop_instance_uid": header.sop_uid,
+                scan.not_used.append({"label_sop_instance_uid": header.sop_uid, "why": "superseded",
                                       "reason": f"superseded by the newer label {chosen.label.sop_uid}"})
                 continue
-            if not header.is_human and not allow_automatic:
-                scan.not_used.append({"label_sop_instance_uid": header.sop_uid,
-                                      "reason": "AUTOMATIC (a model's output; data.allow_automatic_labels is off)"})
+            if not human and not allow_automatic:
+                parts = "segment(s)" if header.kind == "SEG" else "ROI(s)"
+                scan.not_used.append({"label_sop_instance_uid": header.sop_uid, "why": "automatic",
+                                      "reason": f"AUTOMATIC {header.kind} {parts} (a model's or an auto-contouring "
+                                                "system's output; data.allow_automatic_labels is off and no "
+                                                "data.reader_edit_rules rule matches)"})
                 continue
             try:
                 image, label = converter.convert(header)
@@ -330,13 +359,49 @@ def scan_instances(instances: list[Instance], matcher: ClassMatcher, cache: Path
             except LabelProblem as exc:
                 scan.skipped.append({"label_sop_instance_uid": header.sop_uid, "reason": str(exc)})
                 continue
-            corrects = header.is_human and any(not h.is_human and h.when <= header.when for h in labels)
+            corrects = human and any(not judged[h.sop_uid][2] and h.when <= header.when for h in labels)
             first = series[series_uid][0]
             chosen = DicomCase(case_name(series_uid), series_uid, first.study_uid, header,
-                               [first.modality, *(m for _, m in more)], corrects, [image, *(p for p, _ in more)], label)
+                               [first.modality, *(m for _, m in more)], corrects, [image, *(p for p, _ in more)], label,
+                               algorithm, rule)
             scan.cases.append(chosen)
     scan.cases.sort(key=lambda c: c.case)
     return scan, converter.converted
+
+
+#: The Manufacturer this project writes into its SEGs and RTSTRUCTs: such an object is never a reader's edit.
+OWN_MANUFACTURER = "unet-pipeline"
+
+
+def edit_rule(header: LabelHeader, rules: list[dict[str, str]] | None) -> int | None:
+    """The first ``data.reader_edit_rules`` rule (1-based) a label object matches, or ``None``.
+
+    A rule matches when each of its attributes has a value its regular expression finds (case-insensitive).
+    This project's own outputs (Manufacturer ``unet-pipeline``) never match: they are a model's, whatever
+    their series description says. Values are only matched, never shown (ContentCreatorName is a person's name).
+
+    Args:
+        header: the label object's header.
+        rules: the rules, attribute keyword -> regular expression.
+    """
+    if OWN_MANUFACTURER in header.attributes.get("Manufacturer", ()):
+        return None
+    for number, rule in enumerate(rules or [], start=1):
+        if rule and all(any(re.search(pattern, value, re.IGNORECASE) for value in header.attributes.get(key, ()))
+                        for key, pattern in rule.items()):
+            return number
+    return None
+
+
+def _judge(header: LabelHeader, matcher: ClassMatcher,
+           edit_rules: list[dict[str, str]] | None) -> tuple[str, int | None, bool]:
+    """A label's algorithm type (of its segments/ROIs of a configured class), the edit rule that recognised it
+    as a reader's edit (AUTOMATIC objects only), and whether it counts as a reader's label."""
+    algorithm = header.algorithm_for(matcher)
+    if algorithm in HUMAN:
+        return algorithm, None, True
+    rule = edit_rule(header, edit_rules)
+    return algorithm, rule, rule is not None
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -22,9 +22,11 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline.config import READER_EDIT_ATTRIBUTES
+
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
-#: Algorithm types that count as a reader's work (RTSTRUCT has none and counts as MANUAL).
+#: Algorithm types that count as a reader's work: SEG's SegmentAlgorithmType, RTSTRUCT's ROIGenerationAlgorithm.
 HUMAN = ("MANUAL", "SEMIAUTOMATIC")
 _GRID_TOL = 0.1  # voxels: how far a frame or contour may sit from the image's grid and still be placed on it
 
@@ -44,9 +46,14 @@ class LabelHeader:
         study_uid: its StudyInstanceUID.
         series_uid: the SeriesInstanceUID of the IMAGE series it references ("" when it names none).
         frame_of_reference_uid: the frame of reference its contours or frames are in.
-        algorithm_type: ``MANUAL``, ``SEMIAUTOMATIC`` or ``AUTOMATIC`` (the least human of its segments).
-        when: ``YYYYMMDDHHMMSS...`` from ContentDate/Time, else SeriesDate/Time ("" when absent).
+        algorithm_type: ``MANUAL``, ``SEMIAUTOMATIC`` or ``AUTOMATIC`` (the least human of its segments or ROIs).
+        when: ``YYYYMMDDHHMMSS...`` from StructureSetDate/Time (RTSTRUCT) or ContentDate/Time, else
+            SeriesDate/Time ("" when absent).
         names: segment labels or ROI names, in the object's order.
+        algorithms: each segment's SegmentAlgorithmType or ROI's ROIGenerationAlgorithm, in ``names``' order
+            (an RTSTRUCT ROI that leaves it empty, as DICOM allows, counts as MANUAL; a SEG segment as AUTOMATIC).
+        attributes: the values of ``READER_EDIT_ATTRIBUTES`` (``pipeline.config``), for ``data.reader_edit_rules``;
+            never printed or logged (ContentCreatorName is a person's name).
     """
 
     path: Path
@@ -58,16 +65,37 @@ class LabelHeader:
     algorithm_type: str
     when: str
     names: list[str] = field(default_factory=list)
+    algorithms: list[str] = field(default_factory=list)
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def is_human(self) -> bool:
-        """A reader made it (MANUAL or SEMIAUTOMATIC; RTSTRUCT always)."""
+        """A reader made all of it (every segment or ROI MANUAL or SEMIAUTOMATIC)."""
         return self.algorithm_type in HUMAN
+
+    def algorithm_for(self, matcher: ClassMatcher) -> str:
+        """The least human algorithm type of the segments or ROIs that stand for a configured class.
+
+        An auto-contoured structure the config does not ask for does not make a reader's ROIs automatic;
+        when no segment matches (the label is skipped later for that), the whole object's type.
+
+        Args:
+            matcher: the configured classes.
+        """
+        types = {a for n, a in zip(self.names, self.algorithms) if matcher.value_of(n) is not None}
+        return _least_human(types) if types else self.algorithm_type
+
+
+def _least_human(types: set[str]) -> str:
+    if "AUTOMATIC" in types or not types:
+        return "AUTOMATIC"
+    return "SEMIAUTOMATIC" if "SEMIAUTOMATIC" in types else "MANUAL"
 
 
 def _when(ds: pydicom.Dataset) -> str:
-    for date_kw, time_kw in (("ContentDate", "ContentTime"), ("SeriesDate", "SeriesTime"),
-                             ("InstanceCreationDate", "InstanceCreationTime")):
+    # A structure set's own date comes first: an RTSTRUCT has no ContentDate, and its series may be older.
+    for date_kw, time_kw in (("StructureSetDate", "StructureSetTime"), ("ContentDate", "ContentTime"),
+                             ("SeriesDate", "SeriesTime"), ("InstanceCreationDate", "InstanceCreationTime")):
         date = str(ds.get(date_kw, "") or "").strip()
         if date:
             return date + str(ds.get(time_kw, "") or "").strip().ljust(6, "0")
@@ -107,17 +135,22 @@ def read_label_header(path: Path) -> LabelHeader | None:
     if kind == "SEG":
         segments = list(ds.get("SegmentSequence", []))
         names = [str(s.get("SegmentLabel", "") or "") for s in segments]
-        types = {str(s.get("SegmentAlgorithmType", "") or "").upper() for s in segments}
-        algorithm = "AUTOMATIC" if "AUTOMATIC" in types or not types else (
-            "SEMIAUTOMATIC" if "SEMIAUTOMATIC" in types else "MANUAL")
+        # SegmentAlgorithmType is Type 1: a segment without it is not known to be a reader's.
+        algorithms = [str(s.get("SegmentAlgorithmType", "") or "").strip().upper() or "AUTOMATIC" for s in segments]
         frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
     else:
-        names = [str(r.get("ROIName", "") or "") for r in ds.get("StructureSetROISequence", [])]
-        algorithm = "MANUAL"
+        rois = list(ds.get("StructureSetROISequence", []))
+        names = [str(r.get("ROIName", "") or "") for r in rois]
+        # ROIGenerationAlgorithm is Type 2 (may be empty): a structure set that does not say is taken as drawn.
+        algorithms = [str(r.get("ROIGenerationAlgorithm", "") or "").strip().upper() or "MANUAL" for r in rois]
         refs = ds.get("ReferencedFrameOfReferenceSequence", [])
         frame_of_reference = str(refs[0].get("FrameOfReferenceUID", "")) if refs else ""
+    attributes = {kw: (str(ds.get(kw, "") or ""),) for kw in READER_EDIT_ATTRIBUTES if kw != "SegmentAlgorithmName"}
+    attributes["SegmentAlgorithmName"] = tuple(str(s.get("SegmentAlgorithmName", "") or "")
+                                               for s in ds.get("SegmentSequence", []))
     return LabelHeader(path, sop_uid, kind, str(ds.get("StudyInstanceUID", "") or ""), _referenced_series(ds, kind),
-                       frame_of_reference, algorithm, _when(ds), names)
+                       frame_of_reference, _least_human(set(algorithms)) if algorithms or kind == "SEG" else "MANUAL",
+                       _when(ds), names, algorithms, attributes)
 
 
 def _norm(name: str) -> str:

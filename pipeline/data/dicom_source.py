@@ -118,7 +118,8 @@ def pull(url: str, cache: Path, verify_tls: bool = True,
 
 def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[str]] | None, cache: Path,
                 allow_automatic: bool = False, verify_tls: bool = True,
-                channels: list[str] | None = None) -> tuple[DicomScan, PullStats, int]:
+                channels: list[str] | None = None,
+                edit_rules: list[dict[str, str]] | None = None) -> tuple[DicomScan, PullStats, int]:
     """Scan a DICOM folder or DICOMweb server: the cases it gives for these classes, and the labels it cannot.
 
     Args:
@@ -126,9 +127,10 @@ def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[st
         classes: the class names in label order (``data.classes``).
         aliases: class name -> aliases or codes (``data.label_aliases``).
         cache: the cache folder (instances, header index, conversions).
-        allow_automatic: AUTOMATIC SEGs may be training labels.
+        allow_automatic: AUTOMATIC SEGs and RTSTRUCTs may be training labels.
         verify_tls: verify a server's TLS certificate (``pacs.verify_tls``).
         channels: a multi-channel task's further channels (``data.channel_series``).
+        edit_rules: ``data.reader_edit_rules`` (AUTOMATIC objects they match are a reader's edits).
 
     Returns:
         The scan, what the pull did (zeros for a folder), and how many conversions this call made.
@@ -145,13 +147,14 @@ def scan_source(spec: str, classes: list[str] | None, aliases: dict[str, list[st
         files, stats = folder_files(Path(spec)), PullStats()
     instances = index_files(files, cache / "index.json")
     scan, converted = scan_instances(instances, ClassMatcher.from_config(classes, aliases), cache, allow_automatic,
-                                     tuple(channels or ()))
+                                     tuple(channels or ()), edit_rules)
     return scan, stats, converted
 
 
 def materialise(spec: str, classes: list[str] | None, aliases: dict[str, list[str]] | None, work_dir: Path,
                 allow_automatic: bool = False, verify_tls: bool = True,
-                channels: list[str] | None = None) -> tuple[Path, DicomScan]:
+                channels: list[str] | None = None,
+                edit_rules: list[dict[str, str]] | None = None) -> tuple[Path, DicomScan]:
     """A DICOM source as a dataset folder in the work directory (``work_dir/dicom_dataset``), for training.
 
     Args:
@@ -159,20 +162,22 @@ def materialise(spec: str, classes: list[str] | None, aliases: dict[str, list[st
         classes: the class names in label order (``data.classes``).
         aliases: class name -> aliases or codes (``data.label_aliases``).
         work_dir: the work directory (the cache is ``work_dir/dicom_cache``).
-        allow_automatic: AUTOMATIC SEGs may be training labels.
+        allow_automatic: AUTOMATIC SEGs and RTSTRUCTs may be training labels.
         verify_tls: verify a server's TLS certificate.
         channels: a multi-channel task's further channels (``data.channel_series``).
+        edit_rules: ``data.reader_edit_rules``.
 
     Returns:
         The dataset folder (``dataset.json``, ``manifest.json``) and the scan.
     """
     scan, stats, converted = scan_source(spec, classes, aliases, work_dir / "dicom_cache", allow_automatic, verify_tls,
-                                         channels)
+                                         channels, edit_rules)
     out = work_dir / "dicom_dataset"
     write_dataset(scan, out, "dicom")
-    logger.warning("DICOM dataset: %d case(s), %d label(s) skipped, %d not used (automatic or superseded); "
+    logger.warning("DICOM dataset: %d case(s), %d label(s) skipped, %d not used (%d AUTOMATIC, set aside: "
+                   "data.allow_automatic_labels or data.reader_edit_rules accept them; the others superseded); "
                    "%d instance(s) retrieved, %d conversion(s)", len(scan.cases), len(scan.skipped),
-                   len(scan.not_used), stats.retrieved, converted)
+                   len(scan.not_used), scan.automatic, stats.retrieved, converted)
     return out, scan
 
 

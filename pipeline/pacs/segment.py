@@ -1,4 +1,5 @@
-"""One series from the PACS and back: retrieve (WADO-RS), segment as ``predict`` does, store the SEG and SR (STOW-RS).
+"""One series from the PACS and back: retrieve (WADO-RS), segment as ``predict`` does, store the SEG and SR (STOW-RS),
+and on request an RTSTRUCT of AUTOMATIC ROIs for a treatment-planning system.
 
 The retrieved images live only in a temporary folder that is removed afterwards,
 whatever happens; nothing from their headers is logged or written anywhere but into
@@ -18,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import Staged
-from pipeline.inference import Algorithm, Predictor, measurements_of, write_dicom_seg, write_dicom_sr, write_label_map
+from pipeline.inference import (
+    Algorithm,
+    Predictor,
+    measurements_of,
+    write_dicom_rtstruct,
+    write_dicom_seg,
+    write_dicom_sr,
+    write_label_map,
+)
 from pipeline.pacs.client import PacsClient
 from pipeline.pacs.series import SeriesSummary
 from pipeline.quality import write_record
@@ -35,6 +44,7 @@ class SegmentedSeries:
         local_files: copies kept on request (``--out``), named by the series UID.
         sr_sop_instance_uid: the stored SR's SOP Instance UID.
         record: the case record (volumes, estimated Dice, flag and reasons).
+        rtstruct_sop_instance_uid: the stored RTSTRUCT's SOP Instance UID ("" when none was asked for).
     """
 
     study_uid: str
@@ -43,11 +53,12 @@ class SegmentedSeries:
     local_files: list[Path]
     sr_sop_instance_uid: str = ""
     record: dict[str, Any] = field(default_factory=dict)
+    rtstruct_sop_instance_uid: str = ""
 
 
 def segment_series(
     client: PacsClient, predictor: Predictor, algorithm: Algorithm, study_uid: str, series: SeriesSummary,
-    keep_in: Path | None = None,
+    keep_in: Path | None = None, rtstruct: bool = False,
 ) -> SegmentedSeries:
     """Retrieve a series, segment it, store the DICOM SEG into its study and confirm it is there.
 
@@ -58,6 +69,7 @@ def segment_series(
         study_uid: the study.
         series: the series to segment.
         keep_in: also keep the NIfTI mask, the SEG, the SR and the case record here (named by the series UID).
+        rtstruct: also store (and keep) an RTSTRUCT of the same classes, its ROIs AUTOMATIC.
     """
     import pydicom
 
@@ -76,17 +88,24 @@ def segment_series(
                                   {"mask": f"{series.uid}.nii.gz", "seg": f"{series.uid}.seg.dcm", "sr": f"{series.uid}.sr.dcm"})
         sr_path = write_dicom_sr(seg_path, sources, measurements_of(record), algorithm, tmp / "sr.dcm")
         seg, sr = pydicom.dcmread(str(seg_path)), pydicom.dcmread(str(sr_path))
-        client.store([seg, sr], study_uid=study_uid)
+        outputs = [(seg_path, ".seg.dcm"), (sr_path, ".sr.dcm")]
+        stored = [seg, sr]
+        if rtstruct:
+            rt_path = write_dicom_rtstruct(result.labels, sources, names, algorithm, tmp / "rtstruct.dcm")
+            outputs.append((rt_path, ".rtstruct.dcm"))
+            stored.append(pydicom.dcmread(str(rt_path)))
+        client.store(stored, study_uid=study_uid)
         kept: list[Path] = []
         if keep_in is not None:
             with Staged() as staged:
                 kept.append(write_label_map(result.labels, result.affine, keep_in / f"{series.uid}.nii.gz", staged))
-                for source, suffix in ((seg_path, ".seg.dcm"), (sr_path, ".sr.dcm")):
+                for source, suffix in outputs:
                     target = keep_in / f"{series.uid}{suffix}"
                     shutil.copyfile(source, staged.path(target, ".dcm"))
                     kept.append(target)
                 kept.append(write_record(record, keep_in / f"{series.uid}.json", staged))
-        return SegmentedSeries(study_uid, series.uid, str(seg.SOPInstanceUID), kept, str(sr.SOPInstanceUID), record)
+        return SegmentedSeries(study_uid, series.uid, str(seg.SOPInstanceUID), kept, str(sr.SOPInstanceUID), record,
+                               str(stored[2].SOPInstanceUID) if rtstruct else "")
     finally:
         # The patient's images leave no copy behind, on success or failure.
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,7 @@ def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
     if is_dicom_source(cfg.data.dataset):
         d = cfg.data
         folder, _ = materialise(d.dataset, d.classes, d.label_aliases, work_dir, d.allow_automatic_labels,
-                                cfg.pacs.verify_tls, d.channel_series)
+                                cfg.pacs.verify_tls, d.channel_series, d.reader_edit_rules)
         return load_dataset(folder)
     return load_dataset(cfg.data.dataset)
 
@@ -89,7 +89,8 @@ def dataset_stage(cfg: PipelineConfig, source: str, work_dir: Path, out: Path | 
     """
     d = cfg.data
     scan, stats, converted = scan_source(source, d.classes, d.label_aliases, work_dir / "dicom_cache",
-                                         d.allow_automatic_labels, cfg.pacs.verify_tls, d.channel_series)
+                                         d.allow_automatic_labels, cfg.pacs.verify_tls, d.channel_series,
+                                         d.reader_edit_rules)
     if out is not None:
         write_dataset(scan, out, "dicom")
     return scan, stats, converted

@@ -38,7 +38,8 @@ def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir
 
 def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Path, work_dir: Path, overrides=None,
                   device: str = "auto", series_uid: str | None = None, save_probabilities: bool = False,
-                  write_seg: bool = True, overwrite: bool = False, min_expected_dice: float | None = None):
+                  write_seg: bool = True, overwrite: bool = False, min_expected_dice: float | None = None,
+                  write_rtstruct: bool = False):
     """Segment NIfTI files and DICOM series (or folders of them): one NIfTI label map per case on the
     input's grid, optional probabilities, and a DICOM SEG for DICOM inputs; under ``torchrun`` the cases
     are shared across ranks.
@@ -56,6 +57,7 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
         write_seg: write a DICOM SEG for DICOM series inputs.
         overwrite: redo cases whose outputs already exist.
         min_expected_dice: the review threshold (``None``: the model's).
+        write_rtstruct: also write an RTSTRUCT (AUTOMATIC ROIs) for DICOM series inputs.
 
     Returns:
         The :class:`~pipeline.inference.predict.PredictReport`.
@@ -67,7 +69,7 @@ def predict_stage(model_refs: Sequence[str], inputs: Sequence[str], out_dir: Pat
     cases = group_cases(found, len(predictor.plan["modalities"]))
     algorithm = algorithm_for(identity.name, identity.version)
     return predict_cases(predictor, shard(cases), out_dir, algorithm, series_uid, save_probabilities, write_seg,
-                         overwrite, min_expected_dice=min_expected_dice, batch=cases)
+                         overwrite, min_expected_dice=min_expected_dice, batch=cases, write_rtstruct=write_rtstruct)
 
 
 def _pacs_setup(url: str, rules_cfg: Any, verify_tls: bool):
@@ -88,7 +90,7 @@ def pacs_predict_stage(url: str, study_uid: str, series_uid: str | None, model_r
         series_uid: the series (``None``: chosen by ``pacs_cfg``'s rules).
         model_refs: the model(s), as for ``predict``.
         work_dir: the work directory (default registry).
-        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS).
+        pacs_cfg: :class:`~pipeline.config.PacsConfig` (series rules, TLS, ``rtstruct``).
         overrides: inference setting overrides.
         device: ``auto``, ``cpu`` or ``cuda``.
         keep_in: also keep the NIfTI mask and the SEG in this folder.
@@ -100,7 +102,8 @@ def pacs_predict_stage(url: str, study_uid: str, series_uid: str | None, model_r
     client.ping()
     series = select_series(client.list_series(study_uid), rules, series_uid, study_uid)
     predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
-    return segment_series(client, predictor, algorithm_for(identity.name, identity.version), study_uid, series, keep_in)
+    return segment_series(client, predictor, algorithm_for(identity.name, identity.version), study_uid, series, keep_in,
+                          pacs_cfg.rtstruct)
 
 
 def pacs_watch_stage(url: str, model_refs: Sequence[str], work_dir: Path, pacs_cfg: Any, since=None, overrides=None,
@@ -130,6 +133,7 @@ def pacs_watch_stage(url: str, model_refs: Sequence[str], work_dir: Path, pacs_c
         tag = model_tag(identity.name, identity.version)
 
         def process(study_uid: str, series: Any) -> str:
-            return segment_series(client, predictor, algorithm, study_uid, series).seg_sop_instance_uid
+            return segment_series(client, predictor, algorithm, study_uid, series,
+                                  rtstruct=pacs_cfg.rtstruct).seg_sop_instance_uid
 
         return run_watch_pass(client, tag, rules, since, process, WatchLedger(work_dir))

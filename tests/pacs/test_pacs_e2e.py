@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pipeline.pacs import PacsClient
-from tests.conftest import dicom_series, save_untrained_2mm_model
+from tests.conftest import dicom_series, run_main, save_untrained_2mm_model
 from tests.orthanc import OrthancServer
 
 pytest_plugins = ["tests.orthanc"]
@@ -225,3 +226,45 @@ def test_wrong_password_pacs_down_and_rejected_seg_each_one_line_and_code(
     for res in (wrong, down, rejected):
         assert not [s for s in secrets if s in res.stdout + res.stderr]
     assert not list((tmp_path / "w").rglob("*.dcm"))
+
+
+def test_pacs_predict_stores_an_automatic_rtstruct_on_request_that_the_project_reads_as_the_mask(
+        pacs: OrthancServer, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pacs predict --rtstruct``: an RTSTRUCT beside the SEG in the study, its ROIs AUTOMATIC, read back from the
+    PACS by ``dataset export`` as the mask that was predicted; nothing identifying on the console."""
+    study = _study_of(HIPPO)
+    res = _pacs(pacs, "predict", "--study", study, "--model", str(model), "--modality", "MR", "--rtstruct",
+                "--out", str(tmp_path / "kept"), "--work-dir", str(tmp_path / "w"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rt_uid = next(line.split()[1] for line in res.stderr.splitlines() if line.startswith("RTSTRUCT "))
+    assert not [s for s in _identifying_values(dicom_series(HIPPO)) if s in res.stdout + res.stderr]
+    for key, value in pacs.env().items():
+        monkeypatch.setenv(key, value)
+    client = PacsClient(pacs.url)
+    stored = [s for s in client.list_series(study) if s.modality == "RTSTRUCT"]
+    assert len(stored) == 1 and stored[0].description == "unet-pipeline local vmodel.pt"
+    source = tmp_path / "source"
+    shutil.copytree(dicom_series(HIPPO), source / "image")
+    rt_file = client.retrieve_series(study, stored[0].uid, source / "rtstruct")[0]
+    rt = pydicom.dcmread(rt_file)
+    assert rt.SOPInstanceUID == rt_uid and {r.ROIGenerationAlgorithm for r in rt.StructureSetROISequence} == {
+        "AUTOMATIC"}
+    kept = nib.load(str(next((tmp_path / "kept").glob("*.nii.gz"))))
+    classes = [r.ROIName for r in rt.StructureSetROISequence]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  dataset: {source}\n  classes: [{', '.join(classes)}]\n")
+    refused = run_main("dataset", "check", str(source), "--config", str(cfg), "--work-dir", str(tmp_path / "w"))
+    assert refused.returncode == 2 and "1 label(s) set aside as AUTOMATIC" in refused.stdout
+    export = run_main("dataset", "export", str(source), "--config", str(cfg), "--set", "data.allow_automatic_labels=true",
+                      "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"))
+    assert export.returncode == 0, export.stderr
+    exported = nib.load(str(next((tmp_path / "out" / "labelsTr").glob("*.nii.gz"))))
+    from pipeline.data.dicom_labels import place_on_grid
+
+    got = np.asarray(exported.dataobj)
+    truth = place_on_grid(np.asarray(kept.dataobj).astype(np.uint8), kept.affine, exported.affine, got.shape, "mask")
+    assert truth.any()
+    for value in range(1, len(classes) + 1):
+        a, b = truth == value, got == value
+        if a.any():
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95, classes[value - 1]
