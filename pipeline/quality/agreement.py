@@ -18,8 +18,10 @@ from collections.abc import Iterable
 
 import torch
 
-#: classes a uint8 label map can hold (the bincounts' length).
+#: the bincounts' length: a uint8 label map's values ...
 _CLASSES = 256
+#: ... of which the last stands for "the two members disagree here" (a label value of 255 is refused).
+_DISAGREE = 255
 
 
 class MaskAgreement:
@@ -46,15 +48,22 @@ class MaskAgreement:
         """One member's label map: its overlap with every earlier member is counted now.
 
         Args:
-            labels: an integer label map (any shape, the same for every member; values < 256), on any device.
+            labels: an integer label map (any shape, the same for every member; values < 255), on any device.
+
+        Raises:
+            ValueError: the map's size differs from the first member's, or it holds a value of 255 or more.
         """
+        if labels.numel() and int(labels.max()) >= _DISAGREE:
+            raise ValueError(f"label values must be below {_DISAGREE} (one is {int(labels.max())})")
         labels = labels.to(torch.uint8).reshape(-1)
         if self._maps and labels.shape != self._maps[0].shape:
             raise ValueError(f"a member's label map has {labels.numel()} voxels, the first had {self._maps[0].numel()}")
         j = len(self._maps)
         for i, other in enumerate(self._maps):
-            # bincount of the voxels where both agree: every class's intersection in one pass over the volume.
-            self._overlaps[(i, j)] = torch.bincount(labels[labels == other], minlength=_CLASSES).cpu()
+            # Every class's intersection in one pass: the voxels where the two disagree are counted under 255.
+            # (Boolean indexing, labels[labels == other], copies the agreeing voxels out: 3x slower on a CT.)
+            both = torch.where(labels == other, labels, _DISAGREE)
+            self._overlaps[(i, j)] = torch.bincount(both, minlength=_CLASSES).cpu()
         self._sizes.append(torch.bincount(labels, minlength=_CLASSES).cpu())
         self._maps.append(labels)
 

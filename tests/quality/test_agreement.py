@@ -43,6 +43,8 @@ def test_one_member_has_nothing_to_compare_and_shapes_must_match() -> None:
     assert math.isnan(agreement.dice([1])[1])
     with pytest.raises(ValueError, match="voxels"):
         agreement.add(torch.ones(2, 3, 3))
+    with pytest.raises(ValueError, match="below 255"):
+        agreement.add(torch.full((3, 3, 3), 255))
     agreement.reset()
     assert agreement.members == 0
     assert mean_agreement([{1: 0.5, 2: math.nan}, {1: 0.7, 2: math.nan}]) == {1: pytest.approx(0.6), 2: pytest.approx(
