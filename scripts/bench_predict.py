@@ -19,9 +19,16 @@ trained since ``evaluate.precision`` exists, float32 for older ones). A model ve
 compiled ahead of time once (at registration or by its first long job); the script does
 that first, untimed, and prints what it cost.
 
+``--monai-bf16`` runs MONAI's calls under ``torch.autocast("cpu", dtype=torch.bfloat16)`` instead: each side at its
+best on a CPU with native bf16. ``--jobs d --cases PATH...`` runs one more job on the given files or series
+folders (another task's scans with its model; ``--no-mirror`` for it without mirroring).
+
 Printed per job: wall seconds of each, peak RSS, the time per stage inside the process
 (read+preprocess, engine, inversion, postprocessing, writing, SEG, model resolution),
-and ``job ratio vs MONAI: X.XX`` (MONAI's wall time over ours). With ``--repeat N`` each job
+``job ratio vs MONAI: X.XX`` (MONAI's wall time over ours), and how close each side runs to the CPU's
+limit: the windows it evaluated times the FLOP of one window's forward pass (``FlopCounterMode``), per second
+of the engine and per second of the whole job, against the peak of the cores used for its precision
+(``pipeline/benchmarking.py``; the derivation is printed). With ``--repeat N`` each job
 runs N times per method, interleaved (ours, MONAI, ours, ...), and the run with the median wall
 time stands for each method: MONAI's eager path varies by about 15% between cold runs on
 2 cores, ours by 5%. Results also go to ``--out``.
@@ -51,7 +58,9 @@ sys.path.insert(0, str(REPO))
 
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus" / "imagesTr"
 CT = REPO.parent / "shared" / "data" / "dicom" / "chest_ct"
-JOBS = {"a": "one hippocampus scan", "b": "20 hippocampus scans, mirroring", "c": "chest CT, no mirroring"}
+JOBS = {"a": "one hippocampus scan", "b": "20 hippocampus scans, mirroring", "c": "chest CT, no mirroring",
+        "d": "the --cases given"}
+MONAI_BF16_ENV = "BENCH_PREDICT_MONAI_BF16"
 METHODS = ("ours", "monai")
 
 
@@ -88,12 +97,17 @@ def _monai_engine() -> None:
     from pipeline.inference import sliding_window
     from pipeline.inference.stitching import class_argmax
 
+    bf16 = os.environ.get(MONAI_BF16_ENV) == "1"
+
     def passes(self: sliding_window.SlidingWindowInferer, image: torch.Tensor, spread: bool, agreement: Any = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         s, network, cuda = self.settings, self.network, self.device.type == "cuda"
+        self.windows_evaluated = 0
+        self.precision = "bfloat16" if bf16 and not cuda else "float32"
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", enabled=cuda):
+            self.windows_evaluated += x.shape[0]
+            with torch.autocast("cuda", enabled=cuda), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = network(x[..., 0])[..., None] if self.spatial_dims == 2 else network(x)
             return out.float()
 
@@ -135,8 +149,35 @@ def _monai_engine() -> None:
     sliding_window.SlidingWindowInferer.with_spread = with_spread
 
 
+def _count_windows(work: dict[str, Any]) -> None:
+    """After each engine call, add the windows it evaluated and their FLOP (one window's forward pass, counted once
+    per engine) to ``work``, with the engine's precision."""
+    from pipeline.benchmarking import forward_flops
+    from pipeline.inference import sliding_window
+
+    cls = sliding_window.SlidingWindowInferer
+    flop_of: dict[int, int] = {}
+
+    def counting(name: str) -> None:
+        real = getattr(cls, name)
+
+        def wrapper(self: Any, image: Any, *args: Any, **kwargs: Any) -> Any:
+            out = real(self, image, *args, **kwargs)
+            if id(self) not in flop_of:
+                flop_of[id(self)] = forward_flops(self.network, (1, image.shape[0], *self.window[:self.spatial_dims]))
+            work["windows"] += self.windows_evaluated
+            work["flop"] += self.windows_evaluated * flop_of[id(self)]
+            work["precision"] = self.precision
+            return out
+
+        setattr(cls, name, wrapper)
+
+    counting("__call__")
+    counting("with_spread")
+
+
 def _worker(method: str, predict_args: list[str]) -> None:
-    """One ``predict`` call in this (cold) process; prints a JSON line with its stage times and peak RSS."""
+    """One ``predict`` call in this (cold) process; prints a JSON line with its stage times, peak RSS and work."""
     # Only pipeline modules, as ``unet-pipeline`` starts: importing MONAI first would change how it is imported.
     import pipeline.inference.predict as batch
     from pipeline.cli import main
@@ -156,16 +197,19 @@ def _worker(method: str, predict_args: list[str]) -> None:
     _timed(batch, "write_label_map", "writing", times)
     _timed(batch, "write_probabilities", "writing", times)
     _timed(batch, "write_dicom_seg", "SEG", times)
+    work: dict[str, Any] = {"windows": 0, "flop": 0, "precision": ""}
+    # Wrapped around the engine's timing: counting a window's FLOP (on a meta copy, about a second) is no engine time.
+    _count_windows(work)
     start = time.perf_counter()
     code = main(["predict", *predict_args])
     times["predict call"] = time.perf_counter() - start
-    print(json.dumps({"code": code, "stages": times, "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"code": code, "stages": times, "peak_rss_mb": _peak_rss_mb(), **work}))
 
 
 def _job_args(job: str, args: argparse.Namespace, out: Path) -> list[str]:
     cases = sorted(HIPPOCAMPUS.glob("*.nii.gz"))
-    inputs = {"a": [cases[-1]], "b": cases[-20:], "c": [CT]}[job]
-    extra = ["--no-mirror"] if job == "c" else []
+    inputs = {"a": [cases[-1]], "b": cases[-20:], "c": [CT], "d": args.cases}[job]
+    extra = ["--no-mirror"] if job == "c" or (job == "d" and args.no_mirror) else []
     if args.precision:
         extra += ["--precision", args.precision]
     return ["--model", args.model, "--device", args.device, "--work-dir", args.work_dir, "--out", str(out), *extra,
@@ -176,6 +220,7 @@ def _run(method: str, job: str, args: argparse.Namespace, tmp: Path, repeat: int
     out = tmp / f"{job}-{method}-{repeat}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--", *_job_args(job, args, out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
+    env[MONAI_BF16_ENV] = "1" if args.monai_bf16 else "0"
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     wall = time.perf_counter() - start
@@ -207,7 +252,11 @@ def main() -> None:
     parser.add_argument("--work-dir", default="unet-work/hippo")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the jobs (0: as set)")
-    parser.add_argument("--jobs", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--jobs", default="abc", help="which of a, b, c (and d, with --cases) to run")
+    parser.add_argument("--cases", nargs="+", default=[], help="job d's inputs: files or DICOM series folders")
+    parser.add_argument("--no-mirror", action="store_true", help="job d without mirroring")
+    parser.add_argument("--monai-bf16", action="store_true",
+                        help="MONAI's calls under bfloat16 autocast on the CPU (default: float32, as a MONAI script)")
     parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=None,
                         help="predict --precision for ours (default: the model's stored setting); "
                              "the MONAI path is float32 eager, as a MONAI script runs on a CPU")
@@ -229,7 +278,7 @@ def main() -> None:
             runs = [{m: _run(m, job, args, Path(tmp), r) for m in METHODS} for r in range(args.repeat)]
             results[job] = {m: _median_run([run[m] for run in runs]) for m in METHODS}
             results[job]["repeats"] = runs
-            _print(job, results[job], len(runs))
+            _print(job, results[job], len(runs), args.threads)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
@@ -239,7 +288,28 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**ordered[len(ordered) // 2], "walls_s": [r["wall_s"] for r in runs]}
 
 
-def _print(job: str, result: dict[str, Any], repeats: int = 1) -> None:
+def _against_peak(run: dict[str, Any], threads: int) -> list[str]:
+    """A side's achieved GFLOP/s in the engine and over the whole job against the CPU's peak for its precision,
+    added to ``run``; the lines to print, the peak's derivation last.
+
+    Args:
+        run: one side's median run (its windows' FLOP, the engine's seconds, the wall seconds, its precision).
+        threads: the jobs' threads (0: as set, so every usable CPU counts).
+    """
+    from pipeline.benchmarking import achieved_line, cpu_peak
+
+    if not run.get("flop") or run.get("precision") not in ("float32", "bfloat16"):
+        return []  # no window evaluated, or not on a CPU: the peak rules know CPUs only
+    peak = cpu_peak(run["precision"], threads or None)
+    engine_s = run["stages"].get("engine", 0.0)
+    run["engine_gflops_per_s"] = run["flop"] / engine_s / 1e9 if engine_s else None
+    run["job_gflops_per_s"] = run["flop"] / run["wall_s"] / 1e9
+    run["peak"], run["peak_gflops"] = peak.how, peak.gflops
+    lines = [achieved_line("engine", run["flop"], engine_s, peak)] if engine_s else []
+    return [*lines, achieved_line("whole job", run["flop"], run["wall_s"], peak), peak.how]
+
+
+def _print(job: str, result: dict[str, Any], repeats: int = 1, threads: int = 0) -> None:
     ours, monai = result["ours"], result["monai"]
     print(f"\n({job}) {JOBS[job]}" + (f", median of {repeats} cold runs each" if repeats > 1 else ""))
     print(f"  {'':22s} {'ours':>9s} {'monai':>9s}")
@@ -253,6 +323,13 @@ def _print(job: str, result: dict[str, Any], repeats: int = 1) -> None:
     if repeats > 1:
         walls = {m: " ".join(f"{w:.1f}" for w in result[m]["walls_s"]) for m in METHODS}
         print(f"  {'every run, wall s':22s} ours {walls['ours']} | monai {walls['monai']}")
+    for name, run in (("ours", ours), ("monai", monai)):
+        lines = _against_peak(run, threads)
+        if lines:
+            print(f"  {name}: {run['windows']} windows of {run['flop'] / run['windows'] / 1e9:.2f} GFLOP, "
+                  f"{run['precision']}")
+        for line in lines:
+            print(f"  {name} {line}")
     print(f"  job ratio vs MONAI: {monai['wall_s'] / ours['wall_s']:.2f}")
 
 

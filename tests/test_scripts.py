@@ -320,3 +320,39 @@ def test_fold_cases_writes_exactly_the_pipeline_folds_validation_cases(hippocamp
     assert {c.case_id for c in load_dataset(other.parent).cases}.isdisjoint(expected)
     with pytest.raises(SystemExit, match="--fold must be between 0 and 4"):
         script.fold_cases(tmp_path / "data", 5, 5, 3, tmp_path / "val5")
+
+
+@pytest.mark.slow
+def test_predict_benchmark_says_each_side_against_the_cpus_peak(tmp_path: Path, checkpoint_2mm: Path,
+                                                                 hippocampus: Path) -> None:
+    """One real hippocampus scan as job d, the tiny 2 mm model, MONAI under bf16 autocast: each side's windows
+    and FLOP, its GFLOP/s in the engine and over the whole job, the peak's derivation, and the ratio line."""
+    from pipeline.benchmarking import cpu_peak, forward_flops
+    from pipeline.inference import load_model
+
+    case = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_predict.py"), "--model", str(checkpoint_2mm), "--work-dir",
+         str(tmp_path / "w"), "--threads", "2", "--jobs", "d", "--cases", str(case), "--monai-bf16", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    job = json.loads(out.read_text())["d"]
+    import torch
+
+    model = load_model(checkpoint_2mm, torch.device("cpu"))
+    window_flop = forward_flops(model.network, (1, 1, *model.patch_size))
+    ours, monai = job["ours"], job["monai"]
+    assert ours["windows"] == monai["windows"] > 0  # the same windows (no mirroring stored in this model)
+    assert ours["flop"] == monai["flop"] == ours["windows"] * window_flop
+    assert (ours["precision"], monai["precision"]) == ("float32", "bfloat16")
+    for name, run in (("ours", ours), ("monai", monai)):
+        assert run["job_gflops_per_s"] == pytest.approx(run["flop"] / run["wall_s"] / 1e9)
+        assert run["engine_gflops_per_s"] == pytest.approx(run["flop"] / run["stages"]["engine"] / 1e9)
+        peak = cpu_peak(run["precision"], 2)
+        assert run["peak"] == peak.how and f"  {name} {peak.how}" in res.stdout
+        if peak.gflops:
+            ratio = run["job_gflops_per_s"] / peak.gflops
+            assert f"  {name} whole job: {run['job_gflops_per_s']:.1f} GFLOP/s" in res.stdout
+            assert f"ratio to peak {ratio:.2f}" in res.stdout
+    assert f"job ratio vs MONAI: {monai['wall_s'] / ours['wall_s']:.2f}" in res.stdout
