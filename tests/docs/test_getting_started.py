@@ -101,7 +101,7 @@ def test_the_drift_check_sees_a_changed_word_and_a_missing_line() -> None:
 
 def test_the_page_shows_the_tour() -> None:
     commands = [s.command for s in page_steps(PAGE.read_text())]
-    assert [c.split()[1] for c in commands if c.startswith("unet-pipeline")] == ["run", "run", "predict"]
+    assert [c.split()[1] for c in commands if c.startswith("unet-pipeline")] == ["run", "run", "predict", "worklist"]
     assert all(s.expected for s in page_steps(PAGE.read_text())), "every command shows what it prints"
 
 
