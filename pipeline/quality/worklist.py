@@ -112,7 +112,10 @@ class Worklist:
         """Write the list as CSV, atomically: one row per item, a volume and an estimate column per structure.
 
         Args:
-            path: the target file.
+            path: the target file (its folder is created).
+
+        Raises:
+            InputDataError: the file cannot be written.
         """
         columns = ["rank", "case", "study_instance_uid", "series_instance_uid", "structure", "estimated_dice",
                    "flagged", "model", "model_version"]
@@ -129,7 +132,10 @@ class Worklist:
             flat.update({f"{s} estimated_dice": row["estimates"].get(s) for s in self.structures})
             writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
                              for k, v in flat.items()})
-        write_text_atomic(Path(path), buffer.getvalue())
+        try:
+            write_text_atomic(Path(path), buffer.getvalue())
+        except OSError as error:
+            raise InputDataError(path, f"cannot be written ({error.strerror or type(error).__name__})") from None
         return Path(path)
 
     def lines(self) -> list[str]:

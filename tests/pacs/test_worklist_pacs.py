@@ -98,6 +98,16 @@ def test_the_worklist_ranks_the_pacs_predictions_and_a_readers_correction_takes_
         else:
             assert item["model"] == {"name": "local", "version": "model.pt"} and item["reasons"] == []
 
+    # Only UIDs identify a series in what goes out: no patient's name or ID (the studies' are P0000...).
+    assert not [f"P{n:04d}" for n in range(len(made)) if f"P{n:04d}" in json.dumps(items)]
+    # The credentials of pacs: refused ones end in one line and exit 8, the password never shown.
+    monkeypatch.setenv("DICOMWEB_PASSWORD", "not-the-password")
+    refused = run_main("worklist", server.url)
+    assert refused.returncode == 8 and refused.stdout == "", refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "refused the credentials" in refused.stderr
+    assert "not-the-password" not in refused.stderr
+    monkeypatch.setenv("DICOMWEB_PASSWORD", server.password)
+
     # A reader corrects the most urgent one: a MANUAL SEG of its series, newer than the prediction.
     first = items[0]
     index = studies.index(first["study_instance_uid"])

@@ -121,17 +121,31 @@ def test_help_runs_and_bad_input_is_one_line_with_the_pacs_exit_codes(predicted:
                             timeout=120)
     assert helped.returncode == 0 and "--structure" in helped.stdout and "SOURCE" in helped.stdout
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
     cases = [((str(tmp_path / "missing"),), 2, "is not a folder"),
              ((str(tmp_path / "empty"),), 2, "is not a predict output folder"),
              (("http://127.0.0.1:9/dicom-web",), 7, "connection refused"),
              ((str(predicted["out"]), "--structure", "Hippocampus"), 2, "not a structure of these predictions"),
              ((str(predicted["out"]), "--model", "other"), 2, "no prediction of model 'other'"),
-             ((str(predicted["out"]), "--limit", "0"), 2, "--limit must be at least 1")]
+             ((str(predicted["out"]), "--limit", "0"), 2, "--limit must be at least 1"),
+             ((str(predicted["out"]), "--out", str(tmp_path / "a_file" / "x.csv")), 2, "cannot be written")]
     for args, code, text in cases:
         done = run_main("worklist", *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and len(lines) == 1 and text in lines[0], (args, done.stderr)
         assert lines[0].startswith("error: ") and done.stdout == ""
+
+
+def test_the_table_has_one_line_per_series_and_says_how_many_on_stderr(predicted: dict) -> None:
+    done = run_main("worklist", str(predicted["out"]), "--limit", "3")
+    assert done.returncode == 0, done.stderr
+    items = _json(str(predicted["out"]), "--limit", "3")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and done.stderr.strip().splitlines()[-1] == "3 of 5 series to review, most urgent first"
+    for n, (line, item) in enumerate(zip(lines, items), start=1):
+        assert line.split()[:3] == [str(n), f"{item['estimated_dice']:.3f}", *(["flagged"] if item["flagged"] else [
+            item["case"]])]
+        assert item["case"] in line and f"local v{item['model']['version']}" in line
 
 
 def _item(case: str, model: str, version: str, dice: float | None, when: float) -> WorkItem:
