@@ -26,7 +26,13 @@ unseen case's will (on the hippocampus fold the fit ranked its own cases at rho 
 one out at 0.48 and truly unseen cases at 0.25), so a threshold taken from them flags a
 different share of new cases than the one asked for. The figures that say whether the
 estimate can be trusted (``spearman_oos``, ``worst5_caught``, ``flagged_share``, and
-``reliable`` from them) come from the same out-of-sample estimates.
+``reliable`` from them) come from the same out-of-sample estimates; since issue 38 also rho's bootstrap
+95 % interval and the AURC against a random order's (:mod:`pipeline.quality.validation`), and with them
+``reliable`` asks for the interval's lower end above 0.3 and an AURC below random's instead of a rho of 0.5.
+
+``estimator="agreement"`` fits the alternative map of :mod:`pipeline.quality.isotonic` (per label, monotone
+in the members' agreement); the linear map stays the default until the agreement map is measured better
+out of sample on every task (``scripts/quality_estimate.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.quality import isotonic
+from pipeline.quality import isotonic, validation
 
 #: the signals the estimate uses.
 FEATURES: tuple[str, ...] = ("soft_dice", "expected_error", "voxels")
@@ -61,6 +67,10 @@ RELIABLE_MIN_WORST_CAUGHT = 3
 RELIABLE_MAX_FLAGGED_SHARE = 0.25
 #: the figures a calibration fitted since they exist carries (older ones lack them: reliability unknown).
 OOS_KEYS = ("spearman_oos", "worst5_caught", "flagged_share")
+#: the out-of-sample ranking figures of :mod:`pipeline.quality.validation` a calibration fitted since they exist
+#: carries: with them, :func:`pipeline.quality.validation.reliable` (rho's interval, AURC against random) replaces
+#: the ``spearman_oos >= 0.5`` criterion.
+INTERVAL_KEYS = ("spearman_oos_low", "spearman_oos_high", "aurc_oos", "aurc_random")
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,9 @@ class Calibration:
             leave-one-out; from the out-of-sample estimates (since these exist) ``spearman_oos``
             (their rho), ``worst5_caught`` (how many of the :data:`WORST_CASES` cases with the
             lowest true mean Dice the threshold flags), ``flagged_share`` (the share of cases it
-            flags) and ``reliable`` (1.0 or 0.0, see :meth:`reliable`).
+            flags), ``spearman_oos_low`` and ``spearman_oos_high`` (its bootstrap 95 % interval), ``aurc_oos``
+            and ``aurc_random`` (the risk-coverage area and a random order's) and ``reliable`` (1.0 or 0.0, see
+            :meth:`reliable`).
     """
 
     labels: dict[int, LabelFit | isotonic.IsotonicFit]
@@ -173,7 +185,11 @@ class Calibration:
         rho, caught, share = float(v["spearman_oos"]), float(v["worst5_caught"]), float(v["flagged_share"])
         worst = min(WORST_CASES, int(v.get("cases", WORST_CASES)))
         why = []
-        if not rho >= RELIABLE_MIN_RHO:  # NaN (too few cases to rank) is not reliable either
+        if all(k in v for k in INTERVAL_KEYS):
+            # The ranking judged by its interval and its AURC (one rule, pipeline.quality.validation.reliable).
+            why += validation.reliable({"spearman_low": v["spearman_oos_low"], "aurc": v["aurc_oos"],
+                                        "aurc_random": v["aurc_random"]})[1]
+        elif not rho >= RELIABLE_MIN_RHO:  # NaN (too few cases to rank) is not reliable either
             why.append(f"rho {_apart(rho, RELIABLE_MIN_RHO)} < {RELIABLE_MIN_RHO}")
         if caught < RELIABLE_MIN_WORST_CAUGHT:
             why.append(f"it flags {caught:.0f} of the {worst} worst validation cases (< {RELIABLE_MIN_WORST_CAUGHT})")
@@ -244,8 +260,11 @@ def fit_calibration(
                                      else float(np.quantile(known, flag_quantile)) if known.size else 0.0)
     caught, share = screening(lowest, _mean(truth), calibration.min_expected_dice)
     rho_oos = _rho(oos, truth)
+    ranking = validation.summarise(_mean(oos), _mean(truth))
     calibration.validation = {"cases": float(n), "spearman": _rho(in_sample, truth), "spearman_loo": rho_oos,
-                              "spearman_oos": rho_oos, "worst5_caught": float(caught), "flagged_share": share}
+                              "spearman_oos": rho_oos, "worst5_caught": float(caught), "flagged_share": share,
+                              "spearman_oos_low": ranking["spearman_low"], "spearman_oos_high": ranking["spearman_high"],
+                              "aurc_oos": ranking["aurc"], "aurc_random": ranking["aurc_random"]}
     calibration.validation["reliable"] = float(bool(calibration.reliable))
     return calibration
 
