@@ -201,7 +201,8 @@ def _add_worklist_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help='print {"items": [...]} as JSON instead of the table')
     p.add_argument("--config", default=None,
-                   help="YAML config whose pacs section gives verify_tls and viewer_url")
+                   help="YAML config whose pacs section gives verify_tls and viewer_url, and whose "
+                        "data.reader_edit_rules recognise readers' edits saved as AUTOMATIC (as for training)")
     p.add_argument("--viewer-url", default=None,
                    help="OHIF root: each study gets a link VIEWER/viewer?StudyInstanceUIDs=UID (or pacs.viewer_url)")
 
@@ -497,10 +498,12 @@ def _worklist(args: argparse.Namespace) -> int:
     from pipeline import stages
     from pipeline.config import load_config
 
-    pacs_cfg = load_config(args.config).pacs
+    cfg = load_config(args.config)
+    pacs_cfg = cfg.pacs
     if args.viewer_url is not None:
         pacs_cfg = dataclasses.replace(pacs_cfg, viewer_url=args.viewer_url)
-    worklist = stages.worklist_stage(args.sources, pacs_cfg, args.model, args.structure, args.limit)
+    worklist = stages.worklist_stage(args.sources, pacs_cfg, args.model, args.structure, args.limit,
+                                     cfg.data.reader_edit_rules)
     if args.out is not None:
         worklist.write_csv(args.out)
     shown = f"{len(worklist.items)} of {worklist.total}" if len(worklist.items) < worklist.total else (

@@ -3,9 +3,12 @@
 Every SR this project wrote (SeriesDescription ``unet-pipeline NAME vVERSION SR``, Manufacturer ``unet-pipeline``)
 states the model's name and version, the series it segmented, when, and each structure's volume and estimated
 Dice. The newest SR of a series per model is its prediction. A series a reader has corrected since (a SEG or
-RTSTRUCT of that series that :attr:`~pipeline.data.dicom_labels.LabelHeader.is_human` holds for, dated after the
-SR) is done and left out. The SRs and labels are retrieved into a temporary folder removed afterwards; nothing of
-their headers but UIDs, dates, algorithm types and the model's identity is read, and nothing is logged but counts.
+RTSTRUCT of that series dated after the SR that training takes as a reader's: one that
+:attr:`~pipeline.data.dicom_labels.LabelHeader.is_human` holds for, or that a ``data.reader_edit_rules`` rule
+recognises, :func:`~pipeline.data.dicom_dataset.edit_rule`) is done and left out. The SRs and labels are
+retrieved into a temporary folder removed afterwards; nothing of their headers but UIDs, dates, algorithm types,
+the edit rules' attributes (matched, never shown) and the model's identity is read, and nothing is logged but
+counts.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.data.dicom_labels import LabelProblem, read_label_header
+from pipeline.data.dicom_dataset import edit_rule
+from pipeline.data.dicom_labels import LabelHeader, LabelProblem, read_label_header
 from pipeline.inference.dicom_sr import PredictionReport, read_prediction_report
 from pipeline.pacs.client import PacsClient
 from pipeline.quality.worklist import WorkItem, dicom_time
@@ -26,12 +30,14 @@ OWN_DESCRIPTION = "unet-pipeline "
 _LABEL_MODALITIES = ("SEG", "RTSTRUCT")
 
 
-def pacs_items(client: PacsClient, model: str | None = None) -> list[WorkItem]:
+def pacs_items(client: PacsClient, model: str | None = None,
+               edit_rules: list[dict[str, str]] | None = None) -> list[WorkItem]:
     """The newest prediction of each series and model on the PACS, without the series a reader corrected since.
 
     Args:
         client: the PACS.
         model: only this model's SRs (``None``: every model's).
+        edit_rules: ``data.reader_edit_rules``: AUTOMATIC labels they match are readers' edits too.
 
     Raises:
         PacsUnavailableError, PacsAuthError: the PACS is down or refuses the credentials.
@@ -52,7 +58,7 @@ def pacs_items(client: PacsClient, model: str | None = None) -> list[WorkItem]:
                 kept = latest.get(key)
                 if kept is None or (item.when or 0.0) > (kept.when or 0.0):
                     latest[key] = item
-        corrected = _reader_labels(client, {study for study, _, _ in latest}, Path(tmp))
+        corrected = _reader_labels(client, {study for study, _, _ in latest}, Path(tmp), edit_rules)
     items = []
     for (study, series, _), item in sorted(latest.items()):
         times = corrected.get((study, series), [])
@@ -76,7 +82,19 @@ def _item(report: PredictionReport) -> WorkItem:
     )
 
 
-def _reader_labels(client: PacsClient, studies: set[str], tmp: Path) -> dict[tuple[str, str], list[float | None]]:
+def is_reader_label(header: LabelHeader, edit_rules: list[dict[str, str]] | None = None) -> bool:
+    """Whether training would take a label object as a reader's: every segment or ROI MANUAL or SEMIAUTOMATIC, or
+    an AUTOMATIC one that a ``data.reader_edit_rules`` rule recognises (never this project's own output).
+
+    Args:
+        header: the label object's header.
+        edit_rules: ``data.reader_edit_rules``.
+    """
+    return header.is_human or edit_rule(header, edit_rules) is not None
+
+
+def _reader_labels(client: PacsClient, studies: set[str], tmp: Path,
+                   edit_rules: list[dict[str, str]] | None) -> dict[tuple[str, str], list[float | None]]:
     """(study, image series) -> the dates of the readers' labels (SEG or RTSTRUCT) of that series in ``studies``."""
     found: dict[tuple[str, str], list[float | None]] = {}
     if not studies:
@@ -91,7 +109,7 @@ def _reader_labels(client: PacsClient, studies: set[str], tmp: Path) -> dict[tup
                 except LabelProblem:
                     header = None
                 path.unlink()
-                # The project's own rule of a reader's label (MANUAL or SEMIAUTOMATIC, every segment or ROI).
-                if header is not None and header.is_human and header.series_uid:
+                # The project's own rule of a reader's label, as training applies it.
+                if header is not None and header.series_uid and is_reader_label(header, edit_rules):
                     found.setdefault((study_uid, header.series_uid), []).append(dicom_time(header.when))
     return found

@@ -17,7 +17,7 @@ def is_dicomweb_url(source: str) -> bool:
 
 
 def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = None, structure: str | None = None,
-                   limit: int | None = None):
+                   limit: int | None = None, edit_rules: list[dict[str, str]] | None = None):
     """The ranked list of predictions to review, most urgent first, from ``predict`` folders and DICOMweb servers.
 
     Args:
@@ -26,6 +26,7 @@ def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = No
         model: the model whose predictions to list (``None``: the only one present).
         structure: rank by this structure's estimated Dice (``None``: the case's mean).
         limit: keep the first ``limit``.
+        edit_rules: ``data.reader_edit_rules`` (an AUTOMATIC label they match is a reader's correction too).
 
     Returns:
         The :class:`~pipeline.quality.worklist.Worklist`.
@@ -39,7 +40,7 @@ def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = No
         if is_dicomweb_url(source):
             client = PacsClient(source, verify_tls=pacs_cfg.verify_tls)
             client.ping()  # a PACS that is down or refuses us says so before anything else
-            items += pacs_items(client, model)
+            items += pacs_items(client, model, edit_rules)
         else:
             items += folder_items(Path(source))
     return rank(items, model, structure, limit, pacs_cfg.viewer_url)

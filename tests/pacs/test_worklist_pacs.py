@@ -50,8 +50,8 @@ def _sr_means(client: PacsClient, studies: list[str], tmp: Path) -> dict[str, fl
     return means
 
 
-def _worklist(server: OrthancServer) -> list[dict]:
-    done = run_main("worklist", server.url, "--json", "--viewer-url", VIEWER)
+def _worklist(server: OrthancServer, *args: str) -> list[dict]:
+    done = run_main("worklist", server.url, "--json", "--viewer-url", VIEWER, *args)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["items"]
 
@@ -108,21 +108,35 @@ def test_the_worklist_ranks_the_pacs_predictions_and_a_readers_correction_takes_
     assert "not-the-password" not in refused.stderr
     monkeypatch.setenv("DICOMWEB_PASSWORD", server.password)
 
+    def label_of(item: dict) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+        slices = _slices(folders[studies.index(item["study_instance_uid"])])
+        label = np.zeros((slices[0].Columns, slices[0].Rows, len(slices)), np.uint8)
+        label[5:15, 10:25, 8:20] = 1
+        label[15:25, 10:25, 8:20] = 2
+        return label, slices
+
     # A reader corrects the most urgent one: a MANUAL SEG of its series, newer than the prediction.
     first = items[0]
-    index = studies.index(first["study_instance_uid"])
-    slices = _slices(folders[index])
-    label = np.zeros((slices[0].Columns, slices[0].Rows, len(slices)), np.uint8)
-    label[5:15, 10:25, 8:20] = 1
-    label[15:25, 10:25, 8:20] = 2
-    corrected = maker.write_seg(label, slices, CLASSES, tmp_path / "corrected.dcm", datetime.now())
+    corrected = maker.write_seg(*label_of(first), CLASSES, tmp_path / "corrected.dcm", datetime.now())
     server.upload([tmp_path / "corrected.dcm"])
     after = _worklist(server)
     assert [i["series_instance_uid"] for i in after] == [i["series_instance_uid"] for i in items[1:]]
 
-    # The next run trains with the reader's SEG (a tiny training: the loop, not the model, is under test).
+    # Another reader's edit of the second, saved by a viewer as AUTOMATIC: still listed, until a
+    # data.reader_edit_rules rule (the one training applies) recognises it.
     cfg = {**TINY, "data": {"dataset": server.url, "classes": CLASSES, "num_folds": 2},
            "train": {**TINY["train"], "epochs": 1, "iterations_per_epoch": 1, "val_every": 1}}
+    with_rules = tmp_path / "rules.yaml"
+    with_rules.write_text(yaml.safe_dump({**cfg, "data": {**cfg["data"], "reader_edit_rules": [
+        {"SeriesDescription": "^edited in the viewer$"}]}}))
+    maker.write_seg(*label_of(items[1]), CLASSES, tmp_path / "edit.dcm", datetime.now(), automatic=True,
+                    description="edited in the viewer")
+    server.upload([tmp_path / "edit.dcm"])
+    assert [i["series_instance_uid"] for i in _worklist(server)] == [i["series_instance_uid"] for i in items[1:]]
+    assert [i["series_instance_uid"] for i in _worklist(server, "--config", str(with_rules))] == [
+        items[2]["series_instance_uid"]]
+
+    # The next run trains with the reader's SEG (a tiny training: the loop, not the model, is under test).
     config = tmp_path / "pacs.yaml"
     config.write_text(yaml.safe_dump(cfg))
     trained = run_main("run", str(config), "--work-dir", str(work))
