@@ -237,7 +237,13 @@ def forward_flops(network: torch.nn.Module, input_shape: Sequence[int]) -> int:
         return count_flops(lambda: meta(x))
 
 
-def training_step_flops(network: torch.nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+def _every_output(outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    """A loss that reaches every output (each deep-supervision level), for counting: losses do no convolution."""
+    return sum((o.float().mean() for o in ([outputs] if isinstance(outputs, torch.Tensor) else outputs)),
+               torch.zeros((), device=label.device))
+
+
+def training_step_flops(network: torch.nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None,
                         input_shape: Sequence[int]) -> int:
     """FLOP of one training step's forward and backward pass (the optimiser's few element-wise FLOP aside).
 
@@ -246,9 +252,11 @@ def training_step_flops(network: torch.nn.Module, loss_fn: Callable[[Any, torch.
 
     Args:
         network: the network as it trains (deep supervision included when on).
-        loss_fn: the training loss, called as ``loss_fn(network(image), label)``.
+        loss_fn: the training loss, called as ``loss_fn(network(image), label)``; ``None``: the mean of every
+            output, which counts the same (a Dice or cross-entropy loss does no matrix product).
         input_shape: ``(batch, channels, *spatial)``: the plan's batch of patches.
     """
+    loss_fn = loss_fn or _every_output
     meta = _on_meta(network).train()
     image = torch.zeros(tuple(input_shape), device="meta")
     label = torch.zeros((input_shape[0], 1, *input_shape[2:]), dtype=torch.long, device="meta")

@@ -105,3 +105,27 @@ def test_achieved_line_gives_the_ratio() -> None:
     peak = cpu_peak("bf16", cpuinfo=ZEN4, cpus=2, max_khz=None)
     line = achieved_line("training", 31.6e9 * 5, 1.0, peak)
     assert line == "training: 158.0 GFLOP/s bf16 achieved of 332 peak: ratio to peak 0.48"
+
+
+def test_a_training_run_logs_its_gflops_against_the_peak(tiny_config, tmp_path, capsys) -> None:
+    """A real (one-epoch) tiny run: its GFLOP/s from its patches/s and the FLOP of its step, the peak for the
+    precision it trained in, the ratio, as metrics, a tag and one line."""
+    import mlflow
+
+    from pipeline.cli import main
+    from pipeline.inference import load_checkpoint
+
+    work = tmp_path / "w"
+    assert main(["train", str(tiny_config), "--work-dir", str(work), "--set", "train.epochs=1"]) == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    metrics, tags = run.data.metrics, run.data.tags
+    kwargs = load_checkpoint(work / "checkpoints" / "fold_0" / "final.pt")["model"]
+    assert kwargs["features"] == [8, 16]  # the network that trained: the tiny config's
+    step = training_step_flops(UNet(**kwargs), None, (2, 1, 24, 24, 24))
+    assert metrics["gflops_per_second"] == pytest.approx(step / 2 * metrics["patches_per_second"] / 1e9, rel=1e-6)
+    peak = cpu_peak(tags["train.precision"], torch.get_num_threads())
+    assert tags["train.peak"] == peak.how
+    if peak.gflops:
+        assert metrics["ratio_to_peak"] == pytest.approx(metrics["gflops_per_second"] / peak.gflops, rel=1e-6)
+    assert f"training: {metrics['gflops_per_second']:.1f} GFLOP/s" in capsys.readouterr().err

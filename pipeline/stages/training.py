@@ -102,7 +102,38 @@ def _train(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, resume: bool
                   "train.skipped_steps": str(result.skipped_steps),
                   **({"train.precision_fell_back": "bfloat16 -> float32"} if result.fell_back_to_float32 else {})})
         log.curves(history, prepared.plan["labels"])
+        _against_peak(cfg, prepared, result, log)
     return result
+
+
+def _against_peak(cfg: PipelineConfig, prepared: Prepared, result: Any, log: Any) -> None:
+    """The run's training GFLOP/s against the CPU's peak for its precision: two metrics, a tag and one line.
+
+    Only for one process on a CPU: the peak rules know CPUs, and a DDP run's patches are summed over its hosts.
+    """
+    import sys
+
+    import torch
+
+    from models.unet import UNet
+    from pipeline.benchmarking import achieved_line, cpu_peak, training_step_flops
+    from pipeline.inference import load_checkpoint
+
+    if (resolve_device(cfg.train.device).type != "cpu" or result.precision not in ("float32", "bfloat16")
+            or not result.patches_per_second or torch.distributed.is_initialized()):
+        return
+    net = prepared.plan["network"]
+    batch = int(net["batch_size"])
+    # The network as it trained (deep supervision included), rebuilt from the final checkpoint on the meta device.
+    network = UNet(**load_checkpoint(result.final_checkpoint)["model"])
+    step = training_step_flops(network, None, (batch, len(prepared.plan["modalities"]), *net["patch_size"]))
+    peak = cpu_peak(result.precision, torch.get_num_threads())
+    line = achieved_line("training", step, batch / result.patches_per_second, peak)
+    achieved = step / batch * result.patches_per_second / 1e9
+    log.metrics({"gflops_per_second": achieved, **({"ratio_to_peak": peak.ratio(achieved)} if peak.gflops else {})},
+                "logging the training's GFLOP/s")
+    log.tags({"train.peak": peak.how})
+    print(f"{line}; {peak.how}", file=sys.stderr)
 
 
 def _training_result_from_disk(cfg: PipelineConfig, work_dir: Path):
