@@ -259,9 +259,12 @@ def _after_step(run: _Run, state: _State, taken: bool, epoch: int, iteration: in
                            "(slower; set train.amp: false to start so)", state.nonfinite.skipped, where)
     else:
         grads = parts.nonfinite_grads
-        # One line per skipped step (they are rare): which layers' gradients, to tell a kernel from the data.
-        logger.info("step skipped at %s: %s", where, f"non-finite gradients in {', '.join(grads[:3])}"
-                    + (f" and {len(grads) - 3} more" if len(grads) > 3 else "") if grads else "the loss is not finite")
+        # One line per skipped step (they are rare). Back-propagation spreads a NaN towards the input, so the
+        # parameter nearest the output whose gradient is not finite is where it began.
+        why = (f"non-finite gradients in {len(grads)} parameters, the nearest the output {grads[-1]}" if grads
+               else "the loss is not finite" if not math.isfinite(value)
+               else "the gradients' norm overflows (finite gradients beyond 1e19)")
+        logger.info("step skipped at %s: %s", where, why)
     return False
 
 
