@@ -343,8 +343,11 @@ def _size_cpus(args: argparse.Namespace) -> None:
     if args.command in ("run", "preprocess", "train", "ensemble"):
         t = load_config(args.config, args.overrides).train
         training = args.command in ("run", "train")
-        plan = cpus.start_job(t.num_threads, "train.num_threads", t.device if training else None,
-                              t.num_workers)
+        plan = cpus.start_job(t.num_threads, "train.num_threads")
+        if training:  # after start_job: resolving the device loads torch, which reads the wait policy once
+            from pipeline.training import resolve_device
+
+            plan = cpus.with_workers(plan, t.num_workers, resolve_device(t.device).type)
     else:
         if args.threads is not None and args.threads < 1:
             raise PipelineError(f"--threads must be >= 1, got {args.threads}")

@@ -301,26 +301,29 @@ def single_threaded_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def start_job(
-    forced: int | None = None, forced_from: str = "", device: str | None = None, num_workers: int | None = None,
-) -> ThreadPlan:
-    """Size a job at start-up: the wait policy (before torch loads), torch's threads, and training's workers.
+def start_job(forced: int | None = None, forced_from: str = "") -> ThreadPlan:
+    """Size a job at start-up: the wait policy (before torch loads), then torch's threads.
 
     Args:
         forced: an explicit thread count (``train.num_threads``, ``--threads``); ``None`` or 0: from the CPUs.
         forced_from: what gave ``forced``, for the start-up line.
-        device: for a training job, ``train.device`` (its data workers depend on it); ``None``: no data workers.
-        num_workers: ``train.num_workers``.
 
     Returns:
-        The plan taken; :meth:`ThreadPlan.line` says it in one line.
+        The plan taken (no data workers: :func:`with_workers` adds a training job's); :meth:`ThreadPlan.line`
+        says it in one line.
     """
     plan = plan_threads(forced, forced_from)
     set_wait_policy(plan)
     apply(plan)
-    if device is None:
-        return plan
-    from pipeline.training.devices import resolve_device
+    return plan
 
-    workers = data_workers(num_workers, resolve_device(device).type, plan.budget.per_job)
-    return dataclasses.replace(plan, workers=workers)
+
+def with_workers(plan: ThreadPlan, num_workers: int | None, device_type: str) -> ThreadPlan:
+    """A training job's plan with its data workers (:func:`data_workers`).
+
+    Args:
+        plan: what :func:`start_job` took.
+        num_workers: ``train.num_workers``.
+        device_type: ``cpu`` or ``cuda``, where it trains.
+    """
+    return dataclasses.replace(plan, workers=data_workers(num_workers, device_type, plan.budget.per_job))
