@@ -185,26 +185,17 @@ def _add_dataset_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_worklist_parser(sub: argparse._SubParsersAction) -> None:
-    text = ("what to correct next: the predictions of predict output folders and of PACS (the SRs pacs predict and "
-            "pacs watch stored), lowest estimated Dice first")
-    p = sub.add_parser("worklist", help=text, description=text + ", flagged cases first as in the report; a series "
-                       "a reader corrected since (a newer MANUAL or SEMIAUTOMATIC SEG or RTSTRUCT) is left out. "
-                       "Credentials for a DICOMweb URL come from DICOMWEB_USER/DICOMWEB_PASSWORD or DICOMWEB_TOKEN, "
-                       "as for pacs.")
+    text = "what to correct next: the predictions of predict output folders and PACS SRs, worst estimate first"
+    p = sub.add_parser("worklist", help=text, description=text + " (flagged first, as in the report); a series a "
+                       "reader corrected since is left out. Credentials for a URL as for pacs (DICOMWEB_*).")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="a predict output folder or a DICOMweb root URL")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="list this model's predictions (needed when the sources hold several models')")
-    p.add_argument("--structure", default=None, metavar="NAME",
-                   help="rank by this structure's estimated Dice instead of the case's mean")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="list only the N most urgent")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE.csv", help="write the list as CSV (atomically)")
-    p.add_argument("--json", action="store_true",
-                   help='print {"items": [...]} as JSON instead of the table')
-    p.add_argument("--config", default=None,
-                   help="YAML config whose pacs section gives verify_tls and viewer_url, and whose "
-                        "data.reader_edit_rules recognise readers' edits saved as AUTOMATIC (as for training)")
-    p.add_argument("--viewer-url", default=None,
-                   help="OHIF root: each study gets a link VIEWER/viewer?StudyInstanceUIDs=UID (or pacs.viewer_url)")
+    p.add_argument("--model", metavar="NAME", help="this model's predictions (needed when the sources hold several)")
+    p.add_argument("--structure", metavar="NAME", help="rank by this structure's estimated Dice, not the case's mean")
+    p.add_argument("--limit", type=int, metavar="N", help="list only the N most urgent")
+    p.add_argument("--out", type=Path, metavar="FILE.csv", help="write the list as CSV (atomically)")
+    p.add_argument("--json", action="store_true", help='print {"items": [...]} as JSON instead of the table')
+    p.add_argument("--config", help="YAML config: pacs.verify_tls, pacs.viewer_url, data.reader_edit_rules")
+    p.add_argument("--viewer-url", help="OHIF root: a link VIEWER/viewer?StudyInstanceUIDs=UID per study")
 
 
 def _add_cache_parsers(sub: argparse._SubParsersAction) -> None:
@@ -496,29 +487,17 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _worklist(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from pipeline import stages
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
-    pacs_cfg = cfg.pacs
-    if args.viewer_url is not None:
-        pacs_cfg = dataclasses.replace(pacs_cfg, viewer_url=args.viewer_url)
-    worklist = stages.worklist_stage(args.sources, pacs_cfg, args.model, args.structure, args.limit,
-                                     cfg.data.reader_edit_rules)
-    if args.out is not None:
-        worklist.write_csv(args.out)
-    shown = f"{len(worklist.items)} of {worklist.total}" if len(worklist.items) < worklist.total else (
-        f"{worklist.total}")
-    if args.json:
-        print(worklist.to_json())
-    elif args.out is not None:
-        print(f"{args.out}: {shown} series, most urgent first")
-    else:
-        for line in worklist.lines():
-            print(line)
-        print(f"{shown} series to review, most urgent first", file=sys.stderr)
+    listed = stages.worklist_stage(args.sources, cfg.pacs, args.model, args.structure, args.limit,
+                                   cfg.data.reader_edit_rules, args.viewer_url)
+    shown, said = listed.publish(args.out, args.json)
+    for line in shown:
+        print(line)
+    if said:
+        print(said, file=sys.stderr)
     return 0
 
 

@@ -138,6 +138,25 @@ class Worklist:
             raise InputDataError(path, f"cannot be written ({error.strerror or type(error).__name__})") from None
         return Path(path)
 
+    def publish(self, out: Path | None = None, as_json: bool = False) -> tuple[list[str], str | None]:
+        """Write the CSV when asked, and say what ``worklist`` prints: stdout's lines and one line for stderr.
+
+        ``--json``: the JSON; ``--out`` alone: one line naming the file; else the table on stdout and the count on
+        stderr.
+
+        Args:
+            out: the CSV to write (``None``: none).
+            as_json: print the JSON.
+        """
+        if out is not None:
+            self.write_csv(out)
+        shown = f"{len(self.items)} of {self.total}" if len(self.items) < self.total else f"{self.total}"
+        if as_json:
+            return [self.to_json()], None
+        if out is not None:
+            return [f"{out}: {shown} series, most urgent first"], None
+        return self.lines(), f"{shown} series to review, most urgent first"
+
     def lines(self) -> list[str]:
         """The list as a table for the terminal, one line per item."""
         out = []

@@ -17,7 +17,8 @@ def is_dicomweb_url(source: str) -> bool:
 
 
 def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = None, structure: str | None = None,
-                   limit: int | None = None, edit_rules: list[dict[str, str]] | None = None):
+                   limit: int | None = None, edit_rules: list[dict[str, str]] | None = None,
+                   viewer_url: str | None = None):
     """The ranked list of predictions to review, most urgent first, from ``predict`` folders and DICOMweb servers.
 
     Args:
@@ -27,6 +28,7 @@ def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = No
         structure: rank by this structure's estimated Dice (``None``: the case's mean).
         limit: keep the first ``limit``.
         edit_rules: ``data.reader_edit_rules`` (an AUTOMATIC label they match is a reader's correction too).
+        viewer_url: the viewer's root for the links (``None``: ``pacs_cfg.viewer_url``).
 
     Returns:
         The :class:`~pipeline.quality.worklist.Worklist`.
@@ -43,4 +45,4 @@ def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = No
             items += pacs_items(client, model, edit_rules)
         else:
             items += folder_items(Path(source))
-    return rank(items, model, structure, limit, pacs_cfg.viewer_url)
+    return rank(items, model, structure, limit, viewer_url or pacs_cfg.viewer_url)
