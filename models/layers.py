@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 
@@ -21,6 +22,26 @@ def _check_dims(spatial_dims: int) -> None:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that trains in float32 where CPU bfloat16 autocast would give it wrong weight gradients.
+
+    oneDNN's bfloat16 backward-weights kernel for a 3D convolution returns garbage when the input is two
+    voxels deep and the kernel three (PyTorch 2.14, AMD Zen 4 with AVX-512 BF16: relative errors from 1 to
+    1e37, or NaN, for inputs of 2x2x2, 2x8x8, 2x1x1 ...; depth 1 or 3 and more, the input gradient, 2D and
+    transposed convolutions are right). A U-Net whose bottleneck is 2 voxels deep (head-and-neck CT: a 64^3
+    patch pooled five times) hits it at every step. Such a layer is tiny, so it runs in float32 during
+    training whenever its input is thinner than its kernel along any axis; inference (the forward pass
+    alone, which is right) and every other layer keep bfloat16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and any(s < k for s, k in zip(x.shape[2:], self.kernel_size))):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Module:
     """A same-padded convolution.
 
@@ -31,6 +52,8 @@ def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: in
         kernel_size: odd kernel size; padding keeps the spatial size.
     """
     _check_dims(spatial_dims)
+    if spatial_dims == 3:
+        return Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
     return Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
 
