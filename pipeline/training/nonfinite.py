@@ -2,11 +2,11 @@
 
 On CUDA, float16 training has ``GradScaler``: a step with an inf or NaN gradient is skipped and the
 scale lowered. bfloat16 on the CPU has no scaler (it needs none for range), yet a step can still come
-back non-finite: on an AMD Zen 4 CPU (AVX-512 BF16, no AMX) the head-and-neck CT config saw a NaN
-gradient from a finite loss at iteration 1, 2 or 20 of a run and none when the same batch was replayed,
-so the cause is the bf16 kernels, not the data or the schedule. One such step must not end a scheduled
-run: it is skipped (the weights and the optimiser state stay as they were) and counted. When they
-repeat, bfloat16 is not to be trusted on this machine: the run goes on in float32 (slower, exact).
+back non-finite from a kernel's own fault: on an AMD Zen 4 CPU (AVX-512 BF16, no AMX) oneDNN's bf16
+backward-weights kernel returns garbage for 3D inputs two voxels deep (``models.layers.Conv3d`` now keeps
+those layers in float32). One such step must not end a scheduled run: it is skipped (the weights and the
+optimiser state stay as they were) and counted. When they repeat, bfloat16 is not to be trusted on this
+machine: the run goes on in float32 (slower, exact).
 Only float32 steps that keep failing mean the training itself diverged.
 """
 
