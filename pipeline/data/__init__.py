@@ -10,7 +10,8 @@ of the other subpackages of ``pipeline`` (only ``pipeline.config``,
 
 from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
 from pipeline.data.demo import make_demo_dataset
-from pipeline.data.dicom_dataset import DicomScan, label_summary, write_dataset
+from pipeline.data.dicom_dataset import DicomScan, edit_rule, label_summary, write_dataset
+from pipeline.data.dicom_labels import LabelHeader, LabelProblem, read_label_header
 from pipeline.data.dicom_source import PullStats, is_dicom_source, materialise, scan_source
 from pipeline.data.files import Staged, atomic_file, cache_root, file_sha256, save_file, write_text_atomic
 from pipeline.data.fingerprint import (
@@ -29,11 +30,14 @@ __all__ = [
     "Case",
     "Dataset",
     "DicomScan",
+    "LabelHeader",
+    "LabelProblem",
     "PullStats",
     "PreprocessedCase",
     "Staged",
     "atomic_file",
     "cache_root",
+    "edit_rule",
     "file_sha256",
     "find_mirror_pairs",
     "flip_permutation",
@@ -53,6 +57,7 @@ __all__ = [
     "make_demo_dataset",
     "mirror_swaps",
     "preprocess_dataset",
+    "read_label_header",
     "save_file",
     "stored_splits",
     "strip_nifti_suffix",

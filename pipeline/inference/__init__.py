@@ -13,7 +13,14 @@ from pipeline.inference import accelerate
 from pipeline.inference.checkpoints import load_checkpoint, read_checkpoint_file, save_checkpoint
 from pipeline.inference.dicom_rtstruct import write_dicom_rtstruct
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
-from pipeline.inference.dicom_sr import SegmentMeasurement, measurements_of, read_dicom_sr, write_dicom_sr
+from pipeline.inference.dicom_sr import (
+    PredictionReport,
+    SegmentMeasurement,
+    measurements_of,
+    read_dicom_sr,
+    read_prediction_report,
+    write_dicom_sr,
+)
 from pipeline.inference.ensemble import check_same_plan, save_ensemble
 from pipeline.inference.model import (
     LoadedModel,
@@ -32,6 +39,7 @@ from pipeline.inference.sliding_window import SlidingWindowInferer, WindowSettin
 __all__ = [
     "class_argmax",
     "PredictReport",
+    "PredictionReport",
     "expand_inputs",
     "group_cases",
     "predict_cases",
@@ -59,6 +67,7 @@ __all__ = [
     "save_ensemble",
     "measurements_of",
     "read_dicom_sr",
+    "read_prediction_report",
     "save_checkpoint",
     "seg_series_description",
     "tile_starts",

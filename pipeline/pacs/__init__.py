@@ -12,6 +12,7 @@ from pipeline.pacs.client import PacsClient, model_tag, redact_url
 from pipeline.pacs.segment import SegmentedSeries, segment_series
 from pipeline.pacs.series import SegInstance, SeriesRules, SeriesSummary, matching_series, select_series
 from pipeline.pacs.watch import LedgerEntry, WatchLedger, WatchReport, run_watch_pass
+from pipeline.pacs.worklist import is_reader_label, pacs_items
 
 __all__ = [
     "LedgerEntry",
@@ -21,8 +22,10 @@ __all__ = [
     "SeriesSummary",
     "WatchLedger",
     "WatchReport",
+    "is_reader_label",
     "matching_series",
     "model_tag",
+    "pacs_items",
     "redact_url",
     "run_watch_pass",
     "segment_series",

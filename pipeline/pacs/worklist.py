@@ -17,11 +17,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipeline.data.dicom_dataset import edit_rule
-from pipeline.data.dicom_labels import LabelHeader, LabelProblem, read_label_header
-from pipeline.inference.dicom_sr import PredictionReport, read_prediction_report
+from pipeline.data import LabelHeader, LabelProblem, edit_rule, read_label_header
+from pipeline.inference import PredictionReport, read_prediction_report
 from pipeline.pacs.client import PacsClient
-from pipeline.quality.worklist import WorkItem, dicom_time
+from pipeline.quality import WorkItem, dicom_time
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,8 @@ def worklist_stage(sources: Sequence[str], pacs_cfg: Any, model: str | None = No
     Returns:
         The :class:`~pipeline.quality.worklist.Worklist`.
     """
-    from pipeline.pacs import PacsClient
-    from pipeline.pacs.worklist import pacs_items
-    from pipeline.quality.worklist import folder_items, rank
+    from pipeline.pacs import PacsClient, pacs_items
+    from pipeline.quality import folder_items, rank
 
     items = []
     for source in sources:
