@@ -18,8 +18,15 @@ from pipeline.inference.model import LoadedModel
 from pipeline.inference.settings import Overrides
 from pipeline.inference.sliding_window import SlidingWindowInferer
 from pipeline.inference.stitching import class_argmax
-from pipeline.quality import Calibration, Conformity, case_record, check_conformity, quality_signals
-from pipeline.quality.agreement import MaskAgreement, mean_agreement
+from pipeline.quality import (
+    Calibration,
+    Conformity,
+    MaskAgreement,
+    case_record,
+    check_conformity,
+    mean_agreement,
+    quality_signals,
+)
 from transforms.preprocessing import preprocessing
 
 

@@ -58,7 +58,7 @@ from pipeline.inference.accelerate import CompileMode, Precision
 from pipeline.inference.stitching import Accumulator, DeviceBudget, TilePlan, class_argmax
 
 if TYPE_CHECKING:
-    from pipeline.quality.agreement import MaskAgreement
+    from pipeline.quality import MaskAgreement
 
 logger = logging.getLogger(__name__)
 
