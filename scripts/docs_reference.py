@@ -3,7 +3,7 @@
 The config reference reads every section dataclass of ``pipeline/config/schema.py``: each field's key, its type (named as
 the config validator names it in its errors) and default, and its one-line meaning from the ``Attributes:`` section
 of the class docstring (Google style, one ``name: meaning`` entry per key). The CLI reference walks the argparse
-parser of ``pipeline/cli.py`` (``build_parser``). A key without an ``Attributes:`` entry, or a sub-command, flag or
+parser of ``pipeline/cli/args.py`` (``build_parser``). A key without an ``Attributes:`` entry, or a sub-command, flag or
 argument without help, raises :class:`UndocumentedError` naming it, so ``mkdocs build`` fails.
 
 Pages ask for a reference with a marker line: ``<!-- reference: config -->`` or ``<!-- reference: cli -->``.
@@ -166,7 +166,7 @@ def cli_commands(parser: argparse.ArgumentParser | None = None, prefix: str = "u
         except UndocumentedError as exc:
             missing.append(str(exc).split(": ", 1)[1])
     if missing:
-        raise UndocumentedError(f"CLI without help text (pipeline/cli.py): {'; '.join(missing)}")
+        raise UndocumentedError(f"CLI without help text (pipeline/cli/args.py): {'; '.join(missing)}")
     return commands
 
 

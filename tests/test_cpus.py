@@ -30,8 +30,9 @@ _SIZING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE", "TORCHE
 PROBE = """
 import json, os, sys
 from pipeline import cli
+from pipeline.cli import commands
 if os.environ.pop("SIZING_ONLY", None):
-    cli._size_cpus(cli.build_parser().parse_args(sys.argv[1:]))
+    commands._size_cpus(cli.build_parser().parse_args(sys.argv[1:]))
     code = None
 else:
     code = cli.main(sys.argv[1:])
