@@ -132,10 +132,10 @@ def copy_hippocampus_subset(dst: Path, n: int) -> Path:
 
 TINY = {
     "data": {"synthetic_cases": 8, "synthetic_size": [32, 32, 32], "num_folds": 4},
-    "model": {"spatial_dims": 3, "features": [8, 16], "norm": "instance"},
+    "model": {"spatial_dims": 3, "features": [8, 16], "norm": "instance", "deep_supervision": False},
     "train": {
         "epochs": 12, "iterations_per_epoch": 4, "batch_size": 2, "patch_size": [24, 24, 24],
-        "optimizer": "adamw", "learning_rate": 0.01, "val_every": 4, "augment": False, "num_threads": 2,
+        "learning_rate": 0.01, "val_every": 4, "augment": False, "num_threads": 2, "foreground_ratio": 0.5,
     },
     "evaluate": {"overlap": 0.25, "sw_batch_size": 2},
     "mlflow": {"experiment": "tests", "model_name": "tiny-unet"},
