@@ -147,7 +147,8 @@ def test_a_missing_or_foreign_fold_is_refused_with_what_to_run(folds: dict, tmp_
         shutil.copy(folds["work"] / "state" / f"fold_{k}.json", other / "state")
     done = run_main("ensemble", str(folds["config"]), "--work-dir", str(other))
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0
+    start_up, _, error = done.stderr.strip().partition("\n")
+    assert start_up.startswith("threads: ") and error.count("\n") == 0  # the threads line, then one error line
     assert "fold 2 has not completed" in done.stderr
     assert f"unet-pipeline run {folds['config']} --work-dir {other} --fold 2" in done.stderr
     state = json.loads((folds["work"] / "state" / "fold_2.json").read_text())
