@@ -212,3 +212,13 @@ def save_untrained_2mm_model(path: Path) -> Path:
     save_checkpoint({"model": kwargs, "plan": plan, "patch_size": [32, 32, 32], "state_dict": net.state_dict(),
                      "inference": {"mirror": False, "overlap": 0.25}}, path)
     return path
+
+
+def dicom_dataset_maker() -> Any:
+    """``scripts/make_dicom_dataset.py`` as a module: real DICOM studies (MR or CT series, SEG, RTSTRUCT) from NIfTI."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

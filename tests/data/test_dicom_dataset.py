@@ -6,7 +6,6 @@ from the shared MSD cases, so the truth is the NIfTI label each was made from.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from datetime import datetime
@@ -18,16 +17,13 @@ import pydicom
 import pytest
 
 from pipeline.data.dicom_labels import place_on_grid
-from tests.conftest import HIPPOCAMPUS, REPO, run_main
+from tests.conftest import HIPPOCAMPUS, dicom_dataset_maker, run_main
 
 CLASSES = ["Anterior", "Posterior"]
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dicom_dataset_maker()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with the headers the viewers write (docs/data.md, "Human or machine", cites thei
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from datetime import datetime
@@ -20,17 +19,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import HIPPOCAMPUS, REPO, run_main
+from tests.conftest import HIPPOCAMPUS, dicom_dataset_maker, run_main
 
 CLASSES = ["Anterior", "Posterior"]
 READER = "Reader^Jane"  # a person's name in ContentCreatorName: matched by a rule, never printed
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dicom_dataset_maker()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ dcmqi's own test data (tests/fixtures/dcmqi_segmentations) with the label maps t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ import pydicom
 import pytest
 
 from pipeline.data.dicom_labels import place_on_grid
-from tests.conftest import HIPPOCAMPUS, REPO, SHARED_DATA, run_main
+from tests.conftest import HIPPOCAMPUS, REPO, SHARED_DATA, dicom_dataset_maker, run_main
 
 HN_CT = SHARED_DATA / "hn_ct"
 HIPPO_CLASSES = ["Anterior", "Posterior"]
@@ -42,10 +41,7 @@ BIN = Path(sys.executable).parent  # plastimatch and dcmqi install their executa
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dicom_dataset_maker()
 
 
 @dataclass

@@ -8,7 +8,6 @@ export``), by rt-utils (``RTStructBuilder.create_from(...).get_roi_mask_by_name`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 
 from pipeline.data.dicom_labels import image_affine_lps, place_on_grid
 from pipeline.inference import Algorithm, write_dicom_rtstruct
-from tests.conftest import HIPPOCAMPUS, REPO, SHARED_DATA, dicom_series, run_main, save_untrained_2mm_model
+from tests.conftest import HIPPOCAMPUS, SHARED_DATA, dicom_dataset_maker, dicom_series, run_main, save_untrained_2mm_model
 
 HN_CT = SHARED_DATA / "hn_ct"
 HIPPO_CLASSES = ["Anterior", "Posterior"]
@@ -33,10 +32,7 @@ ALGORITHM = Algorithm("test-model", "3", "unet-pipeline test")
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return dicom_dataset_maker()
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

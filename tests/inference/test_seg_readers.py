@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main
-from tests.conftest import HIPPOCAMPUS, REPO, dicom_series, run_main, save_untrained_2mm_model
+from tests.conftest import HIPPOCAMPUS, REPO, dicom_dataset_maker, dicom_series, run_main, save_untrained_2mm_model
 
 SEGIMAGE2ITKIMAGE = shutil.which("segimage2itkimage") or str(Path(REPO / ".venv" / "bin" / "segimage2itkimage"))
 
@@ -87,13 +87,10 @@ def test_highdicom_reads_our_seg_as_the_mask_we_wrote_in_world_space(prediction:
 
 
 def test_an_exported_label_opens_in_itk_on_the_dicom_series_geometry(tmp_path: Path) -> None:
-    import importlib.util
 
     if not (HIPPOCAMPUS / "dataset.json").is_file():
         pytest.skip(f"real hippocampus data not found at {HIPPOCAMPUS} (see ../shared/data/README.md)")
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    maker = dicom_dataset_maker()
     entry = json.loads((HIPPOCAMPUS / "dataset.json").read_text())["training"][0]
     source = tmp_path / "src"
     maker.make_study(HIPPOCAMPUS / entry["image"], HIPPOCAMPUS / entry["label"], source, ["Anterior", "Posterior"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import HIPPOCAMPUS, REPO, run_main
+from tests.conftest import HIPPOCAMPUS, dicom_dataset_maker, run_main
 from tests.orthanc import OrthancServer, StudyLevelOnlyProxy
 
 pytest_plugins = ["tests.orthanc"]  # the fixtures orthanc and orthanc_factory
@@ -23,9 +22,7 @@ def source(orthanc: OrthancServer, tmp_path_factory: pytest.TempPathFactory) -> 
     """Three real hippocampus cases as DICOM studies (two SEG, one RTSTRUCT), in a folder and in Orthanc."""
     if not (HIPPOCAMPUS / "dataset.json").is_file():
         pytest.skip(f"real hippocampus data not found at {HIPPOCAMPUS} (see ../shared/data/README.md)")
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    maker = dicom_dataset_maker()
     out = tmp_path_factory.mktemp("dicom")
     entries = json.loads((HIPPOCAMPUS / "dataset.json").read_text())["training"][:3]
     for n, (e, kind) in enumerate(zip(entries, ["SEG", "RTSTRUCT", "SEG"])):
@@ -163,9 +160,7 @@ def test_the_corrections_loop_through_the_pacs(source, orthanc_factory, tmp_path
     label = np.zeros((slices[0].Columns, slices[0].Rows, len(slices)), np.uint8)
     label[5:15, 10:25, 8:20] = 1
     label[15:25, 10:25, 8:20] = 2
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    maker = dicom_dataset_maker()
     corrected = maker.write_seg(label, slices, CLASSES, tmp_path / "corrected.dcm", datetime.now())
     server.upload([tmp_path / "corrected.dcm"])
     assert "Up to date" not in run()

@@ -4,7 +4,6 @@ takes it off the list; the next ``run`` trains with that SEG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from pipeline.inference import read_dicom_sr
 from pipeline.pacs import PacsClient
-from tests.conftest import HIPPOCAMPUS, REPO, TINY, run_main
+from tests.conftest import HIPPOCAMPUS, TINY, dicom_dataset_maker, run_main
 from tests.orthanc import OrthancServer
 from tests.quality.calibrated_model import save_calibrated_model
 
@@ -27,10 +26,7 @@ VIEWER = "https://ohif.example.org"
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_dicom_dataset", REPO / "scripts" / "make_dicom_dataset.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    return maker
+    return dicom_dataset_maker()
 
 
 def _slices(folder: Path) -> list[pydicom.Dataset]:
