@@ -14,22 +14,41 @@ waiting for (two ``predict`` jobs at once on 2 cores: 83.5 s, against 38 s one a
 job alone keeps the default, which is faster for it (19.0 s against 27.6 s with PASSIVE). libgomp
 reads the policy once, when torch loads it, so :func:`set_wait_policy` must run before ``import
 torch``: this module imports torch only inside :func:`apply`.
+
+Jobs nobody declared (a colleague's ``predict`` started while the nightly ``run`` trains, ``pacs watch``
+from cron) find each other through a folder of live jobs (:class:`HostJobs`): each job holds an
+``flock`` on its own file while it lives, so a killed job's file is recognised as stale by the next
+look. A job counts the live jobs whose CPUs overlap its own at start-up, and looks again every few
+seconds while it computes (:func:`rebalance`): when a job starts or ends beside it, it takes its new
+share of the CPUs with ``torch.set_num_threads``. The wait policy cannot change once torch has loaded;
+it stays as it was chosen at start-up (sleeping only where jobs were declared or threads forced past
+the CPUs), which is safe because after rebalancing the jobs' threads together no longer exceed the CPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
+import socket
 import sys
+import tempfile
+import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Jobs sharing this host's CPUs, for jobs started side by side by hand (e.g. the folds of a cross-validation).
 JOBS_ENV = "UNET_PIPELINE_JOBS"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+#: The folder of live jobs (default: ``unet-pipeline-jobs`` in the temporary folder), one file per job.
+JOBS_DIR_ENV = "UNET_PIPELINE_JOBS_DIR"
+#: Seconds between two looks at the live jobs while a job computes: a look costs a directory listing.
+REBALANCE_INTERVAL_S = 2.0
 #: Data loader workers on a GPU: augmentation must keep up with the device, but more than 8 rarely helps.
 MAX_GPU_WORKERS = 8
 
@@ -42,11 +61,14 @@ class CpuBudget:
         given: CPUs this process may use (the fewest of affinity mask, cgroup quota, ``SLURM_CPUS_PER_TASK``).
         jobs: jobs sharing them on this host (1: this job alone).
         reasons: what each source said, in words, for the start-up line.
+        found: other jobs of this project found running on these CPUs (:class:`HostJobs`), which take their
+            share again as jobs come and go (:func:`rebalance`); the rest of ``jobs`` were declared by a launcher.
     """
 
     given: int
     jobs: int
     reasons: tuple[str, ...]
+    found: int = 0
 
     @property
     def per_job(self) -> int:
@@ -173,7 +195,7 @@ def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
 
 def cpu_budget(
     environ: Mapping[str, str] | None = None, cgroup_root: Path = CGROUP_ROOT,
-    proc_self_cgroup: Path = PROC_SELF_CGROUP,
+    proc_self_cgroup: Path = PROC_SELF_CGROUP, others: int = 0,
 ) -> CpuBudget:
     """The CPUs this process may use and how many jobs share them on this host.
 
@@ -182,6 +204,7 @@ def cpu_budget(
             ``UNET_PIPELINE_JOBS``.
         cgroup_root: the cgroup mount (see :func:`cgroup_quota`).
         proc_self_cgroup: the process's cgroup list.
+        others: other live jobs of this project found on this job's CPUs (:meth:`HostJobs.others`).
     """
     environ = os.environ if environ is None else environ
     reasons: list[str] = []
@@ -205,14 +228,17 @@ def cpu_budget(
         reasons.append(f"SLURM_CPUS_PER_TASK={slurm}")
     local = _positive_int(environ, "LOCAL_WORLD_SIZE") or 1
     declared = _positive_int(environ, JOBS_ENV) or 1
-    jobs = max(local, declared)
+    jobs = max(local, declared, 1 + others)
     if jobs == 1:
         reasons.append("1 job on this host")
+    elif 1 + others > max(local, declared):
+        reasons.append(f"{jobs} jobs on this host ({others} other unet-pipeline job{'s' if others != 1 else ''} "
+                       "found running on these CPUs)")
     elif local >= declared:
         reasons.append(f"{jobs} jobs on this host (LOCAL_WORLD_SIZE={local})")
     else:
         reasons.append(f"{jobs} jobs on this host ({JOBS_ENV}={declared})")
-    return CpuBudget(given, jobs, tuple(reasons))
+    return CpuBudget(given, jobs, tuple(reasons), others)
 
 
 def _under_torchrun(environ: Mapping[str, str]) -> bool:
@@ -239,8 +265,10 @@ def plan_threads(
             forced, forced_from = omp, "OMP_NUM_THREADS"
     forced = forced if forced and forced > 0 else None
     threads = forced or budget.per_job
-    # Shared when other jobs take CPUs beside this one, or when this job has more threads than CPUs.
-    passive = budget.jobs > 1 or threads > budget.per_job
+    # Shared when a launcher declared jobs beside this one that are not all running yet, or when this job has
+    # more threads than CPUs. Jobs found running take one share each, so together they do not exceed the CPUs;
+    # and a job that outlives the others would keep the slower policy for the rest of its run.
+    passive = budget.jobs > 1 + budget.found or threads > budget.per_job
     return ThreadPlan(budget, threads, forced_from if forced else "", None, passive)
 
 
@@ -301,20 +329,188 @@ def single_threaded_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def start_job(forced: int | None = None, forced_from: str = "") -> ThreadPlan:
+class HostJobs:
+    """The live jobs of this project on this host, one file each in a shared folder.
+
+    A job's file holds its pid, command and CPUs, and the job holds an exclusive ``flock`` on it while it
+    lives: the kernel drops the lock when the process ends however it ends, so a file whose lock can be
+    taken belongs to a dead job and is removed by whoever finds it. Nothing else (no paths, no data)
+    is written. The folder is world-writable with the sticky bit, like ``/tmp``, so jobs of several users
+    on one server see each other; where it cannot be used, a job runs as if it were alone.
+
+    Args:
+        folder: the folder of live jobs (``UNET_PIPELINE_JOBS_DIR``, else ``unet-pipeline-jobs`` in the
+            temporary folder).
+        cpus: this job's CPUs (its affinity mask); only jobs sharing one of them count.
+    """
+
+    def __init__(self, folder: Path, cpus: set[int]) -> None:
+        self.folder = folder
+        self.cpus = cpus
+        self.path: Path | None = None
+        self._handle: Any = None
+
+    def register(self, command: str) -> bool:
+        """Add this job; ``False`` (and the job runs as if alone) where the folder cannot be used.
+
+        Args:
+            command: the job's command (``run``, ``predict``, ...), for whoever reads the folder.
+        """
+        import fcntl
+
+        try:
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):  # another user's folder: it is already shared
+                    self.folder.chmod(0o1777)
+            path = self.folder / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.job"
+            handle = path.open("w")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.write(json.dumps({"pid": os.getpid(), "command": command, "cpus": sorted(self.cpus)}))
+            handle.flush()
+        except OSError:
+            return False
+        self.path, self._handle = path, handle
+        return True
+
+    def others(self) -> int:
+        """Live jobs other than this one whose CPUs overlap this job's; stale files are removed on the way."""
+        import fcntl
+
+        count = 0
+        try:
+            entries = [e for e in os.scandir(self.folder) if e.name.endswith(".job")]
+        except OSError:
+            return 0
+        for entry in entries:
+            if self.path is not None and entry.name == self.path.name:
+                continue
+            try:
+                with open(entry.path) as handle:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:  # held: the job lives
+                        text = handle.read()
+                    else:  # its job ended without removing it
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+                        continue
+            except OSError:
+                continue
+            try:
+                cpus = set(json.loads(text).get("cpus", []))
+            except (ValueError, AttributeError):
+                cpus = set()  # being written this instant: count it
+            if not cpus or cpus & self.cpus:
+                count += 1
+        return count
+
+    def close(self) -> None:
+        """Remove this job's file (also done by the kernel's lock release and the next look, if it is killed)."""
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self.path = self._handle = None
+
+
+def jobs_folder(environ: Mapping[str, str] | None = None) -> Path:
+    """The folder of live jobs: ``UNET_PIPELINE_JOBS_DIR``, else ``unet-pipeline-jobs`` in the temporary folder.
+
+    Args:
+        environ: the environment (default ``os.environ``).
+    """
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(JOBS_DIR_ENV) or Path(tempfile.gettempdir()) / "unet-pipeline-jobs")
+
+
+@dataclass
+class _Live:
+    """This process's registration and what it decided last (module state: one job per process)."""
+
+    jobs: HostJobs
+    plan: ThreadPlan
+    environ: Mapping[str, str]
+    next_look: float = 0.0
+
+
+_LIVE: _Live | None = None
+
+
+def _affinity() -> set[int]:
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def rebalance(now: float | None = None) -> int | None:
+    """Take this job's share again when jobs have started or ended beside it; cheap enough to call often.
+
+    Looks at most every :data:`REBALANCE_INTERVAL_S` seconds. A job whose threads were given explicitly
+    never changes them. When the share changes, ``torch.set_num_threads`` takes it and one line on
+    stderr says so.
+
+    Args:
+        now: the monotonic clock (default: read it), for tests.
+
+    Returns:
+        The new thread count when it changed, else ``None``.
+    """
+    live = _LIVE
+    if live is None or live.plan.threads_from:
+        return None
+    now = time.monotonic() if now is None else now
+    if now < live.next_look:
+        return None
+    live.next_look = now + REBALANCE_INTERVAL_S
+    budget = cpu_budget(live.environ, others=live.jobs.others())
+    if budget.per_job == live.plan.threads:
+        return None
+    import torch
+
+    live.plan = dataclasses.replace(live.plan, budget=budget, threads=budget.per_job)
+    torch.set_num_threads(budget.per_job)
+    print(f"threads: now {budget.per_job} compute: {budget.reasons[-1]}", file=sys.stderr)
+    return budget.per_job
+
+
+def live_plan() -> ThreadPlan | None:
+    """The plan this process's job took (and rebalanced since), or ``None`` outside a job :func:`start_job` began."""
+    return _LIVE.plan if _LIVE is not None else None
+
+
+def end_job() -> None:
+    """Leave the folder of live jobs (registered at exit by :func:`start_job`)."""
+    global _LIVE
+    if _LIVE is not None:
+        _LIVE.jobs.close()
+        _LIVE = None
+
+
+def start_job(forced: int | None = None, forced_from: str = "", command: str = "") -> ThreadPlan:
     """Size a job at start-up: the wait policy (before torch loads), then torch's threads.
 
     Args:
         forced: an explicit thread count (``train.num_threads``, ``--threads``); ``None`` or 0: from the CPUs.
         forced_from: what gave ``forced``, for the start-up line.
+        command: the job's command, written in its entry in the folder of live jobs (:class:`HostJobs`).
 
     Returns:
         The plan taken (no data workers: :func:`with_workers` adds a training job's); :meth:`ThreadPlan.line`
         says it in one line.
     """
-    plan = plan_threads(forced, forced_from)
+    global _LIVE
+    environ = os.environ
+    jobs = HostJobs(jobs_folder(environ), _affinity())
+    others = jobs.others()
+    plan = plan_threads(forced, forced_from, cpu_budget(environ, others=others))
     set_wait_policy(plan)
     apply(plan)
+    end_job()
+    if jobs.register(command):
+        import atexit
+
+        _LIVE = _Live(jobs, plan, environ, time.monotonic() + REBALANCE_INTERVAL_S)
+        atexit.register(end_job)
     return plan
 
 

@@ -8,13 +8,15 @@ start-up line (``threads: ...``, pipeline/cpus.py) is printed once, to show what
 
 ``{job}`` in the command is replaced by the job's index (0..N-1), so that jobs write to their own folders.
 The jobs run at once are told they share the host (``UNET_PIPELINE_JOBS=N``, as docs/scheduling.md says to)
-unless ``--no-declare-jobs`` (what a user who does not set it gets). Run it on an otherwise idle machine::
+unless ``--no-declare-jobs`` (what a user who does not set it gets: the jobs then find each other in the folder of
+live jobs, pipeline/cpus.py). ``--rate REGEX`` also collects a rate each job prints (training's patches/s): summed
+over the jobs at once, averaged over the jobs one after the other. Run it on an otherwise idle machine::
 
     .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 -- \\
         unet-pipeline predict --model models:/hippocampus@champion /data/cases --out /tmp/out-{job} --overwrite
-    .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 -- \\
-        unet-pipeline run configs/hippocampus.yaml --fold {job} --force --work-dir /tmp/work \\
-        --set train.time_budget_minutes=5
+    .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 \\
+        --rate '([0-9.]+) patches/s' -- unet-pipeline run configs/hippocampus.yaml --fold {job} --force \\
+        --work-dir /tmp/work --set train.epochs=3 --set train.iterations=40
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,8 +38,17 @@ def _commands(command: list[str], jobs: int) -> list[list[str]]:
     return [[arg.replace("{job}", str(j)) for arg in command] for j in range(jobs)]
 
 
-def _run(commands: list[list[str]], together: bool, env: dict[str, str], logs: Path) -> tuple[float, list[str]]:
-    """Run the jobs at once or one after the other; the wall time and each job's start-up thread line."""
+def _rate(text: str, pattern: str | None) -> float | None:
+    """The last rate a job printed (``pattern``'s first group, e.g. ``([0-9.]+) patches/s``), or ``None``."""
+    if pattern is None:
+        return None
+    found = re.findall(pattern, text)
+    return float(found[-1]) if found else None
+
+
+def _run(commands: list[list[str]], together: bool, env: dict[str, str], logs: Path,
+         rate: str | None = None) -> tuple[float, list[str], list[float | None]]:
+    """Run the jobs at once or one after the other; the wall time, each job's start-up thread line and its rate."""
     procs, lines = [], []
     files = [(logs / f"job{j}.out").open("w") for j in range(len(commands))]
     errs = [logs / f"job{j}.err" for j in range(len(commands))]
@@ -53,12 +65,14 @@ def _run(commands: list[list[str]], together: bool, env: dict[str, str], logs: P
     finally:
         for f in files:
             f.close()
+    rates: list[float | None] = []
     for j, code in enumerate(codes):
         text = errs[j].read_text()
         if code != 0:
             sys.exit(f"job {j} ({' '.join(commands[j])}) exited {code}:\n{text[-2000:]}")
         lines.append(next((x for x in text.splitlines() if x.startswith("threads: ")), "(no threads line)"))
-    return wall, lines
+        rates.append(_rate(text.replace("\r", "\n") + (logs / f"job{j}.out").read_text(), rate))
+    return wall, lines, rates
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -72,6 +86,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats of both ways (default 3)")
     p.add_argument("--declare-jobs", action=argparse.BooleanOptionalAction, default=True,
                    help="set UNET_PIPELINE_JOBS=N for the jobs run at once (default: yes)")
+    p.add_argument("--rate", default=None, metavar="REGEX",
+                   help="a rate each job prints, its first group a number (the last one printed counts), e.g. "
+                        "'([0-9.]+) patches/s': summed over the jobs at once (the host's throughput), averaged over "
+                        "the jobs one after the other (each ran alone)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command ({job}: the job's index)")
     args = p.parse_args()
@@ -82,16 +100,25 @@ def main() -> None:
     alone = {k: v for k, v in os.environ.items() if k != "UNET_PIPELINE_JOBS"}
     shared = {**alone, "UNET_PIPELINE_JOBS": str(args.jobs)} if args.declare_jobs else alone
     walls: dict[str, list[float]] = {"at once": [], "one after the other": []}
+    rates: dict[str, list[float]] = {"at once": [], "one after the other": []}
     seen: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
         for r in range(args.repeats):
             order = [True, False] if r % 2 == 0 else [False, True]
             for together in order:
                 name = "at once" if together else "one after the other"
-                wall, lines = _run(commands, together, shared if together else alone, Path(tmp))
+                wall, lines, job_rates = _run(commands, together, shared if together else alone, Path(tmp), args.rate)
                 walls[name].append(wall)
                 seen.setdefault(name, lines)
-                print(f"repeat {r + 1}/{args.repeats}, {args.jobs} jobs {name}: {wall:.1f} s", flush=True)
+                said = ""
+                if args.rate is not None:
+                    if any(x is None for x in job_rates):
+                        sys.exit(f"a job printed no rate matching {args.rate!r} (see its output in {tmp})")
+                    host = sum(job_rates) if together else statistics.mean(job_rates)
+                    rates[name].append(host)
+                    said = f", rate {host:.2f} ({' + '.join(f'{x:.2f}' for x in job_rates)})" if together else \
+                        f", rate {host:.2f} (mean of {', '.join(f'{x:.2f}' for x in job_rates)})"
+                print(f"repeat {r + 1}/{args.repeats}, {args.jobs} jobs {name}: {wall:.1f} s{said}", flush=True)
     print(f"\n{args.jobs} jobs of: {' '.join(command)}")
     for name, lines in seen.items():
         for line in sorted(set(lines)):
@@ -102,10 +129,15 @@ def main() -> None:
               f"({len(walls[name])} repeats)")
     ratio = figures["at once"]["median"] / figures["one after the other"]["median"]
     print(f"{'ratio':>20}: {ratio:.2f} (median at once / median one after the other; below 1: together is faster)")
+    rate_figures = {name: _stats(v) for name, v in rates.items() if v}
+    for name, s in rate_figures.items():
+        how = "summed over the jobs" if name == "at once" else "mean over the jobs, each alone"
+        print(f"{'rate, ' + name:>20}: min {s['min']:.2f}, median {s['median']:.2f}, max {s['max']:.2f} ({how})")
     if args.json:
         args.json.write_text(json.dumps({"jobs": args.jobs, "command": command, "declare_jobs": args.declare_jobs,
                                          "walls_s": walls, "figures": figures, "ratio_of_medians": ratio,
-                                         "thread_lines": seen}, indent=1))
+                                         "rates": rates, "rate_figures": rate_figures, "thread_lines": seen},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Two xdist workers (and the pipeline processes they start) share two cores. OpenMP threads that spin while
 # waiting for work then steal the core the other process needs: a tiny evaluation took 14 s in the suite
 # against 0.6 s alone. Idle threads that sleep instead halve a pair of busy modules' time (67 s -> 38 s).
 # libgomp reads this when torch loads it, so it is set before anything here imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Each test process (an xdist worker) keeps its own folder of live jobs (pipeline/cpus.py): jobs that tests start
+# must not take half the CPUs because another worker's test, or a benchmark on the machine, runs beside them.
+os.environ.setdefault("UNET_PIPELINE_JOBS_DIR", tempfile.mkdtemp(prefix="unet-pipeline-jobs-"))
 
 import shutil
 import subprocess

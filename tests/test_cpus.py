@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from pipeline.config import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 #: What would make a child process take other CPUs than its mask says: each test sets what it means to test.
 _SIZING_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
-               "SLURM_CPUS_PER_TASK", cpus.JOBS_ENV)
+               "SLURM_CPUS_PER_TASK", cpus.JOBS_ENV, cpus.JOBS_DIR_ENV)
 
 # The CLI under a given environment, then what torch really took (threads) and the wait policy. SIZING_ONLY: only
 # the CLI's start-up sizing of the parsed command line (no stage imported: a second instead of several).
@@ -43,7 +45,7 @@ print(json.dumps({"code": code, "threads": torch.get_num_threads(), "policy": os
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SIZING_ENV}
-    return {**env, **extra}
+    return {**env, cpus.JOBS_DIR_ENV: os.environ.get(cpus.JOBS_DIR_ENV, ""), **extra}
 
 
 def _run_cli(env: dict[str, str], tmp_path: Path, cpu: int | None = None, *flags: str) -> tuple[dict, str, str]:
@@ -235,9 +237,10 @@ def test_data_workers_and_their_single_thread() -> None:
 
 def test_the_concurrency_benchmark_runs_both_ways_and_tells_the_jobs_they_share(tmp_path: Path) -> None:
     script = [sys.executable, str(REPO / "scripts" / "bench_concurrency.py"), "--jobs", "2", "--repeats", "2"]
-    job = ["sh", "-c", 'echo "threads: $UNET_PIPELINE_JOBS jobs, this is {job}" >&2']
-    done = subprocess.run([*script, "--json", str(tmp_path / "b.json"), "--", *job], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+    job = ["sh", "-c", 'echo "threads: $UNET_PIPELINE_JOBS jobs, this is {job}" >&2; '
+           'printf "1.5 patches/s\\r{job}.25 patches/s\\n" >&2']
+    done = subprocess.run([*script, "--json", str(tmp_path / "b.json"), "--rate", "([0-9.]+) patches/s", "--", *job],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "b.json").read_text())
     assert {k: len(v) for k, v in result["walls_s"].items()} == {"at once": 2, "one after the other": 2}
@@ -245,5 +248,105 @@ def test_the_concurrency_benchmark_runs_both_ways_and_tells_the_jobs_they_share(
     assert sorted(result["thread_lines"]["one after the other"]) == ["threads:  jobs, this is 0",
                                                                      "threads:  jobs, this is 1"]
     assert result["ratio_of_medians"] > 0 and "ratio" in done.stdout
+    # the last rate each job printed: 0.25 and 1.25, summed at once, averaged one after the other
+    assert result["rates"] == {"at once": [1.5, 1.5], "one after the other": [0.75, 0.75]}
     failed = subprocess.run([*script, "--", "sh", "-c", "exit 3"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert failed.returncode != 0 and "exited 3" in failed.stderr
+
+
+def _register(folder: Path, cpu_set: set[int], command: str = "run") -> cpus.HostJobs:
+    jobs = cpus.HostJobs(folder, cpu_set)
+    assert jobs.register(command)
+    return jobs
+
+
+def test_live_jobs_count_where_their_cpus_overlap_and_a_killed_job_drops_out(tmp_path: Path) -> None:
+    folder = tmp_path / "jobs"
+    a, b, far = _register(folder, {0, 1}), _register(folder, {1, 2}, "predict"), _register(folder, {7})
+    assert oct(folder.stat().st_mode & 0o7777) == oct(0o1777)  # shared by the users of the host, like /tmp
+    assert json.loads(b.path.read_text()) == {"pid": os.getpid(), "command": "predict", "cpus": [1, 2]}
+    assert (a.others(), b.others(), far.others()) == (1, 1, 0)
+    # A job killed outright (no exit handler runs) leaves its file; the kernel dropped its lock, so it is stale.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipeline import cpus; "
+         f"job = cpus.HostJobs(Path({str(folder)!r}), {{0}}); assert job.register('predict'); print('ready', flush=True); "
+         "time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert a.others() == 2 and len(list(folder.glob("*.job"))) == 4
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert len(list(folder.glob("*.job"))) == 4  # still there: nothing removed it on the way out
+        assert a.others() == 1 and len(list(folder.glob("*.job"))) == 3  # found stale and removed
+    finally:
+        child.kill()
+    b.close()
+    assert a.others() == 0 and b.path is None and len(list(folder.glob("*.job"))) == 2
+    assert not cpus.HostJobs(Path("/proc/no-such-folder"), {0}).register("run")  # unusable: the job runs alone
+
+
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[set[int]]:
+    """This process pinned to two CPUs, with no sizing from the environment and its own folder of live jobs."""
+    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if len(before) < 2:
+        pytest.skip(f"needs 2 CPUs to split between two jobs, this process may use {len(before)}")
+    for name in _SIZING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(cpus.JOBS_DIR_ENV, str(tmp_path / "jobs"))
+    pair = set(sorted(before)[:2])
+    os.sched_setaffinity(0, pair)
+    try:
+        yield pair
+    finally:
+        cpus.end_job()
+        os.sched_setaffinity(0, before)
+        torch.set_num_threads(threads)
+
+
+def test_a_job_takes_its_share_as_undeclared_jobs_start_and_end_beside_it(
+    two_cpus: set[int], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tmp_path / "jobs"
+    other = _register(folder, {min(two_cpus)})  # e.g. the nightly run, started without UNET_PIPELINE_JOBS
+    plan = cpus.start_job(command="predict")
+    assert (plan.threads, plan.budget.jobs, torch.get_num_threads()) == (1, 2, 1)
+    assert plan.line().endswith("2 jobs on this host (1 other unet-pipeline job found running on these CPUs): "
+                                "1 CPU each"), plan.line()
+    assert not plan.passive  # the jobs found take one share each: their threads together fit the CPUs
+    assert len(list(folder.glob("*.job"))) == 2  # this job is in the folder for the next one to see
+    other.close()
+    now = time.monotonic()
+    assert cpus.rebalance(now) is None and torch.get_num_threads() == 1  # looked less than 2 s ago: not yet
+    assert cpus.rebalance(now + cpus.REBALANCE_INTERVAL_S) == 2 and torch.get_num_threads() == 2
+    assert "threads: now 2 compute: 1 job on this host" in capsys.readouterr().err
+    assert cpus.rebalance(now + 2 * cpus.REBALANCE_INTERVAL_S) is None  # nothing changed: nothing said
+    again = _register(folder, set(two_cpus))
+    assert cpus.rebalance(now + 3 * cpus.REBALANCE_INTERVAL_S) == 1 and torch.get_num_threads() == 1
+    assert cpus.live_plan().threads == 1
+    again.close()
+    cpus.end_job()
+    assert list(folder.glob("*.job")) == []  # a job that ends leaves the folder
+
+
+def test_an_explicit_count_is_kept_whatever_runs_beside_it(two_cpus: set[int], tmp_path: Path) -> None:
+    other = _register(tmp_path / "jobs", set(two_cpus))
+    plan = cpus.start_job(2, "--threads", "predict")
+    assert plan.threads == 2 and torch.get_num_threads() == 2
+    other.close()
+    _register(tmp_path / "jobs", set(two_cpus))
+    assert cpus.rebalance(time.monotonic() + 10) is None and torch.get_num_threads() == 2
+
+
+def test_the_cli_started_beside_a_running_job_says_it_and_takes_its_share(tmp_path: Path) -> None:
+    given = os.sched_getaffinity(0)
+    folder = tmp_path / "jobs"
+    other = _register(folder, set(given))
+    result, line, _ = _run_cli(_clean_env(SIZING_ONLY="1", **{cpus.JOBS_DIR_ENV: str(folder)}), tmp_path)
+    share = max(1, len(given) // 2)
+    assert "2 jobs on this host (1 other unet-pipeline job found running on these CPUs)" in line, line
+    assert result["threads"] == share
+    other.close()
+    result, line, _ = _run_cli(_clean_env(SIZING_ONLY="1", **{cpus.JOBS_DIR_ENV: str(folder)}), tmp_path)
+    assert line.endswith(", 1 job on this host") and result["threads"] == len(given), line
+    assert list(folder.glob("*.job")) == []  # both probes left the folder as they ended

@@ -118,7 +118,7 @@ def _size_cpus(args: argparse.Namespace) -> None:
     if args.command in ("run", "preprocess", "train", "ensemble"):
         t = load_config(args.config, args.overrides).train
         training = args.command in ("run", "train")
-        plan = cpus.start_job(t.num_threads, "train.num_threads")
+        plan = cpus.start_job(t.num_threads, "train.num_threads", args.command)
         if training:  # after start_job: resolving the device loads torch, which reads the wait policy once
             from pipeline.training import resolve_device
 
@@ -126,7 +126,7 @@ def _size_cpus(args: argparse.Namespace) -> None:
     else:
         if args.threads is not None and args.threads < 1:
             raise PipelineError(f"--threads must be >= 1, got {args.threads}")
-        plan = cpus.start_job(args.threads, "--threads")
+        plan = cpus.start_job(args.threads, "--threads", args.command)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # once per host under torchrun
         print(plan.line(), file=sys.stderr)
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map
 
+from pipeline import cpus
 from pipeline.data import flip_permutation
 from pipeline.inference import accelerate, aot
 from pipeline.inference.accelerate import CompileMode, Precision
@@ -415,6 +416,7 @@ class SlidingWindowInferer:
             stitched.start_group()
             for first in range(0, len(jobs), batch_size):
                 chunk = jobs[first : first + batch_size]
+                cpus.rebalance()  # a job started or ended beside this one: take the new share of the CPUs
                 for i, (pos, flip) in enumerate(chunk):
                     win = x[(slice(None), *plan.tile(pos))]
                     batch_in[i].copy_(torch.flip(win, [d + 1 for d in flip]) if flip else win)

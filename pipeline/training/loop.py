@@ -170,8 +170,10 @@ def _init_process(t: TrainConfig) -> tuple[torch.device, distributed.DistEnv]:
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     _seed_everything(t.seed)
-    # The CPUs this process may use, shared with the other ranks on this host (pipeline/cpus.py).
-    cpus.apply(cpus.plan_threads(t.num_threads, "train.num_threads"))
+    # The CPUs this process may use, shared with the other ranks on this host (pipeline/cpus.py); a job the CLI
+    # started has taken its share already, and keeps it up to date with the jobs beside it.
+    if cpus.live_plan() is None:
+        cpus.apply(cpus.plan_threads(t.num_threads, "train.num_threads"))
     return device, env
 
 
@@ -214,6 +216,7 @@ def _train_epoch(run: _Run, state: _State, batches: Iterator[Any], epoch: int) -
     parts.network.train()
     losses: list[float] = []
     for iteration in range(run.iterations):
+        cpus.rebalance()
         image, label = next(batches)
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         if run.cfg.model.spatial_dims == 2:
