@@ -364,10 +364,12 @@ class HostJobs:
                 with contextlib.suppress(OSError):  # another user's folder: it is already shared
                     self.folder.chmod(0o1777)
             path = self.folder / f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.job"
-            handle = path.open("w")
+            # Locked and written under another name first: a ``.job`` file whose lock can be taken is stale.
+            handle = path.with_suffix(".new").open("w")
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             handle.write(json.dumps({"pid": os.getpid(), "command": command, "cpus": sorted(self.cpus)}))
             handle.flush()
+            os.replace(path.with_suffix(".new"), path)
         except OSError:
             return False
         self.path, self._handle = path, handle
@@ -400,7 +402,7 @@ class HostJobs:
             try:
                 cpus = set(json.loads(text).get("cpus", []))
             except (ValueError, AttributeError):
-                cpus = set()  # being written this instant: count it
+                cpus = set()  # not ours to read: count it
             if not cpus or cpus & self.cpus:
                 count += 1
         return count

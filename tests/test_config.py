@@ -77,6 +77,7 @@ def test_unknown_section(tmp_path: Path) -> None:
         ("model", "norm", "group", "'batch' or 'instance'"),
         ("model", "spatial_dims", 4, "2 or 3"),
         ("model", "features", 16, "a list of an integer"),
+        ("qc", "estimator", "isotonic", "'linear' or 'agreement'"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(tmp_path, section, key, value, expected) -> None:

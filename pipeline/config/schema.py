@@ -166,10 +166,14 @@ class QcConfig:
     Attributes:
         min_expected_dice: flag a case when any label's estimated Dice is below this; null: chosen during ``run``.
         flag_quantile: with ``min_expected_dice`` null, the share of validation cases the chosen threshold flags.
+        estimator: the map from a prediction's signals to its estimated Dice, fitted on the validation cases:
+            ``linear`` (least squares on the model's own probabilities) or ``agreement`` (a monotone map from the
+            mirrored passes' agreement; docs/quality.md).
     """
 
     min_expected_dice: float | None = None
     flag_quantile: float = 0.19
+    estimator: Literal["linear", "agreement"] = "linear"
 
 
 @dataclass

@@ -184,6 +184,7 @@ def evaluate_cases(
     min_expected_dice: float | None = None,
     flag_quantile: float = 0.19,
     model: Mapping[str, str] | None = None,
+    estimator: str = "linear",
 ) -> EvaluationResult:
     """Segment each case, score it against its label, and write ``cases.csv`` and ``summary.json``.
 
@@ -205,6 +206,8 @@ def evaluate_cases(
             ``calibration.png``; otherwise the model's stored calibration is applied.
         min_expected_dice: with ``calibrate``, a fixed review threshold (``None``: chosen on these cases).
         flag_quantile: with ``calibrate``, the share of these cases the chosen threshold flags.
+        estimator: with ``calibrate``, the map from signals to an estimated Dice (``qc.estimator``: ``linear`` or
+            ``agreement``; :func:`~pipeline.quality.calibration.fit_calibration`).
         model: ``name`` and ``version`` for the records.
     """
     labels = {v: n for v, n in predictor.labels.items() if v != 0}
@@ -231,18 +234,19 @@ def evaluate_cases(
     summary = write_evaluation(final.rows, list(labels.values()), out_dir, extra, metrics=SURFACE_METRICS)
     result = EvaluationResult(summary, final.rows, post, decision, final.predictions, final.pictures)
     _quality_review(result, predictor, cases, quality, final, labels, out_dir, report, calibrate, min_expected_dice,
-                    flag_quantile, model or {})
+                    flag_quantile, model or {}, estimator)
     return result
 
 
 def _quality_review(
     result: EvaluationResult, predictor: Predictor, cases: Sequence[Case], quality: list[CaseQuality], final: _Final,
     labels: dict[int, str], out_dir: Path, report: bool, calibrate: bool, min_expected_dice: float | None,
-    flag_quantile: float, model: Mapping[str, str],
+    flag_quantile: float, model: Mapping[str, str], estimator: str = "linear",
 ) -> None:
     """Calibrate (validation) or apply the model's calibration, then the records and, when asked, the report."""
     signals = [q.signals for q in quality]
-    result.calibration = (fit_calibration(signals, final.dice, min_expected_dice, flag_quantile) if calibrate
+    result.calibration = (fit_calibration(signals, final.dice, min_expected_dice, flag_quantile, estimator=estimator)
+                          if calibrate
                           else predictor.calibration)
     if calibrate and result.calibration.labels:
         result.calibration_plot = calibration_plot(result.calibration, signals, final.dice, labels,
@@ -260,7 +264,7 @@ def _quality_review(
 def validate_and_export(
     settings: Any, device: Any, plan: dict[str, Any], val_cases: Sequence[Case], chosen: Path, out_dir: Path,
     decide_postprocessing: bool = True, surface_tolerance_mm: float = 1.0, qc: bool = True,
-    min_expected_dice: float | None = None, flag_quantile: float = 0.19,
+    min_expected_dice: float | None = None, flag_quantile: float = 0.19, estimator: str = "linear",
 ) -> tuple[EvaluationResult, Path, dict[str, Any]]:
     """Evaluate the chosen checkpoint on the held-out cases with the configured settings, decide the
     postprocessing there, and write ``model.pt``: the weights with the settings they were validated with.
@@ -277,6 +281,7 @@ def validate_and_export(
         qc: write a QC picture per case.
         min_expected_dice: a fixed review threshold (``None``: chosen on the validation cases).
         flag_quantile: the share of validation cases the chosen threshold flags.
+        estimator: the map from signals to an estimated Dice (``qc.estimator``).
 
     Returns:
         The evaluation, the exported model's path and its ``inference`` section (with the quality
@@ -291,7 +296,8 @@ def validate_and_export(
     model.settings = settings
     evaluation = evaluate_cases(Predictor([model], device), val_cases, out_dir,
                                 decide_postprocessing=decide_postprocessing, surface_tolerance_mm=surface_tolerance_mm,
-                                qc=qc, calibrate=True, min_expected_dice=min_expected_dice, flag_quantile=flag_quantile)
+                                qc=qc, calibrate=True, min_expected_dice=min_expected_dice, flag_quantile=flag_quantile,
+                                estimator=estimator)
     validated = dataclasses.replace(settings, postprocessing=evaluation.postprocessing)
     section = inference_section(validated, plan, validated=True)
     if evaluation.calibration is not None and evaluation.calibration.labels:

@@ -15,10 +15,12 @@ from pipeline.inference.dicom_rtstruct import write_dicom_rtstruct
 from pipeline.inference.dicom_seg import Algorithm, seg_series_description, write_dicom_seg
 from pipeline.inference.dicom_sr import (
     PredictionReport,
+    ReviewFlag,
     SegmentMeasurement,
     measurements_of,
     read_dicom_sr,
     read_prediction_report,
+    review_of,
     write_dicom_sr,
 )
 from pipeline.inference.ensemble import check_same_plan, save_ensemble
@@ -40,6 +42,7 @@ __all__ = [
     "class_argmax",
     "PredictReport",
     "PredictionReport",
+    "ReviewFlag",
     "expand_inputs",
     "group_cases",
     "predict_cases",
@@ -67,6 +70,7 @@ __all__ = [
     "save_ensemble",
     "measurements_of",
     "read_dicom_sr",
+    "review_of",
     "read_prediction_report",
     "save_checkpoint",
     "seg_series_description",

@@ -44,6 +44,28 @@ class SegmentMeasurement:
     estimate_withheld: bool = False
 
 
+@dataclass(frozen=True)
+class ReviewFlag:
+    """Whether the prediction should be reviewed, and why (the case record's ``flagged`` and ``reasons``).
+
+    Args:
+        flagged: the case is flagged for a reader's review.
+        reasons: the record's reasons, in its words (structure names and figures: never a header value or a path).
+    """
+
+    flagged: bool
+    reasons: tuple[str, ...] = ()
+
+
+def review_of(record: Mapping[str, Any]) -> ReviewFlag:
+    """The review flag and reasons of a case record (``CASE.json``'s content).
+
+    Args:
+        record: the case record.
+    """
+    return ReviewFlag(bool(record.get("flagged")), tuple(str(r) for r in record.get("reasons") or []))
+
+
 def measurements_of(record: Mapping[str, Any]) -> list[SegmentMeasurement]:
     """The SR's measurements of a case record: each label's volume and estimated Dice.
 
@@ -57,14 +79,16 @@ def measurements_of(record: Mapping[str, Any]) -> list[SegmentMeasurement]:
 
 def write_dicom_sr(
     seg_path: Path, source_files: Sequence[Path], measurements: Sequence[SegmentMeasurement], algorithm: Algorithm,
-    path: Path, staged: Staged | None = None,
+    path: Path, staged: Staged | None = None, review: ReviewFlag | None = None,
 ) -> Path:
     """Write a Comprehensive 3D SR (TID 1500) of per-segment volumes and estimated Dice, atomically.
 
     Each measurement is matched to the SEG's segment of the same label; its group references
     that segment (SEG SOP instance and segment number) and the source series, and is tracked
     by the label. Patient and study are copied from the sources; the SEG and every source
-    instance are listed as evidence. The device observer is the algorithm.
+    instance are listed as evidence. The device observer is the algorithm. The case's review
+    flag is a qualitative evaluation of the first group (private code ``REVIEW``: ``Review
+    recommended`` or ``No review flag``), each reason a TEXT item (``REVIEW-REASON``) beside it.
 
     Args:
         seg_path: the DICOM SEG the measurements are of (as :func:`write_dicom_seg` writes it).
@@ -73,6 +97,7 @@ def write_dicom_sr(
         algorithm: the model's identity.
         path: the target ``.dcm``.
         staged: write as part of these staged files (committed together); default: on its own.
+        review: the case's review flag and reasons (:func:`review_of`); ``None``: the report states none.
 
     Raises:
         InputDataError: a file cannot be read, the SEG is not a SEG of the source series, a
@@ -86,7 +111,7 @@ def write_dicom_sr(
         sources = [_with_type2_attributes(_read_header(Path(f))) for f in source_files]
         groups = _matched_segments(seg, Path(seg_path), sources, measurements)
         try:
-            sr = _build_sr(seg, sources, groups, algorithm)
+            sr = _build_sr(seg, sources, groups, algorithm, review)
             save_file(path, staged, ".dcm", sr.save_as)
         except (ValueError, TypeError, AttributeError, KeyError) as error:
             # highdicom's messages may quote header values (patient data): only the kind of error is shown.
@@ -197,8 +222,28 @@ def _withheld_concept() -> Any:
                               meaning="Withheld: input unlike the training data")
 
 
+def _review_concept() -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value="REVIEW", scheme_designator=PRIVATE_SCHEME, meaning="Review of the prediction")
+
+
+def _review_value(flagged: bool) -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value="REVIEW-YES" if flagged else "REVIEW-NO", scheme_designator=PRIVATE_SCHEME,
+                              meaning="Review recommended" if flagged else "No review flag")
+
+
+def _reason_concept() -> Any:
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value="REVIEW-REASON", scheme_designator=PRIVATE_SCHEME,
+                              meaning="Reason for review")
+
+
 def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMeasurement, Any]],
-              algorithm: Algorithm) -> Any:
+              algorithm: Algorithm, review: ReviewFlag | None = None) -> Any:
     import highdicom as hd
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.sr.codedict import codes
@@ -214,7 +259,9 @@ def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMe
             measured.append(hd.sr.Measurement(name=_dice_concept(), value=float(m.estimated_dice),
                                               unit=codes.UCUM.NoUnits))
         withheld = [hd.sr.QualitativeEvaluation(name=_dice_concept(), value=_withheld_concept())
-                    ] if m.estimate_withheld and m.estimated_dice is None else None
+                    ] if m.estimate_withheld and m.estimated_dice is None else []
+        if review is not None and not rois:  # the case's flag, once: on the first group
+            withheld.append(hd.sr.QualitativeEvaluation(name=_review_concept(), value=_review_value(review.flagged)))
         property_type = item.get("SegmentedPropertyTypeCodeSequence")
         rois.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=m.name),
@@ -223,8 +270,15 @@ def _build_sr(seg: Any, sources: Sequence[Any], groups: Sequence[tuple[SegmentMe
                 segment_number=int(item.SegmentNumber), source_series=source_series,
             ),
             finding_type=hd.sr.CodedConcept.from_dataset(property_type[0]) if property_type else codes.SCT.Tissue,
-            algorithm_id=algorithm_id, measurements=measured, qualitative_evaluations=withheld,
+            algorithm_id=algorithm_id, measurements=measured, qualitative_evaluations=withheld or None,
         ))
+        if review is not None and len(rois) == 1:
+            # TID 1500's groups take qualitative evaluations as codes; a reason is free text, so it is a TEXT
+            # item of the group (readers that do not know the private code skip it).
+            rois[0][0].ContentSequence.extend(
+                hd.sr.TextContentItem(name=_reason_concept(), value=reason[:1024],
+                                      relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+                for reason in review.reasons)
     # The same algorithm is the same device in every report: its UID is derived from its identity.
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["unet-pipeline", algorithm.name, algorithm.version]),
@@ -271,6 +325,8 @@ class PredictionReport:
         model_version: the algorithm's version.
         when: ``YYYYMMDDHHMMSS[.ffffff]`` from the SR's ContentDate and ContentTime ("" when absent).
         segments: segment label -> measurements, as :func:`read_dicom_sr` gives them.
+        review: the case's review flag and reasons; ``None`` in a report that states none (written before they
+            were).
     """
 
     study_uid: str
@@ -279,6 +335,7 @@ class PredictionReport:
     model_version: str
     when: str
     segments: dict[str, dict[str, Any]]
+    review: ReviewFlag | None = None
 
 
 def _content_items(items: Any) -> Any:
@@ -309,14 +366,23 @@ def read_prediction_report(path: Path) -> PredictionReport | None:
     with _quiet_dicom_libraries():
         dataset = pydicom.dcmread(str(path), force=True)
     found: dict[str, set[str]] = {"111001": set(), "111003": set(), "121232": set()}
+    flags: list[bool] = []
+    reasons: list[str] = []
     for item in _content_items(dataset.get("ContentSequence")):
         names = item.get("ConceptNameCodeSequence") or []
         code = str(names[0].get("CodeValue", "")) if names else ""
-        if code in found and names[0].get("CodingSchemeDesignator") == "DCM":
+        scheme = names[0].get("CodingSchemeDesignator") if names else None
+        if code in found and scheme == "DCM":
             found[code].add(str(item.get("TextValue", "") or item.get("UID", "") or "").strip())
+        elif scheme == PRIVATE_SCHEME and code == "REVIEW" and item.get("ConceptCodeSequence"):
+            flags.append(str(item.ConceptCodeSequence[0].get("CodeValue", "")) == "REVIEW-YES")
+        elif scheme == PRIVATE_SCHEME and code == "REVIEW-REASON":
+            reasons.append(str(item.get("TextValue", "") or ""))
     if any(len(values) != 1 or not next(iter(values)) for values in found.values()):
         raise InputDataError(path, "is an SR of unet-pipeline without one algorithm name, version and source series")
     date = str(header.get("ContentDate", "") or "").strip()
     when = date + str(header.get("ContentTime", "") or "").strip().ljust(6, "0") if date else ""
+    review = ReviewFlag(any(flags), tuple(reasons)) if flags else None
     return PredictionReport(str(header.get("StudyInstanceUID", "") or ""), next(iter(found["121232"])),
-                            next(iter(found["111001"])), next(iter(found["111003"])), when, read_dicom_sr(Path(path)))
+                            next(iter(found["111001"])), next(iter(found["111003"])), when, read_dicom_sr(Path(path)),
+                            review)

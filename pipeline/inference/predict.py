@@ -24,7 +24,7 @@ from pipeline.data import Staged, save_file, strip_nifti_suffix
 from pipeline.errors import InputDataError, user_error
 from pipeline.inference.dicom_rtstruct import write_dicom_rtstruct
 from pipeline.inference.dicom_seg import Algorithm, write_dicom_seg
-from pipeline.inference.dicom_sr import measurements_of, write_dicom_sr
+from pipeline.inference.dicom_sr import measurements_of, review_of, write_dicom_sr
 from pipeline.inference.outputs import RECORD_SUFFIX, THUMBNAILS, CaseOutputs, write_label_map, write_probabilities
 from pipeline.inference.predictor import Predictor
 from pipeline.inference.settings import package_version
@@ -268,7 +268,7 @@ def _predict_one(job: _Job, case: CaseInput, outputs: CaseOutputs, loaded: Any) 
             sources = _sources(case, job.series_uid)
             written.append(_write_seg(sources, result.labels, names, job.algorithm, outputs.seg, staged))
             written.append(write_dicom_sr(staged.written(outputs.seg), sources, measurements_of(record), job.algorithm,
-                                          outputs.sr, staged))
+                                          outputs.sr, staged, review_of(record)))
         if outputs.rtstruct is not None:
             written.append(_write_rtstruct(_sources(case, job.series_uid), result.labels, names, job.algorithm,
                                            outputs.rtstruct, staged))

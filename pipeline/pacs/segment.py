@@ -23,6 +23,7 @@ from pipeline.inference import (
     Algorithm,
     Predictor,
     measurements_of,
+    review_of,
     write_dicom_rtstruct,
     write_dicom_seg,
     write_dicom_sr,
@@ -86,7 +87,8 @@ def segment_series(
         seg_path = write_dicom_seg(result.labels, sources, names, algorithm, tmp / "seg.dcm")
         record = predictor.record(series.uid, result, {"name": algorithm.name, "version": algorithm.version},
                                   {"mask": f"{series.uid}.nii.gz", "seg": f"{series.uid}.seg.dcm", "sr": f"{series.uid}.sr.dcm"})
-        sr_path = write_dicom_sr(seg_path, sources, measurements_of(record), algorithm, tmp / "sr.dcm")
+        sr_path = write_dicom_sr(seg_path, sources, measurements_of(record), algorithm, tmp / "sr.dcm",
+                                 review=review_of(record))
         seg, sr = pydicom.dcmread(str(seg_path)), pydicom.dcmread(str(sr_path))
         outputs = [(seg_path, ".seg.dcm"), (sr_path, ".sr.dcm")]
         stored = [seg, sr]

@@ -69,12 +69,15 @@ def pacs_items(client: PacsClient, model: str | None = None,
 
 
 def _item(report: PredictionReport) -> WorkItem:
-    withheld = sorted({str(m["estimate_withheld"]) for m in report.segments.values() if m.get("estimate_withheld")})
+    if report.review is not None:  # the case record's own flag and reasons
+        flagged, reasons = report.review.flagged, report.review.reasons
+    else:  # an SR written before it stated them: a withheld estimate is a flag (the record flags it first)
+        withheld = sorted({str(m["estimate_withheld"]) for m in report.segments.values() if m.get("estimate_withheld")})
+        flagged, reasons = bool(withheld), tuple(f"no estimated Dice (the SR says: {w})" for w in withheld)
     return WorkItem(
         case=report.series_uid, study_instance_uid=report.study_uid, series_instance_uid=report.series_uid,
         model_name=report.model_name, model_version=report.model_version,
-        # The SR carries no flag; a withheld estimate is one (the case record flags it first).
-        flagged=bool(withheld), reasons=tuple(f"no estimated Dice (the SR says: {w})" for w in withheld),
+        flagged=flagged, reasons=reasons,
         estimates={name: m.get("estimated_dice") for name, m in report.segments.items()},
         volumes_ml={name: float(m.get("volume_ml") or 0.0) for name, m in report.segments.items()},
         when=dicom_time(report.when),

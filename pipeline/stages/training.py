@@ -222,7 +222,7 @@ def _finish(cfg: PipelineConfig, work_dir: Path, prepared: Prepared, result: Any
     evaluation, model_path, inference = validate_and_export(
         settings, device, prepared.plan, prepared.raw_cases("val"), chosen, work_dir / "evaluation" / f"fold_{cfg.data.fold}",
         decide_postprocessing=e.postprocess, surface_tolerance_mm=e.surface_tolerance_mm, qc=e.qc_images,
-        min_expected_dice=cfg.qc.min_expected_dice, flag_quantile=cfg.qc.flag_quantile)
+        min_expected_dice=cfg.qc.min_expected_dice, flag_quantile=cfg.qc.flag_quantile, estimator=cfg.qc.estimator)
     summary = evaluation.summary
     names = list(summary["dice_per_label"])
     log.metrics({registry.SELECTION_METRIC: summary["mean_dice"],

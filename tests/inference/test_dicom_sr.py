@@ -171,3 +171,26 @@ def test_reading_a_file_that_is_no_measurement_report_is_an_input_error(
     assert raised.value.path == str(seg)
     with pytest.raises(InputDataError, match="does not exist"):
         read_dicom_sr(tmp_path / "missing.dcm")
+
+
+def test_the_cases_review_flag_and_reasons_travel_in_the_report(written: tuple[Path, Path, list[Path]],
+                                                                  tmp_path: Path) -> None:
+    from pipeline.inference.dicom_sr import ReviewFlag, read_prediction_report, review_of
+    from pipeline.pacs.worklist import _item
+
+    seg, plain, sources = written
+    record = {"flagged": True, "reasons": ["estimated Dice of anterior 0.41 (below 0.80)",
+                                           "no posterior found, though every validation case had one"]}
+    flag = review_of(record)
+    assert flag == ReviewFlag(True, tuple(record["reasons"]))
+    sr = write_dicom_sr(seg, sources, MEASUREMENTS, ALGORITHM, tmp_path / "sr.dcm", review=flag)
+    report = read_prediction_report(sr)
+    assert report is not None and report.review == flag
+    assert read_dicom_sr(sr) == read_dicom_sr(plain)  # highdicom still reads the groups, measurements unchanged
+    item = _item(report)  # what the worklist of a PACS lists for it
+    assert item.flagged and item.reasons == flag.reasons
+    calm = read_prediction_report(write_dicom_sr(seg, sources, MEASUREMENTS, ALGORITHM, tmp_path / "calm.dcm",
+                                                 review=review_of({"flagged": False, "reasons": []})))
+    assert calm.review == ReviewFlag(False, ()) and not _item(calm).flagged
+    older = read_prediction_report(plain)  # a report that states no flag (written before reports did)
+    assert older.review is None and not _item(older).flagged and _item(older).reasons == ()

@@ -152,6 +152,10 @@ def test_the_sr_holds_the_volumes_and_estimates_of_the_case_record(calibrated: d
         else:
             assert read[name]["estimated_dice"] == pytest.approx(entry["estimated_dice"], rel=1e-9)
     assert any(e["estimated_dice"] is not None for e in record["labels"].values())
+    from pipeline.inference import read_prediction_report
+
+    review = read_prediction_report(calibrated["out"] / record["files"]["sr"]).review
+    assert review is not None and (review.flagged, list(review.reasons)) == (record["flagged"], record["reasons"])
 
 
 def test_a_thick_slice_scan_is_flagged_with_its_spacing_and_in_domain_scans_conform(calibrated: dict) -> None:
@@ -260,5 +264,10 @@ def test_a_brain_series_through_the_hippocampus_model_gets_no_estimate_anywhere(
     for name in record["labels"]:
         assert sr[name]["estimated_dice"] is None
         assert sr[name]["estimate_withheld"] == "Withheld: input unlike the training data"
+    # The flag and every reason of the record travel in the SR, for a worklist read from the PACS.
+    from pipeline.inference import read_prediction_report
+
+    review = read_prediction_report(out / record["files"]["sr"]).review
+    assert review is not None and review.flagged and list(review.reasons) == record["reasons"]
     page = (out / "report.html").read_text()
     assert page.count(">withheld</td>") == 3  # both labels and the mean
