@@ -16,7 +16,7 @@ over the jobs at once, averaged over the jobs one after the other. Run it on an 
         unet-pipeline predict --model models:/hippocampus@champion /data/cases --out /tmp/out-{job} --overwrite
     .venv/bin/python scripts/bench_concurrency.py --jobs 2 --repeats 3 \\
         --rate '([0-9.]+) patches/s' -- unet-pipeline run configs/hippocampus.yaml --fold {job} --force \\
-        --work-dir /tmp/work --set train.epochs=3 --set train.iterations=40
+        --work-dir /tmp/work --set train.epochs=3 --set train.iterations_per_epoch=40
 """
 
 from __future__ import annotations

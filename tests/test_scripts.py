@@ -356,3 +356,26 @@ def test_predict_benchmark_says_each_side_against_the_cpus_peak(tmp_path: Path, 
             assert f"  {name} whole job: {run['job_gflops_per_s']:.1f} GFLOP/s" in res.stdout
             assert f"ratio to peak {ratio:.2f}" in res.stdout
     assert f"job ratio vs MONAI: {monai['wall_s'] / ours['wall_s']:.2f}" in res.stdout
+
+
+def test_paired_cases_compares_two_evaluations_case_by_case(tmp_path: Path) -> None:
+    def table(path: Path, rows: dict[str, tuple[float, float]]) -> Path:
+        with path.open("w", newline="") as fp:
+            writer = csv.writer(fp)
+            writer.writerow(["case", "Anterior", "Posterior", "hd95 Anterior", "hd95 Posterior"])
+            for case, (a, p) in rows.items():
+                writer.writerow([case, a, p, 99.0, 99.0])  # distances are not Dice: never averaged in
+        return path
+
+    a = table(tmp_path / "a.csv", {"c1": (0.9, 0.8), "c2": (0.7, 0.7), "c3": (0.5, 0.5), "only_a": (0.0, 0.0)})
+    b = table(tmp_path / "b.csv", {"c1": (0.8, 0.8), "c2": (0.7, 0.7), "c3": (0.6, 0.6)})
+    script = [sys.executable, str(REPO / "scripts" / "paired_cases.py")]
+    done = subprocess.run([*script, str(a), str(b), "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # per case: +0.05, 0, -0.1 on the three common cases
+    assert result["cases"] == 3 and result["mean_difference"] == pytest.approx(-0.05 / 3)
+    assert (result["ours_wins"], result["baseline_wins"], result["ties"]) == (1, 1, 1)
+    assert result["ci95"][0] <= result["mean_difference"] <= result["ci95"][1]
+    missing = subprocess.run([*script, str(a), str(tmp_path / "none.csv")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "none.csv: no such file" in missing.stderr
