@@ -36,6 +36,16 @@ warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 pytest_plugins = ["tests.strict_skips"]
 
 
+@pytest.fixture(autouse=True)
+def _no_job_left_registered() -> Iterator[None]:
+    """A CLI call made in this process (``main([...])``) registers it as a live job (pipeline/cpus.py) until it
+    exits; the next test's jobs must not count it."""
+    yield
+    from pipeline import cpus
+
+    cpus.end_job()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _isolated_mlflow_module(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Module-scoped fixtures (runs done once per module) must not follow a store an earlier module set:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,8 @@ print(json.dumps({"code": code, "threads": torch.get_num_threads(), "policy": os
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SIZING_ENV}
-    return {**env, cpus.JOBS_DIR_ENV: os.environ.get(cpus.JOBS_DIR_ENV, ""), **extra}
+    # A folder of live jobs of its own: no job another test left registered in this process counts.
+    return {**env, cpus.JOBS_DIR_ENV: tempfile.mkdtemp(prefix="unet-pipeline-jobs-"), **extra}
 
 
 def _run_cli(env: dict[str, str], tmp_path: Path, cpu: int | None = None, *flags: str) -> tuple[dict, str, str]:

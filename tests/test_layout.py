@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Lower first. A subpackage may import those at a lower rank; equal ranks do not import each other.
 RANKS = {
-    "errors": 0, "benchmarking": 0.25, "cpus": 0.25, "config": 0.5, "dicomweb": 0.75,
+    "errors": 0, "host_jobs": 0.2, "benchmarking": 0.25, "cpus": 0.25, "config": 0.5, "dicomweb": 0.75,
     "data": 1, "quality": 1.5, "inference": 2, "evaluation": 3, "training": 4, "registry": 5,
     "scheduling": 6, "pacs": 6, "stages": 7, "cli": 8, "__main__": 9,
 }

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import yaml
 
-from pipeline.inference import read_dicom_sr
+from pipeline.inference import ReviewFlag, read_dicom_sr, read_prediction_report
 from pipeline.pacs import PacsClient
 from tests.conftest import HIPPOCAMPUS, TINY, dicom_dataset_maker, run_main
 from tests.orthanc import OrthancServer
@@ -33,17 +33,21 @@ def _slices(folder: Path) -> list[pydicom.Dataset]:
     return sorted((pydicom.dcmread(p) for p in (folder / "mr").iterdir()), key=lambda d: int(d.InstanceNumber))
 
 
-def _sr_means(client: PacsClient, studies: list[str], tmp: Path) -> dict[str, float]:
-    """Each study's SR read back from the PACS: the mean of the estimated Dice it states."""
-    means = {}
+def _sr_means(client: PacsClient, studies: list[str], tmp: Path) -> tuple[dict[str, float], dict[str, ReviewFlag]]:
+    """Each study's SR read back from the PACS: the mean of the estimated Dice it states, and its review flag."""
+    means, reviews = {}, {}
     for study in studies:
         reports = [s for s in client.list_series(study) if s.modality == "SR"]
         assert len(reports) == 1, study
-        measured = read_dicom_sr(client.retrieve_series(study, reports[0].uid, tmp / study)[0])
+        path = client.retrieve_series(study, reports[0].uid, tmp / study)[0]
+        measured = read_dicom_sr(path)
         estimates = [m["estimated_dice"] for m in measured.values()]
         assert all(isinstance(e, float) for e in estimates), measured
         means[study] = float(np.mean(estimates))
-    return means
+        review = read_prediction_report(path).review
+        assert review is not None, study
+        reviews[study] = review
+    return means, reviews
 
 
 def _worklist(server: OrthancServer, *args: str) -> list[dict]:
@@ -77,7 +81,7 @@ def test_the_worklist_ranks_the_pacs_predictions_and_a_readers_correction_takes_
         assert stored.returncode == 0, stored.stderr[-3000:]
 
     items = _worklist(server)
-    means = _sr_means(PacsClient(server.url), studies, tmp_path / "sr")
+    means, reviews = _sr_means(PacsClient(server.url), studies, tmp_path / "sr")
     assert len(set(means.values())) == 3  # distinct estimates: the order is the SRs' to decide
     assert [i["study_instance_uid"] for i in items] == sorted(studies, key=lambda s: means[s])
     series_of = {s: m["series_uid"] for s, m in zip(studies, made)}
@@ -86,13 +90,15 @@ def test_the_worklist_ranks_the_pacs_predictions_and_a_readers_correction_takes_
         assert item["series_instance_uid"] == item["case"] == series_of[study]
         assert item["estimated_dice"] == pytest.approx(means[study])
         assert item["viewer_url"] == f"{VIEWER}/viewer?StudyInstanceUIDs={study}"
-        assert set(item["volumes_ml"]) == set(CLASSES) and item["flagged"] is False
+        # the case record's flag and reasons, as the SR states them
+        assert set(item["volumes_ml"]) == set(CLASSES) and item["flagged"] is reviews[study].flagged
         if study == studies[2]:
             assert item["model"] == {"name": "local", "version": "old.pt"}
-            assert item["reasons"] == ["predicted by version old.pt of local; version model.pt is the newest in "
-                                       "these sources"]
+            assert item["reasons"] == [*reviews[study].reasons, "predicted by version old.pt of local; version "
+                                       "model.pt is the newest in these sources"]
         else:
-            assert item["model"] == {"name": "local", "version": "model.pt"} and item["reasons"] == []
+            assert item["model"] == {"name": "local", "version": "model.pt"}
+            assert item["reasons"] == list(reviews[study].reasons)
 
     # Only UIDs identify a series in what goes out: no patient's name or ID (the studies' are P0000...).
     assert not [f"P{n:04d}" for n in range(len(made)) if f"P{n:04d}" in json.dumps(items)]
