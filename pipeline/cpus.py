@@ -205,12 +205,11 @@ def cpu_budget(
     """
     environ = os.environ if environ is None else environ
     reasons: list[str] = []
-    if hasattr(os, "sched_getaffinity"):
-        mask = os.sched_getaffinity(0)
-        given = len(mask)
+    mask, from_mask = _affinity()
+    given = len(mask)
+    if from_mask:
         reasons.append(f"affinity mask {_ranges(mask)} ({given} CPU{'s' if given != 1 else ''})")
-    else:  # macOS, Windows: no affinity to read
-        given = os.cpu_count() or 1
+    else:
         reasons.append(f"{given} CPUs")
     quota = cgroup_quota(cgroup_root, proc_self_cgroup)
     if quota is None:
@@ -223,19 +222,30 @@ def cpu_budget(
     if slurm is not None:
         given = min(given, slurm)
         reasons.append(f"SLURM_CPUS_PER_TASK={slurm}")
+    jobs, why = _jobs_sharing(environ, others)
+    return CpuBudget(given, jobs, (*reasons, why), others)
+
+
+def _jobs_sharing(environ: Mapping[str, str], others: int) -> tuple[int, str]:
+    """How many jobs share the CPUs (launcher's count, declared count, or this one and those found), and why."""
     local = _positive_int(environ, "LOCAL_WORLD_SIZE") or 1
     declared = _positive_int(environ, JOBS_ENV) or 1
     jobs = max(local, declared, 1 + others)
     if jobs == 1:
-        reasons.append("1 job on this host")
-    elif 1 + others > max(local, declared):
-        reasons.append(f"{jobs} jobs on this host ({others} other unet-pipeline job{'s' if others != 1 else ''} "
-                       "found running on these CPUs)")
-    elif local >= declared:
-        reasons.append(f"{jobs} jobs on this host (LOCAL_WORLD_SIZE={local})")
-    else:
-        reasons.append(f"{jobs} jobs on this host ({JOBS_ENV}={declared})")
-    return CpuBudget(given, jobs, tuple(reasons), others)
+        return jobs, "1 job on this host"
+    if 1 + others > max(local, declared):
+        return jobs, (f"{jobs} jobs on this host ({others} other unet-pipeline job{'s' if others != 1 else ''} "
+                      "found running on these CPUs)")
+    if local >= declared:
+        return jobs, f"{jobs} jobs on this host (LOCAL_WORLD_SIZE={local})"
+    return jobs, f"{jobs} jobs on this host ({JOBS_ENV}={declared})"
+
+
+def _affinity() -> tuple[set[int], bool]:
+    """The CPUs this process may run on, and whether an affinity mask said so (macOS and Windows have none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0)), True
+    return set(range(os.cpu_count() or 1)), False
 
 
 def _under_torchrun(environ: Mapping[str, str]) -> bool:
@@ -339,10 +349,6 @@ class _Live:
 _LIVE: _Live | None = None
 
 
-def _affinity() -> set[int]:
-    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-
-
 def rebalance(now: float | None = None) -> int | None:
     """Take this job's share again when jobs have started or ended beside it; cheap enough to call often.
 
@@ -363,7 +369,11 @@ def rebalance(now: float | None = None) -> int | None:
     if now < live.next_look:
         return None
     live.next_look = now + REBALANCE_INTERVAL_S
-    budget = cpu_budget(live.environ, others=live.jobs.others())
+    # The CPUs given do not change while a job runs; only the jobs beside it do, so only they are counted again.
+    others = live.jobs.others()
+    jobs, why = _jobs_sharing(live.environ, others)
+    start = live.plan.budget
+    budget = dataclasses.replace(start, jobs=jobs, reasons=(*start.reasons[:-1], why), found=others)
     if budget.per_job == live.plan.threads:
         return None
     import torch
@@ -401,7 +411,7 @@ def start_job(forced: int | None = None, forced_from: str = "", command: str = "
     """
     global _LIVE
     environ = os.environ
-    jobs = HostJobs(jobs_folder(environ), _affinity())
+    jobs = HostJobs(jobs_folder(environ), _affinity()[0])
     others = jobs.others()
     plan = plan_threads(forced, forced_from, cpu_budget(environ, others=others))
     set_wait_policy(plan)

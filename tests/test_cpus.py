@@ -326,6 +326,10 @@ def test_a_job_takes_its_share_as_undeclared_jobs_start_and_end_beside_it(
     again = _register(folder, set(two_cpus))
     assert cpus.rebalance(now + 3 * cpus.REBALANCE_INTERVAL_S) == 1 and torch.get_num_threads() == 1
     assert cpus.live_plan().threads == 1
+    # Only the jobs are counted again: the CPUs given and what said so are the start-up's.
+    assert cpus.live_plan().budget.given == plan.budget.given == 2
+    assert cpus.live_plan().budget.reasons[:-1] == plan.budget.reasons[:-1]
+    assert cpus.live_plan().budget.found == 1
     again.close()
     cpus.end_job()
     assert list(folder.glob("*.job")) == []  # a job that ends leaves the folder
