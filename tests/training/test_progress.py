@@ -36,9 +36,13 @@ def test_a_budgeted_bar_counts_the_budget_down_and_keeps_the_last_validation() -
 def test_without_a_budget_the_bar_counts_epochs() -> None:
     out = io.StringIO()
     bar = TrainingProgress(3, 10, None, True, lambda: 0.0, out)
+    bar._started -= 2.0  # two seconds of training for the 8 patches
     bar.epoch_done(3, 8, {"train_loss": 0.5})
     bar.close()
     assert "4/10" in out.getvalue() and "min left" not in out.getvalue()
+    assert re.search(r"patches/s=(\d+\.\d)", out.getvalue()), out.getvalue()
+    rate = float(re.search(r"patches/s=(\d+\.\d)", out.getvalue()).group(1))
+    assert 3.0 <= rate <= 4.0, out.getvalue()  # 8 patches over a little more than 2 s
 
 
 def test_a_budgeted_training_shows_minutes_left(tiny_config: Path, tmp_path: Path,
