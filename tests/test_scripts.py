@@ -379,3 +379,31 @@ def test_paired_cases_compares_two_evaluations_case_by_case(tmp_path: Path) -> N
     assert result["ci95"][0] <= result["mean_difference"] <= result["ci95"][1]
     missing = subprocess.run([*script, str(a), str(tmp_path / "none.csv")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "none.csv: no such file" in missing.stderr
+
+
+def test_cpu_runtime_benchmark_times_each_runtime_on_a_real_window(checkpoint_2mm: Path, hippocampus: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny 2 mm model on a real scan's central window: the reference runtime agrees with itself exactly,
+    bf16 autocast differs by rounding, each line carries its GFLOP/s; an unknown runtime is refused."""
+    import torch
+
+    from pipeline.benchmarking import forward_flops
+    from pipeline.inference import load_model
+
+    bench = _load_script("bench_cpu_runtimes")
+    case = sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0]
+    assert bench.main(["--model", f"tiny={checkpoint_2mm}:2", "--runtimes", "eager-fp32,eager-bf16",
+                       "--threads", "2", "--case", str(case)]) == 0
+    out = capsys.readouterr().out
+    model = load_model(checkpoint_2mm, torch.device("cpu"))
+    flop = forward_flops(model.network, (model.settings.sw_batch_size, 1, *model.patch_size))
+    assert f"{flop / 1e9:.2f} GFLOP a batch" in out, out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(lines) == {"eager-fp32", "eager-bf16"}, out
+    assert "x1.00 of eager-fp32" in lines["eager-fp32"]
+    assert "max |dp| 0.0000, argmax agrees on 1.00000" in lines["eager-fp32"]
+    dp = float(lines["eager-bf16"].split("max |dp| ")[1].split(",")[0])
+    assert 0.0 < dp < 0.1, lines["eager-bf16"]  # bf16 rounds: not the same numbers, not another answer
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--model", f"tiny={checkpoint_2mm}", "--runtimes", "eager-fp32,tensorrt"])
+    assert refused.value.code == 2 and "unknown runtime(s) tensorrt" in capsys.readouterr().err
