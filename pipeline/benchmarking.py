@@ -190,6 +190,10 @@ def cpu_peak(precision: str = "float32", threads: int | None = None, *, cpuinfo:
         if max_khz == -1 else max_khz
     ghz, clock = (khz / 1e6, "clock: cpufreq's cpuinfo_max_freq") if khz else (
         (cpu.mhz / 1e3, "clock from /proc/cpuinfo") if cpu.mhz else (None, "no clock reported"))
+    if not khz and cpu.mhz and "hypervisor" in cpu.flags:
+        # A guest's "cpu MHz" is the time-stamp counter's rate; the host may boost the cores well above it
+        # (on one KVM Zen 4 a matrix product ran at 1.17x this peak).
+        clock += ", a VM's time-stamp counter rate: the cores may run faster and the ratio read high"
     rule = flop_per_cycle(cpu, precision)
     if rule is None or ghz is None:
         why = "no x86 FMA flags in /proc/cpuinfo" if rule is None else clock

@@ -41,6 +41,11 @@ def test_zen4_peak_from_its_cpuinfo() -> None:
     assert (fp32.flop_per_cycle, fp32.gflops) == (32, pytest.approx(2 * 32 * 2.596128))
     # cpufreq's maximum clock wins over the first processor's "cpu MHz" when the kernel has it.
     assert cpu_peak("bf16", cpuinfo=ZEN4, cpus=2, max_khz=3_700_000).gflops == pytest.approx(2 * 64 * 3.7)
+    # In a VM, "cpu MHz" is the time-stamp counter's rate, not the cores' clock: the line says so.
+    guest = cpu_peak("bf16", cpuinfo=ZEN4.replace("flags\t\t: fpu", "flags\t\t: fpu hypervisor"), cpus=2, max_khz=None)
+    assert guest.gflops == bf16.gflops and "time-stamp counter rate" in guest.how and "ratio read high" in guest.how
+    assert "time-stamp" not in cpu_peak("bf16", cpuinfo=ZEN4.replace("flags\t\t: fpu", "flags\t\t: fpu hypervisor"),
+                                        cpus=2, max_khz=3_700_000).how  # cpufreq's clock is the cores' own
     # Fewer threads than CPUs: only the cores the threads use count.
     assert cpu_peak("bf16", threads=1, cpuinfo=ZEN4, cpus=2, max_khz=None).cores == 1
 
