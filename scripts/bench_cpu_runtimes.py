@@ -6,7 +6,7 @@ For each model given, one batch of ``sw_batch_size`` windows of its patch (its s
 * ``eager-bf16``: under CPU bfloat16 autocast, as the engine's eager path runs it;
 * ``aot-bf16`` / ``aot-fp32``: the ahead-of-time package ``predict`` uses (built into the cache if absent);
 * ``openvino-bf16`` / ``openvino-fp32``: OpenVINO's CPU plugin on the network converted with
-  ``openvino.convert_model`` (OpenVINO is not a dependency of the project: ``pip install openvino`` first).
+  ``openvino.convert_model``, as ``predict`` serves it (:mod:`pipeline.inference.openvino_runtime`).
 
 Per runtime: the median milliseconds per batch (min, max) over ``--repeats`` after two warm-up calls, the
 speed against ``eager-fp32``, the achieved GFLOP/s and its ratio to the CPU's peak for that precision

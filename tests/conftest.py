@@ -13,6 +13,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Each test process (an xdist worker) keeps its own folder of live jobs (pipeline/cpus.py): jobs that tests start
 # must not take half the CPUs because another worker's test, or a benchmark on the machine, runs beside them.
 os.environ.setdefault("UNET_PIPELINE_JOBS_DIR", tempfile.mkdtemp(prefix="unet-pipeline-jobs-"))
+# The engine and AOT tests pin torch's runtimes (the package, torch.compile, eager); OpenVINO, the default where it
+# imports, has its own tests (tests/inference/test_openvino_runtime.py), which turn it on.
+os.environ.setdefault("UNET_PIPELINE_CPU_RUNTIME", "torch")
 
 import shutil
 import subprocess

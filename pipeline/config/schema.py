@@ -200,7 +200,8 @@ class RegistryConfig:
     Attributes:
         promote_margin: how much the candidate's mean Dice must beat the champion's by to take ``champion``.
         evaluation_set: a labelled dataset both models are scored on; empty: the candidate's validation fold.
-        compile_ahead_of_time: compile a registered version's network for the CPU once, at registration.
+        compile_ahead_of_time: compile a registered version's network for the CPU once, at registration (OpenVINO's IR
+            where it is on, else the AOTInductor package).
         gate_lease_s: seconds a gate's lease lasts; a job killed while holding it blocks the next for at most this.
         gate_wait_s: seconds a gate waits for another's lease before it ends with exit 3.
         model_cache_max_gb: size cap of the per-user model cache in GB (null: no cap; least recently used copies go

@@ -196,6 +196,20 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1) if logits.shape[1] > 1 else torch.sigmoid(logits.float())
 
 
+def sidecar_matches(sidecar: Path, key: AotKey) -> bool:
+    """Whether the sidecar beside a cached network repeats ``key`` exactly (else it is never trusted).
+
+    Args:
+        sidecar: the JSON file written with the package or IR.
+        key: what is asked for.
+    """
+    try:
+        stored = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return stored == json.loads(json.dumps(asdict(key)))
+
+
 def load(key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The compiled network of ``key`` from the cache, or ``None`` when there is none that can be trusted.
 
@@ -207,12 +221,7 @@ def load(key: AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return _LOADED[str(path)]
     if not path.is_file():
         return None
-    try:
-        stored = json.loads(_sidecar(path).read_text())
-    except (OSError, ValueError):
-        stored = None
-    wanted = json.loads(json.dumps(asdict(key)))
-    if stored != wanted:
+    if not sidecar_matches(_sidecar(path), key):
         logger.warning("compiled network %s was built for another model, torch, device or shape; it will be rebuilt",
                        path.name)
         return None
@@ -237,18 +246,32 @@ def _mark_used(path: Path) -> None:
         pass  # evicted meanwhile by another process: this one has it loaded already
 
 
+#: OpenVINO's IR in the same cache (:mod:`pipeline.inference.openvino_runtime`): ``.ov.xml`` with ``.ov.bin``.
+OV_SUFFIX = ".ov.xml"
+
+
+def _parts(path: Path) -> tuple[Path, ...]:
+    """A cached network's files, the one looked for first: a package and its notes, or an IR and its weights."""
+    if path.name.endswith(OV_SUFFIX):
+        stem = path.name[: -len(OV_SUFFIX)]
+        return path, *(path.with_name(f"{stem}.ov.{ext}") for ext in ("bin", "json", "rejected.json"))
+    return path, _sidecar(path), _rejection(path)
+
+
 def packages() -> list[tuple[Path, int, float]]:
-    """Every package in the cache as ``(path, bytes with its sidecars, last use)``, the one used longest ago first."""
+    """Every package (and OpenVINO IR) in the cache as ``(path, bytes with its sidecars, last use)``, the one used
+    longest ago first."""
     folder = cache_root() / "compiled"
     found = []
-    for path in folder.glob(f"*{SUFFIX}") if folder.is_dir() else []:
+    paths = [*folder.glob(f"*{SUFFIX}"), *folder.glob(f"*{OV_SUFFIX}")] if folder.is_dir() else []
+    for path in paths:
         if path.name.startswith("."):
             continue  # a build in progress
         try:
             stat = path.stat()
         except OSError:
             continue  # deleted meanwhile
-        size = stat.st_size + sum(p.stat().st_size for p in (_sidecar(path), _rejection(path)) if p.is_file())
+        size = stat.st_size + sum(p.stat().st_size for p in _parts(path)[1:] if p.is_file())
         found.append((path, size, stat.st_mtime))
     return sorted(found, key=lambda f: (f[2], f[0].name))
 
@@ -274,7 +297,7 @@ def evict(cap_gb: float | None, keep: Path | None = None) -> list[Path]:
         if keep is not None and path == keep:
             continue
         # The package first: without it the sidecar alone is never taken for one.
-        for part in (path, _sidecar(path), _rejection(path)):
+        for part in _parts(path):
             part.unlink(missing_ok=True)
         _LOADED.pop(str(path), None)
         total -= size

@@ -119,5 +119,7 @@ def compile_ahead_of_time(path: Path, precision: str | None = None,
         window = window_size(model.patch_size, dims)
         shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
         key = aot.key_for(model.network, shape, "cpu", accelerate.cpu_precision(precision or model.settings.precision))
-        ready = (aot.load(key) is not None or aot.build(model.network, key, cache_max_gb) is not None) and ready
+        ready = (accelerate.ahead_of_time(model.network, shape, key.precision) is not None
+                 or accelerate.build_ahead_of_time(model.network, shape, key.precision, cache_max_gb) is not None
+                 ) and ready
     return ready
