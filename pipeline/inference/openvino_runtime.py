@@ -108,8 +108,11 @@ class _Runner:
     def _compile(self, threads: int) -> None:
         import openvino as ov
 
+        # No pinning: OpenVINO pins its threads to the first cores by default, so two jobs sharing a host (each
+        # with its share, pipeline.cpus) would both sit on core 0 while the other cores idle.
         compiled = ov.Core().compile_model(self.model, "CPU", {
-            "INFERENCE_PRECISION_HINT": self.hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            "INFERENCE_PRECISION_HINT": self.hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False})
         self.request, self.threads = compiled.create_infer_request(), threads
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
