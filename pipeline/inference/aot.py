@@ -185,8 +185,18 @@ def rejected(key: AotKey) -> str | None:
     Args:
         key: the package's key.
     """
+    return rejection_reason(_rejection(package_path(key)), key)
+
+
+def rejection_reason(note: Path, key: AotKey) -> str | None:
+    """The reason in a rejection note written for ``key`` (a package's or an IR's), or ``None``.
+
+    Args:
+        note: the ``.rejected.json`` file beside where the network would be.
+        key: what it must have been written for (a note for another key says nothing about this one).
+    """
     try:
-        stored = json.loads(_rejection(package_path(key)).read_text())
+        stored = json.loads(note.read_text())
     except (OSError, ValueError):
         return None
     return str(stored.get("reason")) if stored.get("key") == json.loads(json.dumps(asdict(key))) else None
@@ -250,8 +260,13 @@ def _mark_used(path: Path) -> None:
 OV_SUFFIX = ".ov.xml"
 
 
-def _parts(path: Path) -> tuple[Path, ...]:
-    """A cached network's files, the one looked for first: a package and its notes, or an IR and its weights."""
+def parts(path: Path) -> tuple[Path, ...]:
+    """A cached network's files, the one looked for first: a package, its sidecar and rejection note, or an IR,
+    its weights, sidecar and rejection note.
+
+    Args:
+        path: a package (``.pt2``) or an IR (``.ov.xml``) in the cache.
+    """
     if path.name.endswith(OV_SUFFIX):
         stem = path.name[: -len(OV_SUFFIX)]
         return path, *(path.with_name(f"{stem}.ov.{ext}") for ext in ("bin", "json", "rejected.json"))
@@ -271,7 +286,7 @@ def packages() -> list[tuple[Path, int, float]]:
             stat = path.stat()
         except OSError:
             continue  # deleted meanwhile
-        size = stat.st_size + sum(p.stat().st_size for p in _parts(path)[1:] if p.is_file())
+        size = stat.st_size + sum(p.stat().st_size for p in parts(path)[1:] if p.is_file())
         found.append((path, size, stat.st_mtime))
     return sorted(found, key=lambda f: (f[2], f[0].name))
 
@@ -297,7 +312,7 @@ def evict(cap_gb: float | None, keep: Path | None = None) -> list[Path]:
         if keep is not None and path == keep:
             continue
         # The package first: without it the sidecar alone is never taken for one.
-        for part in _parts(path):
+        for part in parts(path):
             part.unlink(missing_ok=True)
         _LOADED.pop(str(path), None)
         total -= size

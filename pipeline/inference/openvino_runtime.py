@@ -1,7 +1,7 @@
 """The CPU network served by OpenVINO: the fastest runtime measured for ``predict`` on a CPU.
 
 On an AMD Zen 4 (2 cores) a batch of 4 windows ran 1.6-2.0x as fast through OpenVINO's CPU plugin in bf16
-as through the AOTInductor package, and a whole ``predict`` job of 24 hippocampus scans took 0.72 of the
+as through the AOTInductor package, and a whole ``predict`` job of 24 hippocampus scans took 0.68 of the
 time, its masks within bf16 rounding of float32's (docs/results.md, "Closing the gap").
 
 The network is converted once (``openvino.convert_model``, 2-9 s) and kept as IR in the compiled-network
@@ -20,6 +20,7 @@ as before); so does OpenVINO not being importable.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -54,7 +55,13 @@ _LOADED: dict[str, _Runner] = {}
 
 def enabled() -> bool:
     """Whether OpenVINO serves the CPU network: not turned off by :data:`RUNTIME_ENV`, and importable."""
-    if os.environ.get(RUNTIME_ENV, "openvino").strip().lower() == "torch":
+    return _enabled(os.environ.get(RUNTIME_ENV, "openvino").strip().lower())
+
+
+@functools.cache
+def _enabled(runtime: str) -> bool:
+    # Decided once per value of the variable: a failed import is not retried on every window batch.
+    if runtime == "torch":
         return False
     try:
         import openvino  # noqa: F401
@@ -72,21 +79,14 @@ def ir_path(key: aot.AotKey) -> Path:
     return aot.package_path(key).with_name(f"{key.digest()}{SUFFIX}")
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name.replace(SUFFIX, ".ov.json"))
-
-
-def _rejection(path: Path) -> Path:
-    return path.with_name(path.name.replace(SUFFIX, ".ov.rejected.json"))
-
-
-def companions(path: Path) -> tuple[Path, ...]:
+def companions(path: Path) -> tuple[Path, Path, Path]:
     """The files that belong to the IR at ``path``: its weights, sidecar and rejection note.
 
     Args:
         path: a ``.ov.xml`` file.
     """
-    return path.with_name(path.name.replace(SUFFIX, ".ov.bin")), _sidecar(path), _rejection(path)
+    weights, sidecar, rejection = aot.parts(path)[1:]
+    return weights, sidecar, rejection
 
 
 class _Runner:
@@ -132,7 +132,7 @@ def load(key: aot.AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
     path = ir_path(key)
     if str(path) in _LOADED:
         return _LOADED[str(path)]
-    if not path.is_file() or not aot.sidecar_matches(_sidecar(path), key):
+    if not path.is_file() or not aot.sidecar_matches(companions(path)[1], key):
         return None
     try:
         runner = _Runner(path, key.precision)
@@ -161,11 +161,8 @@ def build(network: torch.nn.Module, key: aot.AotKey,
         The network as OpenVINO runs it, or ``None`` (logged) where it cannot convert or does not match.
     """
     path = ir_path(key)
-    try:
-        why = json.loads(_rejection(path).read_text()).get("reason")
-    except (OSError, ValueError):
-        why = None
-    if why:
+    weights, sidecar, rejection = companions(path)
+    if aot.rejection_reason(rejection, key):
         return None
     import openvino as ov
 
@@ -198,16 +195,16 @@ def build(network: torch.nn.Module, key: aot.AotKey,
         tmp.unlink(missing_ok=True)
         bin_tmp.unlink(missing_ok=True)
         reason = f"its probabilities differ from the eager float32 network's by {difference:.2g} (allowed {allowed:.2g})"
-        write_text_atomic(_rejection(path), json.dumps({"key": asdict(key), "reason": reason}, indent=1))
+        write_text_atomic(rejection, json.dumps({"key": asdict(key), "reason": reason}, indent=1))
         logger.warning("OpenVINO network not used: %s", reason)
         return None
     # The weights first, then the sidecar, then the IR that load() looks for: never an IR without its weights.
-    os.replace(bin_tmp, companions(path)[0])
-    write_text_atomic(_sidecar(path), json.dumps(asdict(key), indent=1))
+    # The runner compiled for the check is kept: renaming its files leaves what it read untouched.
+    os.replace(bin_tmp, weights)
+    write_text_atomic(sidecar, json.dumps(asdict(key), indent=1))
     os.replace(tmp, path)
     logger.info("converted the network for OpenVINO (%s, %s) in %.0f s (%s)", "x".join(map(str, key.input_shape)),
                 key.precision, time.monotonic() - started, path.name)
-    runner = _Runner(path, key.precision)
     _LOADED[str(path)] = runner
     aot.evict(cache_max_gb, keep=path)
     return runner
