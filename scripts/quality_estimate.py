@@ -16,8 +16,8 @@ its bootstrap 95 % interval, the median of the per-structure rhos (every structu
 the share of cases flagged (estimate below the threshold, or a gross-failure rule: the input check,
 an expected structure missing, a volume far from the training volumes, a structure in pieces) and
 how many of the worst cases that catches, and the verdict of
-:func:`pipeline.quality.validation.reliable`. ``agreement (raw)`` ranks by the mean agreement itself,
-no map and no flag: what the map starts from.
+:func:`pipeline.quality.validation.reliable`. ``agreement (raw)`` and ``agreement_members (raw)`` rank by the
+mean agreement itself, no map and no flag: what the map starts from.
 
 Usage (the full run: every fold of a task, two split seeds; see docs/quality.md)::
 
@@ -176,7 +176,6 @@ def evaluate_split(cases: Sequence[Mapping[str, Any]], flag_quantile: float, res
     def known(signal: str) -> bool:
         return any(not math.isnan(s.get(signal, math.nan)) for c in cases for s in c["signals"].values())
 
-    has_agreement = known("agreement")
     for name, (estimator, features) in ESTIMATORS.items():
         if features == ("agreement_members",) and not known("agreement_members"):
             continue  # one model's evaluation: no members' masks to compare, nothing to say
@@ -190,10 +189,12 @@ def evaluate_split(cases: Sequence[Mapping[str, Any]], flag_quantile: float, res
         estimates[name] = np.array([math.nan if f is None else _mean(
             [e for e in f["estimates"].values() if e is not None]) for f in fitted])
         flags[name] = np.array([False if f is None else f["flagged"] for f in fitted])
-    if has_agreement:
-        raw = {v: np.array([c["signals"].get(v, {}).get("agreement", math.nan) for c in cases]) for v in names}
-        per_label["agreement (raw)"] = raw
-        estimates["agreement (raw)"] = np.array([_mean([raw[v][i] for v in names if not math.isnan(raw[v][i])])
+    for signal in ("agreement", "agreement_members"):
+        if not known(signal):
+            continue
+        raw = {v: np.array([c["signals"].get(v, {}).get(signal, math.nan) for c in cases]) for v in names}
+        per_label[f"{signal} (raw)"] = raw
+        estimates[f"{signal} (raw)"] = np.array([_mean([raw[v][i] for v in names if not math.isnan(raw[v][i])])
                                                  for i in range(len(cases))])
     label_truth = {v: np.array([c["truth"].get(v, math.nan) for c in cases]) for v in names}
     for name, est in estimates.items():
