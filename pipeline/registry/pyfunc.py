@@ -44,7 +44,8 @@ REGISTERED_META = "registered_model_meta"
 
 
 def model_identity(checkpoint: Path) -> dict[str, str]:
-    """The name and version of the MLflow model holding ``checkpoint``, as ``predict`` names a model.
+    """The name and version of the MLflow model holding ``checkpoint``, as ``predict`` names a model: the registered
+    version that holds it where there is exactly one, else its run.
 
     Args:
         checkpoint: the model's ``artifacts/checkpoint.pt`` as MLflow loaded it.
@@ -61,10 +62,38 @@ def model_identity(checkpoint: Path) -> dict[str, str]:
     if isinstance(meta, dict) and meta.get("model_name") and meta.get("model_version") is not None:
         return {"name": str(meta["model_name"]), "version": str(meta["model_version"])}
     try:
-        run_id = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("run_id")
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text()) or {}
+        run_id, model_id = mlmodel.get("run_id"), mlmodel.get("model_id")
     except (OSError, yaml.YAMLError, AttributeError):
-        run_id = None
+        run_id, model_id = None, None
+    registered = _registered_version(str(run_id), model_id) if run_id else None
+    if registered:
+        return registered
     return {"name": "run", "version": str(run_id)} if run_id else {"name": "local", "version": folder.name}
+
+
+def _registered_version(run_id: str, model_id: str | None) -> dict[str, str] | None:
+    """The one registered version holding this run's model, asked of the registry (``None``: none, several, or no
+    registry to ask).
+
+    MLflow up to 3.17 wrote ``registered_model_meta`` beside a model downloaded by a ``models:/`` URI; 3.18
+    writes nothing, so a downloaded model says only its run and logged-model id.
+
+    Args:
+        run_id: the MLmodel's ``run_id``.
+        model_id: its ``model_id`` (MLflow 3's logged model), which narrows a run that logged several models.
+    """
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except Exception:  # no registry reachable here: the run still names the model
+        return None
+    if model_id:
+        versions = [v for v in versions if getattr(v, "model_id", None) in (None, model_id)]
+    found = {(str(v.name), str(v.version)) for v in versions}
+    if len(found) != 1:
+        return None
+    name, version = found.pop()
+    return {"name": name, "version": version}
 
 
 class UNetPyfunc(mlflow.pyfunc.PythonModel):

@@ -96,15 +96,24 @@ def test_pyfunc_predicts_a_raw_scan_like_the_cli(registered: dict) -> None:
 
 def test_a_run_s_model_names_its_run(registered: dict, tmp_path: Path) -> None:
     import mlflow
+    import yaml
 
     from pipeline.registry.pyfunc import model_identity
 
     mlflow.set_tracking_uri(registered["uri"])
+    mlflow.set_registry_uri(registered["uri"])
     run_id = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion").run_id
-    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path)))
-    assert model_identity(local / "artifacts" / "checkpoint.pt") == {"name": "run", "version": run_id}
     assert model_identity(_download(registered, tmp_path / "registered") / "artifacts" / "checkpoint.pt") == {
         "name": MODEL, "version": "1"}
+    # Downloaded by its run, a registered model still names the one version that holds it (MLflow 3.18 marks
+    # neither download), and a run's model the registry does not hold names its run.
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "run")))
+    assert model_identity(local / "artifacts" / "checkpoint.pt") == {"name": MODEL, "version": "1"}
+    (local / "registered_model_meta").unlink(missing_ok=True)
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    mlmodel["run_id"], mlmodel["model_id"] = "0" * 32, "m-0"
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    assert model_identity(local / "artifacts" / "checkpoint.pt") == {"name": "run", "version": "0" * 32}
 
 
 def test_mlflow_models_serve_answers_on_loopback(registered: dict) -> None:
