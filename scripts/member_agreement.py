@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -104,22 +103,14 @@ def member_agreement(folders: Sequence[Path]) -> dict[str, Any]:
         for entry in record["labels"].values():
             entry.setdefault("signals", {})["agreement_members"] = dice[int(entry["value"])]
     out["members"] = [str(f) for f in folders]
+    out["member_mean_dice"] = [_mean_dice(rec["records"]) for rec in records]
     return out
 
 
-def member_dice(folders: Sequence[Path]) -> list[float]:
-    """Each member's mean true Dice over its cases (from ``cases.csv``).
-
-    Args:
-        folders: the members' evaluation folders.
-    """
-    means = []
-    for folder in folders:
-        with (folder / "cases.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        names = [k for k in rows[0] if k != "case" and not k.startswith(("hd95 ", "surface_dice "))]
-        means.append(float(np.mean([np.mean([float(r[n]) for n in names]) for r in rows])))
-    return means
+def _mean_dice(records: Sequence[dict[str, Any]]) -> float:
+    """A member's mean true Dice: over its cases, each the mean over its structures."""
+    return float(np.mean([np.nanmean([float(e["true_dice"]) for e in r["labels"].values()
+                                      if e.get("true_dice") is not None]) for r in records]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = args.out / "quality_records.json.tmp"
     tmp.write_text(json.dumps(records, indent=1))
     tmp.replace(args.out / "quality_records.json")
-    for folder, dice in zip(args.members, member_dice(args.members)):
+    for folder, dice in zip(args.members, records["member_mean_dice"]):
         print(f"{folder}: mean Dice {dice:.4f}")
     print(f"{len(records['records'])} cases, {len(args.members)} members: {args.out / 'quality_records.json'}")
     return 0

@@ -118,8 +118,7 @@ def compile_ahead_of_time(path: Path, precision: str | None = None,
         dims = model.network.spatial_dims
         window = window_size(model.patch_size, dims)
         shape = (model.settings.sw_batch_size, len(model.plan["modalities"]), *window[:dims])
-        key = aot.key_for(model.network, shape, "cpu", accelerate.cpu_precision(precision or model.settings.precision))
-        ready = (accelerate.ahead_of_time(model.network, shape, key.precision) is not None
-                 or accelerate.build_ahead_of_time(model.network, shape, key.precision, cache_max_gb) is not None
-                 ) and ready
+        runs_as = accelerate.cpu_precision(precision or model.settings.precision)
+        ready = (accelerate.ahead_of_time(model.network, shape, runs_as) is not None
+                 or accelerate.build_ahead_of_time(model.network, shape, runs_as, cache_max_gb) is not None) and ready
     return ready

@@ -141,10 +141,7 @@ def load(key: aot.AotKey) -> Callable[[torch.Tensor], torch.Tensor] | None:
                        str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__)
         return None
     _LOADED[str(path)] = runner
-    try:
-        os.utime(path)  # eviction goes by last use
-    except OSError:
-        pass
+    aot._mark_used(path)
     return runner
 
 
