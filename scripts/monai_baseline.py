@@ -13,6 +13,10 @@ The recipe is fixed on purpose (it is the "peer" our pipeline is compared agains
 * MONAI transforms (``LoadImaged``, ``EnsureChannelFirstd``, ``Orientationd(RAS)``,
   ``NormalizeIntensityd(nonzero=True)``, light ``RandFlipd``/intensity augmentation),
   ``CacheDataset`` + ``DataLoader``;
+* CT as MONAI's spleen and BTCV tutorials set it up (``--window A_MIN A_MAX``, ``--spacing X Y Z``):
+  ``Spacingd`` to a fixed spacing, ``ScaleIntensityRanged`` clipping the window to [0, 1] instead of the
+  z-score, and ``CropForegroundd`` to the body before the crops (half of them centred on foreground);
+  the tutorials' window is -175..250 HU, their spacing 1.5 x 1.5 x 2 mm for abdominal CT;
 * training stops at a wall-clock budget, checked after every iteration.
 
 It validates on the same fold as our pipeline (:func:`pipeline.data.splits.kfold_splits`, case id =
@@ -26,7 +30,10 @@ Run from the repository root::
 
     .venv/bin/python scripts/monai_baseline.py --fold 0 --time-budget-minutes 20 --out unet-work/baseline
     .venv/bin/python scripts/monai_baseline.py --data ../shared/data/hn_ct --patch 96 96 64 --batch-size 1 \
-        --out unet-work/baseline-hn_ct
+        --window 849 1274 --spacing 3.906 3.906 2.5 --out unet-work/baseline-hn_ct
+
+(hn_ct stores HU + 1024, so the tutorials' -175..250 HU window is 849..1274; its median spacing is
+3.906 x 3.906 x 2.5 mm, already coarser than the tutorials' 1.5 x 1.5 x 2.)
 """
 
 from __future__ import annotations
@@ -106,8 +113,9 @@ def auto_spatial_size(cases: Sequence[dict[str, str]], divisor: int = DIVISOR) -
     return tuple(int(math.ceil(s / divisor) * divisor) for s in largest)  # type: ignore[return-value]
 
 
-def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = False, samples: int = 2):
-    """The MONAI transform chain: load, channel first, RAS, z-score on non-zero voxels, pad; flips when training.
+def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = False, samples: int = 2,
+                     window: Sequence[float] | None = None, spacing: Sequence[float] | None = None):
+    """The MONAI transform chain: load, channel first, RAS, intensity, pad; flips when training.
 
     Args:
         spatial_size: the fixed padded size, or with ``patch`` the patch size.
@@ -116,9 +124,14 @@ def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = Fal
         patch: train on random crops of ``spatial_size`` (half of them centred on foreground)
             instead of whole padded volumes.
         samples: crops per volume and iteration with ``patch``.
+        window: ``(a_min, a_max)`` in stored intensity units: the CT tutorials' setting, the window
+            clipped and scaled to [0, 1] and the volume cropped to its foreground (the body), instead
+            of a z-score on the non-zero voxels.
+        spacing: resample to this spacing in mm (``Spacingd``; bilinear image, nearest label) first.
     """
     from monai.transforms import (
         Compose,
+        CropForegroundd,
         EnsureChannelFirstd,
         EnsureTyped,
         LoadImaged,
@@ -129,6 +142,8 @@ def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = Fal
         RandScaleIntensityd,
         RandShiftIntensityd,
         ResizeWithPadOrCropd,
+        ScaleIntensityRanged,
+        Spacingd,
         SpatialPadd,
     )
 
@@ -137,8 +152,15 @@ def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = Fal
         LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes="RAS"),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
     ]
+    if spacing is not None:
+        chain.append(Spacingd(keys=keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")[: len(keys)]))
+    if window is not None:
+        chain += [ScaleIntensityRanged(keys="image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0,
+                                       clip=True),
+                  CropForegroundd(keys=keys, source_key="image")]
+    else:
+        chain.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     if train and patch:
         chain += [SpatialPadd(keys=keys, spatial_size=spatial_size),
                   RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=spatial_size, pos=1, neg=1,
@@ -182,7 +204,8 @@ def train(
     from monai.losses import DiceCELoss
 
     t0 = time.monotonic()
-    transforms = build_transforms(spatial_size, train=True, patch=args.patch is not None, samples=args.samples)
+    transforms = build_transforms(spatial_size, train=True, patch=args.patch is not None, samples=args.samples,
+                                  window=args.window, spacing=args.spacing)
     dataset = CacheDataset(train_files, transforms, cache_rate=1.0,
                            num_workers=max(1, args.threads or 1), progress=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
@@ -225,6 +248,7 @@ def train(
 def evaluate(
     network: torch.nn.Module, val_files: Sequence[dict[str, str]], labels: dict[int, str],
     spatial_size: Sequence[int], device: torch.device,
+    window: Sequence[float] | None = None, spacing: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Dice per label of each validation case on its original voxel grid.
 
@@ -232,12 +256,13 @@ def evaluate(
     window of the padded size, so a larger case would still be covered; patch training: windows of
     the patch, overlap 0.25), the argmax map is taken back through
     the padding and the reorientation with ``Invertd``, and compared to the label file as stored.
+    With ``window``/``spacing`` (the CT setting) the foreground crop and the resampling are inverted too.
     """
     from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
     from monai.inferers import sliding_window_inference
     from monai.transforms import AsDiscreted, Compose, Invertd
 
-    transforms = build_transforms(spatial_size, train=False)
+    transforms = build_transforms(spatial_size, train=False, window=window, spacing=spacing)
     post = Compose([
         AsDiscreted(keys="pred", argmax=True),
         Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=True, to_tensor=True),
@@ -283,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="train on random crops of this size, validate with sliding windows of it (default: whole "
                         "volumes); e.g. 96 96 64 for hn_ct, 112 112 80 for left_atrium")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("A_MIN", "A_MAX"),
+                   help="CT as MONAI's CT tutorials: clip this intensity window to [0, 1] and crop to the "
+                        "foreground, instead of the z-score (default: z-score); 849 1274 for hn_ct (-175..250 HU "
+                        "stored as HU + 1024)")
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="resample to this spacing in mm first (default: none); e.g. 3.906 3.906 2.5 for hn_ct")
     p.add_argument("--samples", type=int, default=2,
                    help="with --patch: crops per volume per iteration, half on foreground (default 2)")
     p.add_argument("--out", type=Path, default=Path("unet-work/monai-baseline"),
@@ -312,22 +343,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_ids = set(folds[args.fold]["val"])
     train_files = [c for c in cases if c["case"] not in val_ids]
     val_files = [c for c in cases if c["case"] in val_ids]
+    if args.spacing and not args.patch:
+        raise SystemExit("--spacing needs --patch: whole-volume training pads to the sizes as stored")
     if args.patch:
         spatial_size = tuple(args.patch)
         shape = f"patches of {'x'.join(map(str, spatial_size))}, {args.samples} per volume"
     else:
         spatial_size = tuple(args.spatial_size) if args.spatial_size else auto_spatial_size(cases)
         shape = f"volumes padded to {'x'.join(map(str, spatial_size))}"
+    if args.window:
+        shape += f"; CT window {args.window[0]:g}..{args.window[1]:g} to [0, 1], cropped to the foreground"
+    if args.spacing:
+        shape += f"; resampled to {'x'.join(f'{v:g}' for v in args.spacing)} mm"
     print(f"fold {args.fold}/{args.num_folds}: {len(train_files)} training, {len(val_files)} validation case(s); "
           f"{shape}; device {device}, {args.threads} thread(s)")
 
     network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=len(labels) + 1, features=FEATURES).to(device)
     facts = train(network, train_files, spatial_size, args, device)
     t0 = time.monotonic()
-    rows = evaluate(network, val_files, labels, spatial_size, device)
+    rows = evaluate(network, val_files, labels, spatial_size, device, window=args.window, spacing=args.spacing)
     extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
              "seed": args.seed, "train_seed": args.train_seed, "spatial_size": list(spatial_size),
              "patch": bool(args.patch), "samples": args.samples if args.patch else None,
+             "window": args.window, "spacing": args.spacing,
              "batch_size": args.batch_size, "lr": args.lr,
              "device": str(device), "threads": args.threads}
     # Scored and written by the pipeline's own functions, so both sides of the benchmark count alike.

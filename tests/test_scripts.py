@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from pipeline.data.splits import kfold_splits
 from tests.conftest import REPO, copy_hippocampus_subset
@@ -407,3 +408,56 @@ def test_cpu_runtime_benchmark_times_each_runtime_on_a_real_window(checkpoint_2m
     with pytest.raises(SystemExit) as refused:
         bench.main(["--model", f"tiny={checkpoint_2mm}", "--runtimes", "eager-fp32,tensorrt"])
     assert refused.value.code == 2 and "unknown runtime(s) tensorrt" in capsys.readouterr().err
+
+
+class _WindowThreshold(torch.nn.Module):
+    """Two logits that pick label 1 where the windowed CT exceeds ``level``: a stand-in network with a known answer."""
+
+    def __init__(self, level: float) -> None:
+        super().__init__()
+        self.level = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.level - x, x - self.level], dim=1)
+
+
+def test_monai_baseline_ct_setting_windows_crops_resamples_and_inverts_on_real_ct(tmp_path: Path) -> None:
+    """The CT tutorials' setting on a real head-and-neck CT (4.625 x 4.625 x 3 mm, stored as HU + 1024).
+
+    The window is 849..1274 (-175..250 HU). The stand-in network thresholds the windowed volume, so its
+    mask, predicted on the cropped (and resampled) volume and taken back through ``Invertd``, must agree
+    with the same threshold applied to the CT as stored: exactly where no resampling happens, and up to
+    interpolation where it does (thresholding a bilinear resampling is not nearest-neighbour labels).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from tests.conftest import SHARED_DATA
+
+    image = SHARED_DATA / "hn_ct" / "imagesTr" / "openkbp_002.nii.gz"
+    if not image.is_file():
+        pytest.skip(f"real head-and-neck CT not found at {image} (see ../shared/data/README.md)")
+    baseline = _load_script("monai_baseline")
+    ct = nib.load(image)
+    stored = np.asanyarray(ct.dataobj).astype(np.float32)
+    body = 849.0 + 0.2 * 425.0  # -90 HU: the head against air
+    label = tmp_path / "body.nii.gz"
+    nib.save(nib.Nifti1Image((stored > body).astype(np.uint8), ct.affine), label)
+    case = [{"case": "openkbp_002", "image": str(image), "label": str(label)}]
+
+    def dice(spacing: tuple[float, float, float]) -> float:
+        rows = baseline.evaluate(_WindowThreshold(0.2), case, {1: "body"}, (96, 96, 64), torch.device("cpu"),
+                                 window=(849.0, 1274.0), spacing=spacing)
+        return rows[0]["body"]
+
+    assert dice((4.625, 4.625, 3.0)) == 1.0  # its own spacing: the crop and the padding invert exactly
+    assert dice((3.906, 3.906, 2.5)) > 0.9  # resampled there and back, on the CT's own grid, not flipped
+
+    # The foreground crop really happens, and the window really replaces the z-score.
+    chain = baseline.build_transforms((96, 96, 64), train=False, window=(849.0, 1274.0), spacing=(3.906, 3.906, 2.5))
+    out = chain({"image": str(image)})["image"]
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    resampled = [round(n * s / t) for n, s, t in zip(ct.shape, ct.header.get_zooms(), (3.906, 3.906, 2.5))]
+    assert np.prod(out.shape[1:]) < 0.9 * np.prod(resampled)  # the air around the head is cropped
+    zscored = baseline.build_transforms((96, 96, 64), train=False)({"image": str(image)})["image"]
+    assert float(zscored.max()) > 1.5
