@@ -72,6 +72,10 @@ def _inside(root: Path, rel: Any, json_path: Path, what: str) -> Path:
         raise InputDataError(json_path, f"{what} path '{rel}' is absolute; paths must be relative to the dataset folder")
     resolved = (root / rel).resolve()
     if not resolved.is_relative_to(root.resolve()):
+        # A subset built by linking files is the common way here; say what to do instead.
+        if (root / rel).is_symlink():
+            raise InputDataError(json_path, f"{what} path '{rel}' is a symbolic link that escapes the dataset "
+                                            f"folder {root}; copy (or hard-link) the file into the folder instead")
         raise InputDataError(json_path, f"{what} path '{rel}' escapes the dataset folder {root}")
     return resolved
 

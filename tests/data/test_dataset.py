@@ -45,6 +45,15 @@ def test_paths_escaping_the_dataset_folder_are_refused(tmp_path, hippocampus, im
     assert "escapes the dataset folder" in str(err.value) or "is absolute" in str(err.value)
 
 
+def test_a_symlink_out_of_the_dataset_folder_is_refused_with_what_to_do(tmp_path, hippocampus) -> None:
+    root = _dataset(tmp_path, hippocampus, [{"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/a.nii.gz"}])
+    (root / "imagesTr" / "b.nii.gz").symlink_to(sorted((hippocampus / "imagesTr").glob("*.nii.gz"))[0])
+    with pytest.raises(InputDataError) as err:
+        load_dataset(root)
+    assert "symbolic link that escapes the dataset folder" in str(err.value)
+    assert "copy (or hard-link) the file" in str(err.value)
+
+
 def test_missing_listed_file(tmp_path: Path, hippocampus: Path) -> None:
     root = _dataset(tmp_path, hippocampus, [{"image": "./imagesTr/zz.nii.gz", "label": "./labelsTr/a.nii.gz"}])
     with pytest.raises(InputDataError, match=r"zz.*does not exist"):
