@@ -18,12 +18,14 @@ from tests.test_scripts import _load_script
 NAMES = {1: "Anterior", 2: "Posterior"}
 
 
-def _member(work: Path, hippocampus: Path, cases: list[str], train: list[str], change: dict[str, int]) -> Path:
-    """One member's finished evaluation of fold 0: its masks (the reference, with the posterior part eroded
+def _member(work: Path, hippocampus: Path, cases: list[str], train: list[str], change: dict[str, int],
+            fold: int = 0) -> Path:
+    """One member's finished evaluation of ``fold``: its masks (the reference, with the posterior part eroded
     ``change[case]`` times) and records as evaluation writes them."""
-    folder = work / "evaluation" / "fold_0"
+    folder = work / "evaluation" / f"fold_{fold}"
     (folder / "predictions").mkdir(parents=True)
-    (work / "splits.json").write_text(json.dumps({"folds": [{"train": train, "val": cases}]}))
+    folds = [{"train": [], "val": []}] * fold + [{"train": train, "val": cases}]
+    (work / "splits.json").write_text(json.dumps({"folds": folds}))
     records, rows = [], ["case,Anterior,Posterior"]
     for case in cases:
         image = nib.load(str(hippocampus / "labelsTr" / f"{case}.nii.gz"))
