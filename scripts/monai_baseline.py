@@ -20,7 +20,9 @@ The recipe is fixed on purpose (it is the "peer" our pipeline is compared agains
 * training stops at a wall-clock budget, checked after every iteration.
 
 It validates on the same fold as our pipeline (:func:`pipeline.data.splits.kfold_splits`, case id =
-label file name without ``.nii.gz``): each validation volume is predicted whole (padded), the
+label file name without ``.nii.gz``; ``--holdout FILE`` keeps a held-out test split out of the folds, as
+``data.holdout`` does for a run, and ``--test`` scores those cases instead of the fold's): each validation
+volume is predicted whole (padded), the
 padding and reorientation are inverted with ``Invertd``, and Dice and HD95 per label are computed on
 the case's original voxel grid against its label file, by the pipeline's own metric functions. Dice
 is NaN for a label absent from both prediction and reference, and such cases are left out of that
@@ -54,11 +56,11 @@ import numpy as np
 import torch
 
 try:
-    from pipeline.data import kfold_splits
+    from pipeline.data import kfold_splits, read_case_list
     from pipeline.evaluation.metrics import dice_per_label, surface_metrics, write_evaluation
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline.data import kfold_splits
+    from pipeline.data import kfold_splits, read_case_list
     from pipeline.evaluation.metrics import dice_per_label, surface_metrics, write_evaluation
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
@@ -179,6 +181,25 @@ def build_transforms(spatial_size: Sequence[int], train: bool, patch: bool = Fal
     else:
         chain.append(SpatialPadd(keys="image", spatial_size=spatial_size))
     return Compose(chain)
+
+
+def split_cases(cases: Sequence[dict[str, str]], held: set[str], num_folds: int, fold: int, seed: int,
+                test: bool) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The training cases and the scored ones: the pipeline's fold of the cases not held out.
+
+    Args:
+        cases: every labelled case (``{"case", "image", "label"}``).
+        held: the held-out test split's ids (kept out of the folds and training).
+        num_folds: folds of the split.
+        fold: the validation fold.
+        seed: the split seed.
+        test: score the held-out cases instead of the fold's validation cases.
+    """
+    pool = [c for c in cases if c["case"] not in held]
+    val_ids = set(kfold_splits([c["case"] for c in pool], num_folds=num_folds, seed=seed)[fold]["val"])
+    train = [c for c in pool if c["case"] not in val_ids]
+    scored = [c for c in cases if c["case"] in held] if test else [c for c in pool if c["case"] in val_ids]
+    return train, scored
 
 
 def pick_device(name: str) -> torch.device:
@@ -314,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored as HU + 1024)")
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="resample to this spacing in mm first (default: none); e.g. 3.906 3.906 2.5 for hn_ct")
+    p.add_argument("--holdout", type=Path, default=None, metavar="FILE",
+                   help="case ids (one per line) kept out of the folds and training: a held-out test split, "
+                        "e.g. configs/holdout/hippocampus.txt (default: none)")
+    p.add_argument("--test", action="store_true",
+                   help="score the --holdout cases instead of the fold's validation cases")
     p.add_argument("--samples", type=int, default=2,
                    help="with --patch: crops per volume per iteration, half on foreground (default 2)")
     p.add_argument("--out", type=Path, default=Path("unet-work/monai-baseline"),
@@ -337,12 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(args.device)
 
     cases, labels = load_dataset(args.data)
-    folds = kfold_splits([c["case"] for c in cases], num_folds=args.num_folds, seed=args.seed)
     if not 0 <= args.fold < args.num_folds:
         raise SystemExit(f"--fold must be in 0..{args.num_folds - 1}")
-    val_ids = set(folds[args.fold]["val"])
-    train_files = [c for c in cases if c["case"] not in val_ids]
-    val_files = [c for c in cases if c["case"] in val_ids]
+    held = set(read_case_list(args.holdout)) if args.holdout else set()
+    if unknown := sorted(held - {c["case"] for c in cases}):
+        raise SystemExit(f"{args.holdout}: names case(s) the dataset does not have: {', '.join(unknown[:3])}")
+    if args.test and not held:
+        raise SystemExit("--test scores the held-out cases: give them with --holdout FILE")
+    train_files, val_files = split_cases(cases, held, args.num_folds, args.fold, args.seed, args.test)
     if args.spacing and not args.patch:
         raise SystemExit("--spacing needs --patch: whole-volume training pads to the sizes as stored")
     if args.patch:
@@ -355,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape += f"; CT window {args.window[0]:g}..{args.window[1]:g} to [0, 1], cropped to the foreground"
     if args.spacing:
         shape += f"; resampled to {'x'.join(f'{v:g}' for v in args.spacing)} mm"
-    print(f"fold {args.fold}/{args.num_folds}: {len(train_files)} training, {len(val_files)} validation case(s); "
+    scored = "held-out test" if args.test else "validation"
+    print(f"fold {args.fold}/{args.num_folds}: {len(train_files)} training, {len(val_files)} {scored} case(s); "
           f"{shape}; device {device}, {args.threads} thread(s)")
 
     network = BasicUNet(spatial_dims=3, in_channels=1, out_channels=len(labels) + 1, features=FEATURES).to(device)
@@ -365,14 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {**facts, "eval_seconds": time.monotonic() - t0, "fold": args.fold, "num_folds": args.num_folds,
              "seed": args.seed, "train_seed": args.train_seed, "spatial_size": list(spatial_size),
              "patch": bool(args.patch), "samples": args.samples if args.patch else None,
-             "window": args.window, "spacing": args.spacing,
+             "window": args.window, "spacing": args.spacing, "held_out": len(held), "scored": scored,
              "batch_size": args.batch_size, "lr": args.lr,
              "device": str(device), "threads": args.threads}
     # Scored and written by the pipeline's own functions, so both sides of the benchmark count alike.
     summary = write_evaluation(rows, list(labels.values()), args.out, extra, metrics=("hd95",))
 
     width = max(len(n) for n in labels.values()) + 2
-    print(f"\nDice per label on {summary['num_cases']} validation case(s) of fold {args.fold}:")
+    where = "held-out test case(s)" if args.test else f"validation case(s) of fold {args.fold}"
+    print(f"\nDice per label on {summary['num_cases']} {where}:")
     for name, value in summary["dice_per_label"].items():
         print(f"  {name:<{width}}{value:.4f}  HD95 {summary['hd95_per_label'][name]:.2f} mm")
     print(f"  {'mean':<{width}}{summary['mean_dice']:.4f}  HD95 {summary['mean_hd95']:.2f} mm")

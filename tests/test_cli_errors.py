@@ -109,3 +109,18 @@ def test_dataset_escaping_its_folder(tmp_path: Path, tiny_checkpoint: Path, caps
     code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(ds), "--out", str(tmp_path / "e")])
     assert code == 2 and "escapes the dataset folder" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_cases_naming_a_case_the_dataset_lacks(tmp_path: Path, tiny_checkpoint: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from pipeline.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "d", 2, [32, 32, 32])
+    listed = tmp_path / "held.txt"
+    listed.write_text("hippocampus_001\n")
+    code = main(["evaluate", "--model", str(tiny_checkpoint), "--data", str(data), "--cases", str(listed),
+                 "--out", str(tmp_path / "e")])
+    assert code == 2
+    err = _after_start_up(capsys.readouterr().err)
+    assert err.startswith("error: ") and str(listed) in err and "hippocampus_001" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e").exists()

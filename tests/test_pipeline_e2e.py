@@ -142,6 +142,17 @@ def test_evaluate_writes_csv_and_summary(trained: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(list(summary["dice_per_label"].values()), np.nanmean(per_case, 0), atol=1e-5)
     assert summary["mean_dice"] == pytest.approx(np.mean(list(summary["dice_per_label"].values())))
 
+    # --cases (a held-out test split): only the listed cases are scored, with the same per-case Dice.
+    rows = {line.split(",")[0]: line for line in lines[1:]}
+    listed = tmp_path / "held.txt"
+    listed.write_text("\n".join(sorted(rows)[:3]) + "\n")
+    held = tmp_path / "held"
+    assert main(["evaluate", "--model", str(work / "checkpoints" / "fold_0" / "best.pt"), "--data",
+                 str(work / "demo_data"), "--cases", str(listed), "--out", str(held), "--work-dir", str(work)]) == 0
+    held_lines = (held / "cases.csv").read_text().splitlines()[1:]
+    assert json.loads((held / "summary.json").read_text())["num_cases"] == 3
+    assert sorted(held_lines) == sorted(rows[c] for c in sorted(rows)[:3])
+
 
 def test_run_ids_and_runs_uri(trained: dict, tmp_path: Path) -> None:
     client = _client(trained["work"])

@@ -462,3 +462,25 @@ def test_monai_baseline_ct_setting_windows_crops_resamples_and_inverts_on_real_c
     assert np.prod(out.shape[1:]) < 0.9 * np.prod(resampled)  # the air around the head is cropped
     zscored = baseline.build_transforms((96, 96, 64), train=False)({"image": str(image)})["image"]
     assert float(zscored.max()) > 1.5
+
+
+def test_monai_baseline_holdout_stays_out_of_training_and_is_what_test_scores(hippocampus: Path, tmp_path: Path) -> None:
+    """The script's split with a held-out list is the pipeline's: folds of the other cases, as ``data.holdout``."""
+    baseline = _load_script("monai_baseline")
+    cases = [{"case": f"c{i:02d}", "image": "", "label": ""} for i in range(20)]
+    held = {"c03", "c07", "c11", "c19"}
+    rest = sorted(c["case"] for c in cases if c["case"] not in held)
+    train, scored = baseline.split_cases(cases, held, 4, 1, 0, test=False)
+    assert sorted(c["case"] for c in scored) == kfold_splits(rest, 4, 0)[1]["val"]
+    assert sorted(c["case"] for c in train) == kfold_splits(rest, 4, 0)[1]["train"]
+    same_train, tested = baseline.split_cases(cases, held, 4, 1, 0, test=True)
+    assert same_train == train and {c["case"] for c in tested} == held
+    assert not held & {c["case"] for c in train}
+    # A list naming a case the dataset lacks stops the script before any training.
+    copy_hippocampus_subset(tmp_path / "ds", 3)
+    listed = tmp_path / "held.txt"
+    listed.write_text("hippocampus_001\nnot_a_case\n")
+    with pytest.raises(SystemExit, match="not_a_case"):
+        baseline.main(["--data", str(tmp_path / "ds"), "--holdout", str(listed)])
+    with pytest.raises(SystemExit, match="--test scores the held-out cases"):
+        baseline.main(["--data", str(tmp_path / "ds"), "--test"])

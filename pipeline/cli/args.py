@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_cache_config_arg(p)
     p.add_argument("--data", required=True, help="dataset.json or a folder holding one")
+    p.add_argument("--cases", type=Path, default=None, metavar="FILE",
+                   help="score only the cases listed in FILE, one id per line (a held-out test split, the "
+                        "config's data.holdout; default: every labelled case)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default WORK_DIR/evaluation)")
     _add_common(p)
     p = sub.add_parser("predict", help="segment NIfTI files or DICOM series folders (or folders of them)")

@@ -168,7 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.command == "evaluate":
         out = args.out or work_dir / "evaluation"
-        summary = stages.evaluate_stage(args.models, args.data, out, work_dir, overrides, args.device)
+        summary = stages.evaluate_stage(args.models, args.data, out, work_dir, overrides, args.device, args.cases)
         for name, value in summary["dice_per_label"].items():
             print(f"{name}: Dice {value:.4f}, HD95 {summary['hd95_per_label'][name]:.2f} mm, "
                   f"surface Dice {summary['surface_dice_per_label'][name]:.4f}")

@@ -278,6 +278,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = build_config(raw, source, overrides)
     if cfg.data.dataset is not None and "://" not in cfg.data.dataset and not Path(cfg.data.dataset).is_absolute():
         cfg.data.dataset = str((base / cfg.data.dataset).resolve())
+    if cfg.data.holdout is not None and not Path(cfg.data.holdout).is_absolute():
+        cfg.data.holdout = str((base / cfg.data.holdout).resolve())
     if cfg.registry.evaluation_set is not None and not Path(cfg.registry.evaluation_set).is_absolute():
         cfg.registry.evaluation_set = str((base / cfg.registry.evaluation_set).resolve())
     return cfg

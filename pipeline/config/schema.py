@@ -34,6 +34,8 @@ class DataConfig:
             (case-insensitive); an object matching every entry of a rule is a reader's label. Never this project's
             own objects (Manufacturer unet-pipeline). See docs/data.md.
         channel_series: a DICOM dataset's further channels: a regex per channel, searched in SeriesDescription in the study.
+        holdout: a file of case ids (one per line) kept out of everything a run reads: fingerprint, plan, folds,
+            training, validation, calibration; a held-out test split, scored by ``evaluate --cases`` (see docs/tasks.md).
     """
 
     dataset: str | None = None
@@ -47,6 +49,7 @@ class DataConfig:
     allow_automatic_labels: bool = False
     reader_edit_rules: list[dict[str, str]] | None = None
     channel_series: list[str] | None = None
+    holdout: str | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ of the other subpackages of ``pipeline`` (only ``pipeline.config``,
 ``pipeline.errors``, ``pipeline.dicomweb`` and ``transforms``): the device it plans for is passed in.
 """
 
-from pipeline.data.dataset import Case, Dataset, load_dataset, strip_nifti_suffix
+from pipeline.data.dataset import Case, Dataset, load_dataset, read_case_list, select_cases, strip_nifti_suffix
 from pipeline.data.demo import make_demo_dataset
 from pipeline.data.dicom_dataset import DicomScan, edit_rule, label_summary, write_dataset
 from pipeline.data.dicom_labels import LabelHeader, LabelProblem, read_label_header
@@ -54,6 +54,8 @@ __all__ = [
     "training_fingerprint",
     "kfold_splits",
     "load_dataset",
+    "read_case_list",
+    "select_cases",
     "make_demo_dataset",
     "mirror_swaps",
     "preprocess_dataset",

@@ -113,6 +113,50 @@ def load_dataset(path: str | Path) -> Dataset:
     raise InputDataError(p, "dataset not found (expected a dataset.json or a folder holding one)")
 
 
+def read_case_list(path: str | Path) -> list[str]:
+    """Case ids from a text file: one per line; blank lines and ``#`` comments are ignored.
+
+    Args:
+        path: the file.
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputDataError(p, f"case list not readable ({exc.__class__.__name__})") from None
+    ids = [line.split("#", 1)[0].strip() for line in lines]
+    return [i for i in ids if i]
+
+
+def select_cases(dataset: Dataset, case_list: str | Path, keep: bool) -> Dataset:
+    """The dataset with only (``keep``) or without the cases listed in ``case_list``.
+
+    A held-out test split is the use: its cases are taken out of everything a run reads (fingerprint,
+    plan, folds, training, validation, calibration), and ``evaluate --cases`` scores only them.
+
+    Args:
+        dataset: the discovered dataset.
+        case_list: a file of case ids (:func:`read_case_list`).
+        keep: keep only the listed cases (else drop them).
+
+    Raises:
+        InputDataError: the list is empty, or names a case the dataset does not have (a list made for
+            another dataset must not silently keep out nothing).
+    """
+    ids = read_case_list(case_list)
+    if not ids:
+        raise InputDataError(Path(case_list), "case list names no case")
+    present = {c.case_id for c in dataset.cases}
+    unknown = sorted(set(ids) - present)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise InputDataError(Path(case_list), f"names case(s) the dataset {dataset.root} does not have: "
+                                              f"{', '.join(unknown[:3])}{more}")
+    listed = set(ids)
+    cases = [c for c in dataset.cases if (c.case_id in listed) == keep]
+    return Dataset(dataset.root, dataset.name, dataset.modalities, dataset.labels, cases)
+
+
 def _load_dataset_json(json_path: Path) -> Dataset:
     root = json_path.parent
     try:

@@ -201,7 +201,7 @@ def _open_run(cfg: PipelineConfig, work_dir: Path, uri: str, data: EnsembleData,
     """The ensemble's own MLflow run, with its params (no paths), redacted config and pseudonymised split."""
     import mlflow
 
-    from pipeline.registry.privacy import dataset_label, redact_config
+    from pipeline.registry.privacy import dataset_label, holdout_label, redact_config
     from pipeline.registry.tracking import RunLogger, when_reachable
 
     tags = {"model.kind": "fold_ensemble", "ensemble.folds": ",".join(str(p["fold"]) for p in provenance),
@@ -212,6 +212,7 @@ def _open_run(cfg: PipelineConfig, work_dir: Path, uri: str, data: EnsembleData,
     log = RunLogger(uri, work_dir, run.info.run_id, cfg.mlflow.outage_wait_minutes)
     label = dataset_label(data.dataset_name, data.data_hash)
     params = {k: v for k, v in cfg.flat().items() if k not in ("data.dataset", "registry.evaluation_set", "data.fold")}
+    params["data.holdout"] = holdout_label(params.get("data.holdout"))
     params.update({"data.dataset": label, "registry.evaluation_set": "fixed", "data.num_cases": data.num_cases,
                    "ensemble.num_folds": len(provenance)})
     config = redact_config(cfg.to_dict(), label)

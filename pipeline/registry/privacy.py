@@ -82,6 +82,20 @@ def dataset_label(name: str, data_hash: str) -> str:
     return f"{name} (sha256 {data_hash[:16]})"
 
 
+def holdout_label(case_list: str | None) -> str | None:
+    """How a run names its held-out cases (``data.holdout``) instead of their file's path: count and content hash.
+
+    Args:
+        case_list: the case-list file, or ``None`` (no held-out cases).
+    """
+    if case_list is None:
+        return None
+    from pipeline.data import read_case_list
+
+    ids = sorted(set(read_case_list(case_list)))
+    return f"{len(ids)} held-out cases (sha256 {hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]})"
+
+
 def redact_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     """A configuration without paths that may carry names (``data.dataset``, ``registry.evaluation_set``).
 
@@ -92,6 +106,8 @@ def redact_config(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     out = {section: dict(values) if isinstance(values, Mapping) else values for section, values in config.items()}
     if isinstance(out.get("data"), dict) and out["data"].get("dataset") is not None:
         out["data"]["dataset"] = dataset
+    if isinstance(out.get("data"), dict) and out["data"].get("holdout") is not None:
+        out["data"]["holdout"] = holdout_label(out["data"]["holdout"])
     if isinstance(out.get("registry"), dict) and out["registry"].get("evaluation_set") is not None:
         out["registry"]["evaluation_set"] = "a fixed evaluation set (path not logged)"
     return out
@@ -111,6 +127,7 @@ def run_params(flat_config: Mapping[str, Any], dataset_name: str, data_hash: str
         world_size: DDP processes.
     """
     params = {k: v for k, v in flat_config.items() if k not in ("data.dataset", "registry.evaluation_set")}
+    params["data.holdout"] = holdout_label(params.get("data.holdout"))
     return {**params, "data.dataset": dataset_label(dataset_name, data_hash),
             "registry.evaluation_set": "fixed" if has_evaluation_set else "validation fold",
             **{f"data.{k}": v for k, v in counts.items()}, "ddp.world_size": world_size,

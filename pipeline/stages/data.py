@@ -17,6 +17,7 @@ from pipeline.data import (
     materialise,
     preprocess_dataset,
     scan_source,
+    select_cases,
     stored_splits,
     write_dataset,
 )
@@ -56,12 +57,17 @@ class Prepared:
 
 
 def discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
-    """The configured dataset, generating the synthetic demo data first when asked.
+    """The configured dataset, generating the synthetic demo data first when asked; without ``data.holdout``'s cases.
 
     Args:
         cfg: the pipeline configuration.
         work_dir: the work directory (demo data goes to ``work_dir/demo_data``).
     """
+    dataset = _discover(cfg, work_dir)
+    return dataset if cfg.data.holdout is None else select_cases(dataset, cfg.data.holdout, keep=False)
+
+
+def _discover(cfg: PipelineConfig, work_dir: Path) -> Dataset:
     if cfg.data.dataset is None:
         path = make_demo_dataset(
             work_dir / "demo_data", cfg.data.synthetic_cases, cfg.data.synthetic_size, cfg.data.split_seed

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline import registry
 from pipeline.data import (
     load_dataset,
+    select_cases,
 )
 
 # Model references -> one predictor (a registered fold ensemble brings every fold) is the registry's.
@@ -16,8 +17,8 @@ load_predictor = registry.load_predictor
 
 
 def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir: Path, overrides=None,
-                   device: str = "auto") -> dict[str, Any]:
-    """Evaluate a model on every labelled case of a dataset, with its stored inference settings.
+                   device: str = "auto", cases: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a model on every labelled case of a dataset (or the listed ones), with its stored inference settings.
 
     Args:
         model_refs: model references accepted by :func:`registry.resolve_model`, or folders of
@@ -27,10 +28,13 @@ def evaluate_stage(model_refs: Sequence[str], data: str, out_dir: Path, work_dir
         work_dir: work directory (its SQLite store is the default registry).
         overrides: :class:`~pipeline.inference.Overrides` of the stored inference settings.
         device: ``auto``, ``cpu`` or ``cuda``.
+        cases: a file of case ids (a held-out test split): only those are scored.
     """
     from pipeline.evaluation import evaluate_cases
 
     dataset = load_dataset(data)
+    if cases is not None:
+        dataset = select_cases(dataset, cases, keep=True)
     predictor, identity = load_predictor(model_refs, work_dir, overrides, device)
     return evaluate_cases(predictor, dataset.cases, out_dir,
                           model={"name": identity.name, "version": str(identity.version)}).summary
