@@ -7,9 +7,8 @@ project's choices were made and first checked (the development fold: patch round
 postprocessing, the lower-resolution stage; then the estimate's figures), so none of their cases
 may stand for "cases no choice was made on".
 
-A run keeps them out with ``--set data.holdout=configs/holdout/TASK.txt`` (relative paths in a config
-are relative to the config file: ``holdout/TASK.txt`` there); ``unet-pipeline evaluate --cases
-configs/holdout/TASK.txt`` scores only them. See docs/tasks.md.
+A run keeps them out with ``--set data.holdout=holdout/TASK.txt`` (relative to the config file in
+``configs/``); ``unet-pipeline evaluate --cases configs/holdout/TASK.txt`` scores only them. See docs/tasks.md.
 
 Usage::
 
@@ -55,9 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dataset", type=Path, help="the task's dataset folder (dataset.json)")
     parser.add_argument("--out", type=Path, required=True, help="the list to write (configs/holdout/TASK.txt)")
     args = parser.parse_args(argv)
-    ids = [c.case_id for c in load_dataset(args.dataset).cases]
+    dataset = load_dataset(args.dataset)
+    ids = [c.case_id for c in dataset.cases]
     cases = holdout_cases(ids)
-    header = (f"# held-out test split of {load_dataset(args.dataset).name}: {len(cases)} of {len(ids)} cases, never read "
+    header = (f"# held-out test split of {dataset.name}: {len(cases)} of {len(ids)} cases, never read "
               f"by tuning, postprocessing or calibration\n# made by: python scripts/make_holdout.py DATASET --out FILE "
               f"(seed {SEED}, from folds 2-4 of split seed 0)\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

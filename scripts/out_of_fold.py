@@ -110,14 +110,14 @@ def assemble(root: Path, runs: Sequence[Run]) -> list[str]:
         runs: the queue (only the finished runs are used).
     """
     lines = []
+    shipped_seed = min(r.train_seed for r in runs)  # the model that would ship; the other seeds only disagree
     for task, split in sorted({(r.task, r.split_seed) for r in runs}):
         base = root / task / f"split{split}"
         mine = [r for r in runs if (r.task, r.split_seed) == (task, split) and r.done(root)]
-        seeds = sorted({r.train_seed for r in runs})
         single, members = [], []
         for fold in sorted({r.fold for r in mine}):
             done = [r for r in mine if r.fold == fold]
-            first = next((r for r in done if r.train_seed == seeds[0]), None)
+            first = next((r for r in done if r.train_seed == shipped_seed), None)
             if first is not None:
                 out = base / "single" / f"fold_{fold}"
                 out.mkdir(parents=True, exist_ok=True)
